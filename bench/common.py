@@ -1,0 +1,45 @@
+"""Helpers shared by the side-by-side benchmarks: same weights in both implementations, timing, machine facts."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def hf_from_qwen3lab(model):
+    """A transformers Qwen3ForCausalLM holding exactly the weights of a qwen3lab model."""
+    import transformers
+
+    cfg = transformers.Qwen3Config(**{k: v for k, v in model.config.to_hf_dict().items() if k != "architectures"})
+    hf = transformers.Qwen3ForCausalLM(cfg).to(next(model.parameters()).dtype)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return hf.eval()
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    """Seconds of the fastest of `repeats` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_peak_flops(dtype=torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
+    """Measured dense matmul FLOP/s on this device: the roof for model FLOPs utilisation."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0, calls = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        calls += 1
+    return 2 * n**3 * calls / (time.perf_counter() - t0)
+
+
+def machine() -> str:
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {capability}"

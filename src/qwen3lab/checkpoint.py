@@ -1,0 +1,255 @@
+"""HF model folders in and out: config.json, generation_config.json, (sharded) safetensors with an index.
+
+Because the model keeps HF parameter names, loading is a key-for-key copy. Tensors are read one at a time from the
+memory-mapped files straight into their final dtype and device, and assigned into a model built on the meta device,
+so a model never exists twice in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import Qwen3
+
+log = logging.getLogger("qwen3lab")
+
+INDEX = "model.safetensors.index.json"
+IM_END, ENDOFTEXT = 151645, 151643
+
+
+class CheckpointError(ValueError):
+    """A model folder whose tensors do not fit its config."""
+
+
+# ---- dtype policy ----
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere bf16 matmul is emulated and
+    hundreds of times slower than fp32, a trap users fall into when a checkpoint says bfloat16."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
+    """'auto' -> the checkpoint's dtype where the device computes it natively, else float32 (and say why)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype; use 'auto', 'float32' or 'bfloat16'")
+        return resolved
+    wanted = getattr(torch, checkpoint_dtype, torch.float32)
+    if wanted == torch.float32:
+        return wanted
+    if device.type == "cuda" and wanted == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        log.info("dtype auto: this GPU has no bf16; computing in float16")
+        return torch.float16
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        log.info(
+            "dtype auto: computing in float32 — the checkpoint is %s but this CPU has no native bf16 matmul "
+            "(no AVX512-BF16/AMX), where bf16 runs hundreds of times slower than fp32",
+            checkpoint_dtype,
+        )
+        return torch.float32
+    log.info("dtype auto: %s, the checkpoint's dtype, computed natively on %s", checkpoint_dtype, device.type)
+    return wanted
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- loading ----
+
+
+def resolve_folder(path: str | os.PathLike) -> Path:
+    """A local folder as is; a hub id ('org/name') downloaded first where huggingface_hub and the network allow."""
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise NotADirectoryError(f"{folder}: is a file; pass the model folder that holds config.json")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        raise FileNotFoundError(f"{path}: no such model folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
+    except Exception as e:  # offline, no such repo, or huggingface_hub missing: all need the same fix
+        raise FileNotFoundError(
+            f"{path}: not a local folder, and downloading it from the hub failed ({type(e).__name__}: {e}); "
+            "download the model elsewhere and pass its local folder"
+        ) from e
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file that holds it."""
+    index = folder / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / file for name, file in weight_map.items()}
+        for f in set(files.values()):
+            if not f.is_file():
+                raise CheckpointError(f"{index}: names shard {f.name}, which is missing from {folder}")
+        return files
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{folder}: no model.safetensors or {INDEX}; qwen3lab reads safetensors folders only")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_state_dict(folder: Path, model: Qwen3, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Read every tensor the model expects, checking names and shapes against it, cast on the way in."""
+    expected = {name: p.shape for name, p in model.state_dict(keep_vars=True).items()}
+    tied = model.config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight")
+    files = _weight_files(folder)
+    if tied:
+        files.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway; the embedding is the source
+    missing = sorted(set(expected) - set(files))
+    unexpected = sorted(set(files) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:5])}")
+        raise CheckpointError(f"{folder}: weights do not match config.json — " + "; ".join(parts))
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in names:
+                t = f.get_slice(name)
+                if tuple(t.get_shape()) != tuple(expected[name]):
+                    raise CheckpointError(
+                        f"{file}: tensor {name} has shape {tuple(t.get_shape())}, config.json implies "
+                        f"{tuple(expected[name])}"
+                    )
+                state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+    return state
+
+
+def load_model(
+    path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None
+) -> Qwen3:
+    """Load an HF Qwen3 model folder (or hub id) into a qwen3lab `Qwen3`, in eval mode."""
+    folder = resolve_folder(path)
+    cfg = ModelConfig.from_file(folder)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device, cfg.torch_dtype)
+    with torch.device("meta"):
+        model = Qwen3(cfg)
+    state = load_state_dict(folder, model, dtype, device)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+# ---- saving ----
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: use bytes or a size such as '5GB' or '200MB'")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write to a temporary name beside `path`, then rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def generation_config(cfg: ModelConfig) -> dict:
+    """eos lists <|im_end|> as well as <|endoftext|>: a base model tuned on chat ends its turns with <|im_end|>,
+    and a runtime that only knows the base eos never stops (LlamaFactory #7943)."""
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    eos = [e for e in eos if e is not None]
+    for extra in (IM_END, ENDOFTEXT):
+        if extra < cfg.vocab_size and extra not in eos:
+            eos.append(extra)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos}
+    if cfg.pad_token_id is not None:
+        gen["pad_token_id"] = cfg.pad_token_id
+    return gen
+
+
+def save_model(model: Qwen3, path: str | os.PathLike, max_shard_size: int | str = "5GB", dtype=None) -> Path:
+    """Write an HF folder: config.json, generation_config.json, safetensors shards (+ index when more than one).
+
+    Files are written under temporary names and renamed into place; shards of an earlier save that the new one no
+    longer uses are removed after the new index is in place.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    dtype = dtype or next(iter(state.values())).dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for file, shard in zip(names, shards, strict=True):
+        tensors = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in shard.items()}
+        _atomic_write(folder / file, lambda p, t=tensors: save_file(t, p, metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * dtype.itemsize for t in state.values())
+    index = folder / INDEX
+    if n > 1:
+        body = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        _atomic_write(index, lambda p: p.write_text(body + "\n"))
+    else:
+        index.unlink(missing_ok=True)
+    for stale in folder.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    hf = cfg.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"))
+    gen = json.dumps(generation_config(cfg), indent=2)
+    _atomic_write(folder / "generation_config.json", lambda p: p.write_text(gen + "\n"))
+    return folder
+
+
+def new_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype=torch.float32, seed: int = 0) -> Qwen3:
+    """A randomly initialised model, built on meta and materialised once."""
+    with torch.device("meta"):
+        model = Qwen3(cfg).to(dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_weights(seed)
+    return model

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_tiny(vocab=512, hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, head_dim=32, tied=True, seed=0, **kw):
+    """A random transformers Qwen3ForCausalLM in fp32, with every weight (norms too) away from its init value."""
+    cfg = transformers.Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        tie_word_embeddings=tied,
+        rope_theta=1_000_000.0,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=vocab - 1,
+        **kw,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Qwen3ForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def hf_model_dir(tmp_path):
+    """Folder written by transformers' save_pretrained with tiny shards, so the index path is exercised."""
+    model = hf_tiny()
+    model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    return model, tmp_path / "hf"
