@@ -6,9 +6,19 @@ import sys
 from .checkpoint import load_model, new_model, save_model
 from .config import ModelConfig, preset
 from .model import Qwen3
+from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "Qwen3", "load_model", "new_model", "preset", "save_model"]
+__all__ = [
+    "ModelConfig",
+    "Qwen3",
+    "Tokenizer",
+    "load_model",
+    "load_tokenizer",
+    "new_model",
+    "preset",
+    "save_model",
+]
 
 # Like transformers, the library says what it decided (dtype chosen, template swapped) on stderr by default;
 # `logging.getLogger("qwen3lab").setLevel(logging.WARNING)` quiets it.
