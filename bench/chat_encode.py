@@ -1,6 +1,6 @@
 """Chat encoding with assistant masks: qwen3lab `encode_chat` vs transformers `apply_chat_template`, same CPU.
 
-    python bench/chat_encode.py [--n 1000]
+python bench/chat_encode.py [--n 1000]
 """
 
 import argparse
@@ -62,7 +62,9 @@ def main():
 
     # warm up both (template compilation), check they agree, then time one pass each
     a, b = ours(), ref()
-    same = all(x.input_ids == y["input_ids"] and x.assistant_mask == y["assistant_masks"] for x, y in zip(a, b))
+    same = all(
+        x.input_ids == y["input_ids"] and x.assistant_mask == y["assistant_masks"] for x, y in zip(a, b, strict=True)
+    )
     t0 = time.perf_counter()
     ref()
     t_ref = time.perf_counter() - t0

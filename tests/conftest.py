@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import qwen3lab
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -36,3 +38,17 @@ def hf_model_dir(tmp_path):
     model = hf_tiny()
     model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
     return model, tmp_path / "hf"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The offline Qwen3 tokenizer with qwen3lab's patched template."""
+    return qwen3lab.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tok, tmp_path_factory):
+    """The same tokenizer as transformers loads it from a folder qwen3lab exported."""
+    folder = tmp_path_factory.mktemp("tok")
+    tok.save(folder)
+    return transformers.AutoTokenizer.from_pretrained(folder)

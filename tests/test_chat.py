@@ -4,7 +4,6 @@ import copy
 from pathlib import Path
 
 import pytest
-from conftest import transformers
 
 import qwen3lab
 from qwen3lab.chat import ChatError, qwen3_template
@@ -102,18 +101,6 @@ SHAPES = {
     ),
 }
 WITH_ASSISTANT_LAST = [n for n, (m, kw) in SHAPES.items() if m[-1]["role"] == "assistant"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return qwen3lab.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def hf_tok(tok, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    tok.save(folder)
-    return transformers.AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -3,7 +3,6 @@
 import unicodedata
 
 import pytest
-from conftest import transformers
 
 import qwen3lab
 from qwen3lab.tokenizer import FIRST_ADDED_ID, NOT_SPECIAL, SPECIAL
@@ -45,18 +44,6 @@ MULTILINGUAL = [
     "code:\n\tdef f(x):\n\t\treturn x ** 2  # square\r\n\n\n   trailing   ",
     "<|im_start|>user\nhi<|im_end|>\n<think>\nok\n</think>",
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return qwen3lab.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def hf_tok(tok, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    tok.save(folder)
-    return transformers.AutoTokenizer.from_pretrained(folder)
 
 
 def test_pinned_ids(tok):
