@@ -41,6 +41,38 @@ def cmd_smoke(args) -> None:
         sys.exit(1)
 
 
+def cmd_train(args, extra: list[str]) -> None:
+    """Supervised fine-tuning from a YAML config, with any key overridden as --section.key value."""
+    from .config import ConfigError, config_keys, load_train_config
+    from .train import train
+
+    overrides = {k: getattr(args, k) for k in config_keys() if getattr(args, k, None) is not None}
+    for flag in extra:  # anything argparse did not know: let the config say what is near
+        if flag.startswith("--"):
+            raise ConfigError(f"{flag}: " + _near_key_message(flag[2:].split("=")[0]))
+    cfg = load_train_config(args.config, overrides)
+    run = train(cfg)
+    print(f"run folder: {run}")
+
+
+def _near_key_message(key: str) -> str:
+    from .config import ConfigError, TrainConfig, set_key
+
+    try:
+        set_key(TrainConfig(), key, None)
+    except ConfigError as e:
+        return str(e)
+    return "not a config key"
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One --flag per config key (dotted for sections), so YAML keys and flags never drift apart."""
+    from .config import config_keys
+
+    for key, kind in config_keys().items():
+        p.add_argument(f"--{key}", dest=key, default=None, metavar=kind.__name__.upper())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,9 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--out", default="runs/smoke")
     p.set_defaults(func=cmd_smoke)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__)
+    p.add_argument("config", nargs="?", help="YAML config file (keys as in configs/*.yaml)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train, takes_extra=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    from .chat import ChatError
+    from .config import ConfigError
+    from .data import DataError
+
+    args, extra = build_parser().parse_known_args(argv)
+    try:
+        if getattr(args, "takes_extra", False):
+            args.func(args, extra)
+        elif extra:
+            raise SystemExit(f"qwen3lab {args.command}: unrecognized arguments: {' '.join(extra)}")
+        else:
+            args.func(args)
+    except (ConfigError, DataError, ChatError, FileNotFoundError) as e:
+        # Bad input: one line that names the file / key / example and the fix, not a traceback.
+        raise SystemExit(f"qwen3lab {args.command}: error: {e}") from None

@@ -188,3 +188,162 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name](), **overrides)
+
+
+# ---- training configuration: one dataclass tree is the YAML schema and the CLI flags ----
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # JSONL / JSON / Parquet file, or a folder saved by `datasets`
+    eval: str = ""  # held-out file; empty: split eval_fraction off the training rows
+    eval_fraction: float = 0.0
+    max_length: int = 2048
+    packing: bool = True  # best-fit-decreasing packing of whole examples, no attention across them
+    shuffle: bool = True
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0  # 0: full fine-tuning
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+    # Embedding rows to train beside the adapters. Qwen3-Base never trained the ChatML tokens, and LoRA runs that
+    # keep them frozen learn turn boundaries poorly (QwenLM/Qwen3 #1608).
+    train_tokens: list = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""  # HF model folder, or a preset name (random init) such as tiny
+    out: str = "runs/sft"
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 0  # optimizer steps; 0: `epochs` passes over the data
+    epochs: float = 1.0
+    batch_size: int = 8  # rows per micro-batch (packed rows of max_length, or padded examples)
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPUs; or fp32 | bf16
+    activation_checkpointing: bool = False
+    compile: bool = False
+    loss_chunk: int = 1024  # positions per lm_head chunk in the loss
+    log_every: int = 1
+    eval_every: int = 0  # 0: at the end only
+    save_every: int = 0  # 0: no intermediate checkpoints
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the newest checkpoint in `out` when there is one
+    report_to: list = field(default_factory=list)  # tensorboard, wandb (when installed)
+    progress: bool = True
+
+
+def _fields(cls) -> dict:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def config_keys(cls=TrainConfig, prefix: str = "") -> dict[str, type]:
+    """Every settable key as a dotted path (data.max_length, optim.lr, ...) with its default's type."""
+    keys = {}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys.update(config_keys(type(default), f"{prefix}{f.name}."))
+        else:
+            keys[f"{prefix}{f.name}"] = type(default)
+    return keys
+
+
+def _coerce(key: str, value, kind: type):
+    """A YAML or command-line value as the field's type; strings from the command line are parsed as YAML."""
+    import yaml
+
+    if isinstance(value, str) and kind is not str:
+        try:
+            value = kind(value) if kind in (int, float) else yaml.safe_load(value)
+        except (ValueError, yaml.YAMLError):
+            pass  # reported below with the expected type
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            value = float(value)  # YAML 1.1 reads 1e-4 as a string
+        except ValueError:
+            pass
+    if kind is list and isinstance(value, str):
+        value = [v for v in value.split(",") if v]
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def set_key(cfg: TrainConfig, key: str, value) -> None:
+    keys = config_keys()
+    if key not in keys:
+        import difflib
+
+        near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(near)}?" if near else f"; valid keys: {', '.join(keys)}"
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    *parents, leaf = key.split(".")
+    target = cfg
+    for p in parents:
+        target = getattr(target, p)
+    setattr(target, leaf, _coerce(key, value, keys[key]))
+
+
+def flatten_keys(d: dict, prefix: str = "") -> dict:
+    """Nested sections -> dotted keys (data: {max_length: 512} -> data.max_length); list-valued keys stay whole."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}" not in config_keys():
+            flat.update(flatten_keys(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def load_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file (nested sections or dotted keys) and then key=value overrides."""
+    import yaml
+
+    cfg = TrainConfig()
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        for key, value in flatten_keys(data).items():
+            try:
+                set_key(cfg, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    for key, value in (overrides or {}).items():
+        set_key(cfg, key, value)
+    return cfg
+
+
+def train_config_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -212,22 +212,25 @@ class Qwen3(nn.Module):
         mask: torch.Tensor | None = None,
         return_hidden: bool = False,
         kv_cache=None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (or final hidden states [B, T, hidden] with return_hidden).
 
         position_ids [B, T] default to 0..T-1. mask is an SDPA mask ([B, 1, T, S] bool, True = attend); without one
-        attention is plainly causal. For packed rows, use `forward_packed`.
+        attention is plainly causal. For packed rows, use `forward_packed`. inputs_embeds [B, T, hidden] replaces the
+        embedding lookup (e.g. with some embedding rows being trained apart).
         """
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], position_ids)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 
-    def forward_packed(self, input_ids, position_ids, return_hidden: bool = False):
+    def forward_packed(self, input_ids, position_ids, return_hidden: bool = False, inputs_embeds=None):
         """Rows holding several documents: positions restart at 0 per document and no token sees another document."""
-        return self.forward(input_ids, position_ids, document_mask(position_ids), return_hidden)
+        mask = document_mask(position_ids)
+        return self.forward(input_ids, position_ids, mask, return_hidden, inputs_embeds=inputs_embeds)

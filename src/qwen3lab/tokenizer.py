@@ -151,6 +151,14 @@ class Tokenizer:
         self.eos_token = self.config.get("eos_token") or "<|endoftext|>"
         self.pad_token = self.config.get("pad_token") or "<|endoftext|>"
 
+    def fingerprint(self) -> str:
+        """Changes whenever the tokenisation of any data could: vocabulary, added tokens, template, eos."""
+        if not hasattr(self, "_fingerprint"):
+            h = hashlib.sha256(self.backend.to_str().encode())
+            h.update(f"{self.chat_template}|{self.eos_token}".encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
     # ids
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids

@@ -1,0 +1,312 @@
+"""Training data: read rows, tokenise them with their loss masks (cached), pack or pad them into batches.
+
+Row formats, told apart by their keys:
+  messages (+ tools)      assistant-only loss, through the chat template's {% generation %} spans
+  prompt + completion     completion-only loss (strings, or message lists rendered by the template)
+  text                    loss on every token
+Each example becomes `ids` and `labels`, labels already shifted (labels[t] is ids[t+1] where that token is
+supervised, else -100), so packed documents never predict across their boundary.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .chat import ChatError
+from .loss import IGNORE
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("qwen3lab")
+CACHE_VERSION = 1
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be trained on, named by file:line or row."""
+
+
+# ---- reading ----
+
+
+def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Yield (where, row) from a JSONL / JSON / Parquet file or a `datasets` folder; `where` names the row."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such data file or folder")
+    if p.is_dir():
+        yield from _read_with_datasets(p, "folder")
+    elif p.suffix == ".jsonl":
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                yield f"{p}:{n}", row
+    elif p.suffix == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{p}: expected a JSON list of rows (use .jsonl for one row per line)")
+        for i, row in enumerate(data):
+            yield f"{p}[{i}]", row
+    elif p.suffix == ".parquet":
+        yield from _read_with_datasets(p, "parquet")
+    else:
+        raise DataError(f"{p}: unknown data format {p.suffix!r}; use .jsonl, .json, .parquet or a datasets folder")
+
+
+def _read_with_datasets(p: Path, kind: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{p}: reading {kind} data needs the `datasets` package (pip install datasets)") from None
+    if kind == "parquet":
+        ds = datasets.Dataset.from_parquet(str(p))
+    else:
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{p}: a DatasetDict without a 'train' split (has {', '.join(ds)})")
+            ds = ds["train"]
+    for i, row in enumerate(ds):
+        yield f"{p} row {i}", row
+
+
+def row_format(row, where: str) -> str:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
+    if "messages" in row:
+        return "messages"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "text" in row:
+        return "text"
+    raise DataError(
+        f"{where}: unknown row format with keys {sorted(row)}; expected 'messages' (+ 'tools'), "
+        "'prompt' + 'completion', or 'text'"
+    )
+
+
+# ---- tokenising ----
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_row(tok: Tokenizer, row: dict, where: str) -> tuple[list[int], list[int]]:
+    """(ids, mask) of one row, mask 1 on the tokens the loss learns."""
+    kind = row_format(row, where)
+    try:
+        if kind == "messages":
+            tools = row.get("tools")
+            tools = json.loads(tools) if isinstance(tools, str) else tools
+            enc = tok.encode_chat(row["messages"], tools=tools)
+            return enc.input_ids, enc.assistant_mask
+        if kind == "prompt_completion":
+            prompt, completion = row["prompt"], row["completion"]
+            if isinstance(prompt, list) and isinstance(completion, list):
+                # Rendered whole; learned where the completion begins (where the prompt-alone render stops
+                # agreeing) and, with generation tags, only on what the assistant produces.
+                prompt_ids = tok.encode_chat(prompt, add_generation_prompt=True, assistant_mask=False).input_ids
+                enc = tok.encode_chat(prompt + completion, assistant_mask=True)
+                start = _common_prefix(prompt_ids, enc.input_ids)
+                mask = [m if i >= start else 0 for i, m in enumerate(enc.assistant_mask)]
+                return enc.input_ids, mask
+            if not (isinstance(prompt, str) and isinstance(completion, str)):
+                raise DataError(f"{where}: prompt and completion must both be strings or both message lists")
+            if not completion.endswith(tok.eos_token):
+                completion += tok.eos_token
+            ids = tok.encode(prompt + completion)
+            start = _common_prefix(tok.encode(prompt), ids)
+            return ids, [0] * start + [1] * (len(ids) - start)
+        text = row["text"]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: text must be a string, got {type(text).__name__}")
+        ids = tok.encode(text if text.endswith(tok.eos_token) else text + tok.eos_token)
+        return ids, [1] * len(ids)
+    except ChatError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+@dataclass
+class TokenizedData:
+    """Examples stored flat: example i is ids[offsets[i]:offsets[i+1]] with its shifted labels."""
+
+    ids: np.ndarray  # int32 [total tokens]
+    labels: np.ndarray  # int32 [total tokens]
+    offsets: np.ndarray  # int64 [examples + 1]
+    dropped: int = 0  # rows left with no supervised token after truncation
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], self.labels[a:b]
+
+    def supervised_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+    def subset(self, indices) -> TokenizedData:
+        pieces = [self.example(i) for i in indices]
+        lengths = [len(p[0]) for p in pieces]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        ids = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, np.int32)
+        labels = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.int32)
+        return TokenizedData(ids, labels, offsets, 0)
+
+
+def tokenize_rows(tok: Tokenizer, rows, max_length: int) -> TokenizedData:
+    ids_out, labels_out, lengths, dropped = [], [], [], 0
+    for where, row in rows:
+        ids, mask = tokenize_row(tok, row, where)
+        ids, mask = ids[:max_length], mask[:max_length]  # keep the start, as trl does
+        labels = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:], strict=True)] + [IGNORE]
+        if all(label == IGNORE for label in labels):
+            dropped += 1
+            continue
+        ids_out.extend(ids)
+        labels_out.extend(labels)
+        lengths.append(len(ids))
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+    return TokenizedData(np.asarray(ids_out, np.int32), np.asarray(labels_out, np.int32), offsets, dropped)
+
+
+def _cache_key(path: Path, tok: Tokenizer, max_length: int) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{max_length}|".encode())
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+    h.update(tok.fingerprint().encode())
+    return h.hexdigest()[:24]
+
+
+def load_tokenized(path: str | os.PathLike, tok: Tokenizer, max_length: int, cache_dir: Path | None) -> TokenizedData:
+    """Tokenise a data file once; later runs on the same file, tokenizer and max_length read the cache."""
+    path = Path(path)
+    cache = None
+    if cache_dir is not None and path.exists():
+        cache = cache_dir / f"{path.stem}-{_cache_key(path, tok, max_length)}.npz"
+        if cache.is_file():
+            with np.load(cache) as z:
+                data = TokenizedData(z["ids"], z["labels"], z["offsets"], int(z["dropped"]))
+            log.info("data: %s — %d examples from cache %s", path, len(data), cache)
+            return data
+    data = tokenize_rows(tok, read_rows(path), max_length)
+    if len(data) == 0:
+        raise DataError(
+            f"{path}: no trainable examples"
+            + (f" ({data.dropped} rows had no supervised token within max_length={max_length})" if data.dropped else "")
+        )
+    if data.dropped:
+        log.warning(
+            "data: %s — dropped %d rows with no supervised token left after truncation to max_length=%d",
+            path,
+            data.dropped,
+            max_length,
+        )
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}.npz")
+        np.savez(tmp, ids=data.ids, labels=data.labels, offsets=data.offsets, dropped=data.dropped)
+        os.replace(tmp, cache)
+    return data
+
+
+# ---- packing and batching ----
+
+
+def pack_best_fit(lengths, capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing: longest example first, each into the fullest row it still fits. Returns index lists."""
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin index)
+    for i in order:
+        n = int(lengths[i])
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, b = free.pop(k)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, b))
+    return bins
+
+
+def make_rows(data: TokenizedData, max_length: int, packing: bool) -> list[list[int]]:
+    """Example indices per training row: packed bins, or one example per row."""
+    if packing:
+        return pack_best_fit(data.lengths(), max_length)
+    return [[i] for i in range(len(data))]
+
+
+def collate(data: TokenizedData, rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of examples -> input_ids, labels, position_ids [B, T], right-padded to the longest row.
+
+    Positions restart at 0 for every example, so the model's document mask keeps packed examples apart.
+    """
+    built = []
+    for row in rows:
+        parts = [data.example(i) for i in row]
+        ids = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        pos = np.concatenate([np.arange(len(p[0])) for p in parts])
+        built.append((ids, labels, pos))
+    T = max(len(b[0]) for b in built)
+    B = len(built)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    for r, (ids, lab, pos) in enumerate(built):
+        n = len(ids)
+        input_ids[r, :n] = torch.from_numpy(ids.astype(np.int64))
+        labels[r, :n] = torch.from_numpy(lab.astype(np.int64))
+        position_ids[r, :n] = torch.from_numpy(pos)
+        position_ids[r, n:] = torch.arange(T - n)  # padding: one more "document" that nothing attends to
+    num_tokens = torch.tensor(sum(len(b[0]) for b in built))  # real (non-pad) tokens
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_tokens": num_tokens}
+
+
+def epoch_order(n_rows: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    order = list(range(n_rows))
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def split_eval(data: TokenizedData, fraction: float, seed: int) -> tuple[TokenizedData, TokenizedData | None]:
+    if fraction <= 0:
+        return data, None
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(data) * fraction))
+    if n_eval >= len(data):
+        raise DataError(f"eval_fraction={fraction} leaves no training examples out of {len(data)}")
+    return data.subset(sorted(order[n_eval:])), data.subset(sorted(order[:n_eval]))

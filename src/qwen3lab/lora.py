@@ -1,0 +1,117 @@
+"""LoRA: low-rank adapters on the linear layers, the base frozen; merge for export; a peft-loadable adapter folder.
+
+`LoRALinear` keeps the base layer's parameter name `weight`, so the model's state dict still loads and saves as an HF
+folder; the adapters add `lora_A.weight` / `lora_B.weight` beside it, the names peft uses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import LORA_TARGETS as TARGETS
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, **kw)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, **kw)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.reset_lora()
+
+    def reset_lora(self):
+        # As peft: A like nn.Linear's default init, B zero, so the adapted model starts equal to the base.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+            linear.weight.copy_(self.weight.float() + delta)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, targets=TARGETS) -> list[str]:
+    """Freeze the model and wrap each targeted linear layer in a LoRALinear. Returns the wrapped module names."""
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise ValueError(f"LoRA targets {sorted(unknown)} are not Qwen3 linear layers; choose from {TARGETS}")
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    model.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
+                wrapped.append(f"{name}.{child_name}")
+    return wrapped
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight, in place; the model is then a plain Qwen3 again."""
+    for name, lora in lora_modules(model).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, lora.merged())
+    return model
+
+
+def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model: str = "") -> Path:
+    """adapter_model.safetensors + adapter_config.json, as `peft.PeftModel.from_pretrained` reads them."""
+    loras = lora_modules(model)
+    if not loras:
+        raise ValueError("the model has no LoRA adapters to save")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, lora in loras.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora.lora_A.weight.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora.lora_B.weight.detach().cpu().contiguous()
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    first = next(iter(loras.values()))
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted({name.rpartition(".")[2] for name in loras}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder

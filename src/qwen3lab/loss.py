@@ -1,0 +1,66 @@
+"""Cross-entropy over supervised positions only, through lm_head in chunks.
+
+A [tokens x 151,936] logits tensor is never materialised: the forward computes each chunk's logits, its loss and
+at once its gradients (softmax - onehot), keeping only grad_hidden [N, hidden] and grad_weight [vocab, hidden] for
+the backward. The loss is a *sum*; the training loop divides by the number of supervised tokens in the whole
+optimizer step, so short micro-batches are not over-weighted (no mean of means).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        # hidden [N, H], weight [V, H], targets [N] -> summed loss (fp32 scalar)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = (h @ weight.T).float()  # [n, V]; in the compute dtype, then fp32 as transformers does
+            lse = logits.logsumexp(-1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad_logits[torch.arange(len(t), device=t.device), t] -= 1
+                grad_logits = grad_logits.to(weight.dtype)
+                if need_h:
+                    grad_h[start : start + chunk_size] = grad_logits @ weight
+                if need_w:
+                    grad_w += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = grad_h * grad_loss if grad_h is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None
+
+
+def lm_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024):
+    """Summed cross-entropy of lm_head(hidden) against labels, over positions whose label is not -100.
+
+    hidden [B, T, H] final hidden states; weight [V, H] lm_head weight; labels [B, T] already shifted (label t is the
+    token after position t). Returns (loss_sum, number of supervised tokens).
+    """
+    keep = labels.reshape(-1) != IGNORE
+    h = hidden.reshape(-1, hidden.shape[-1])[keep]  # [N, H]
+    targets = labels.reshape(-1)[keep]
+    if h.shape[0] == 0:
+        return hidden.sum() * 0.0, 0
+    if torch.is_grad_enabled():
+        return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size), int(targets.numel())
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk_size):
+        logits = (h[start : start + chunk_size] @ weight.T).float()
+        loss += torch.nn.functional.cross_entropy(logits, targets[start : start + chunk_size], reduction="sum")
+    return loss, int(targets.numel())

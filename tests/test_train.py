@@ -1,0 +1,312 @@
+"""Training: loss parity with trl, packing, LoRA, export to transformers / peft, resume, bad input."""
+
+import json
+
+import pytest
+import torch
+from conftest import transformers
+
+import qwen3lab
+from qwen3lab import data as D
+from qwen3lab.config import ConfigError, TrainConfig, load_train_config
+from qwen3lab.lora import apply_lora, merge_lora
+from qwen3lab.train import micro_batch_loss, train
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+CHATS = [
+    [
+        {"role": "system", "content": "You add numbers."},
+        {"role": "user", "content": f"{a}+{b}?"},
+        {"role": "assistant", "content": str(a + b)},
+    ]
+    for a, b in [(1, 2), (30, 12), (7, 7), (15, 4), (9, 40), (3, 33)]
+] + [
+    [
+        {"role": "user", "content": "Reverse 'abc'"},
+        {"role": "assistant", "content": "cba", "reasoning_content": "read it backwards"},
+        {"role": "user", "content": "and 'xy'?"},
+        {"role": "assistant", "content": "yx"},
+    ]
+]
+PROMPTS = [{"prompt": f"Q: {a}*2=", "completion": f" {2 * a}"} for a in (3, 11, 25, 40)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    """A small random Qwen3 with the real vocabulary, saved by transformers, with qwen3lab's tokenizer."""
+    folder = tmp_path_factory.mktemp("base")
+    cfg = transformers.Qwen3Config(
+        vocab_size=151936,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+        bos_token_id=151643,
+        eos_token_id=151643,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(folder)
+    tok.save(folder)
+    return folder
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def trl_first_batch_loss(model_dir, rows, tmp_path, **sft):
+    hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=trl.SFTConfig(
+            output_dir=str(tmp_path / "trl"),
+            per_device_train_batch_size=len(rows),
+            max_length=512,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            **sft,
+        ),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=hf_tok,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        return float(trainer.compute_loss(model, batch))
+
+
+def ours_first_batch_loss(model_dir, rows, tmp_path, tok):
+    data = D.tokenize_rows(tok, [(f"row {i}", r) for i, r in enumerate(rows)], 512)
+    model = qwen3lab.load_model(model_dir, dtype="float32", device="cpu")
+    batch = D.collate(data, [[i] for i in range(len(data))], tok.pad_token_id)
+    with torch.no_grad():
+        loss, n = micro_batch_loss(model, batch, packing=False, chunk=7, extra_tokens=None)
+    return float(loss) / n
+
+
+@pytest.mark.parametrize(
+    "rows, sft",
+    [
+        ([{"messages": c} for c in CHATS], {"assistant_only_loss": True}),
+        (PROMPTS, {}),
+        # conversational completions: trl applies the completion mask and, with assistant_only_loss, the
+        # generation spans too — qwen3lab always does both (the newline after <|im_end|> is never learned)
+        ([{"prompt": c[:-1], "completion": c[-1:]} for c in CHATS[:4]], {"assistant_only_loss": True}),
+    ],
+    ids=["messages-assistant-only", "prompt-completion-text", "prompt-completion-conversational"],
+)
+def test_first_step_loss_equals_trl(model_dir, tmp_path, tok, rows, sft):
+    ref = trl_first_batch_loss(model_dir, rows, tmp_path, **sft)
+    ours = ours_first_batch_loss(model_dir, rows, tmp_path, tok)
+    assert abs(ours - ref) < 1e-4, (ours, ref)
+
+
+def test_packed_equals_unpacked_loss_and_grads(model_dir, tok):
+    data = D.tokenize_rows(tok, [(f"row {i}", {"messages": c}) for i, c in enumerate(CHATS)], 512)
+    rows = D.pack_best_fit(data.lengths(), 64)
+    assert len(rows) < len(data)  # several examples share a row
+    results = []
+    for packing, row_list in [(True, rows), (False, [[i] for i in range(len(data))])]:
+        model = qwen3lab.load_model(model_dir, dtype="float32", device="cpu")
+        loss, n = micro_batch_loss(model, D.collate(data, row_list, tok.pad_token_id), packing, 1024, None)
+        (loss / n).backward()
+        results.append((float(loss), n, {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (l1, n1, g1), (l2, n2, g2) = results
+    assert n1 == n2 and abs(l1 - l2) < 1e-4 * n1
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+def test_best_fit_decreasing_packs_tightly():
+    lengths = [7, 5, 4, 3, 3, 2, 1, 1]
+    bins = D.pack_best_fit(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 3  # 26 tokens need at least 3 rows of 10
+
+
+def test_lora_init_equals_base_and_merge_equals_unmerged(model_dir):
+    base = qwen3lab.load_model(model_dir, dtype="float32", device="cpu")
+    ids = torch.randint(0, 151936, (2, 12))
+    with torch.no_grad():
+        ref = base(ids)
+        apply_lora(base, rank=4, alpha=8)
+        torch.testing.assert_close(base(ids), ref)  # B = 0 at init
+        for name, p in base.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        adapted = base(ids)
+        assert not torch.allclose(adapted, ref, atol=1e-4)
+        merge_lora(base)
+        torch.testing.assert_close(base(ids), adapted, atol=1e-5, rtol=1e-5)
+    assert not any("lora" in k for k in base.state_dict())
+
+
+def run_config(model_dir, data_path, out, **kw):
+    cfg = TrainConfig(model=str(model_dir), out=str(out), progress=False, steps=4, batch_size=2, seed=1)
+    cfg.data.train = str(data_path)
+    cfg.data.max_length = 128
+    cfg.optim.lr = 1e-2
+    for key, value in kw.items():
+        section, _, leaf = key.rpartition("__")
+        setattr(getattr(cfg, section) if section else cfg, leaf, value)
+    return cfg
+
+
+def test_full_finetune_export_loads_in_transformers(model_dir, tmp_path):
+    data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    run = train(run_config(model_dir, data_path, tmp_path / "run"))
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (run / "loss.png").stat().st_size > 0
+    gen = json.loads((run / "model" / "generation_config.json").read_text())
+    assert 151645 in gen["eos_token_id"] and 151643 in gen["eos_token_id"]
+    ours = qwen3lab.load_model(run / "model", dtype="float32", device="cpu")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)
+    ids = torch.randint(0, 151936, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(run / "model")
+    assert hf_tok.chat_template == qwen3lab.load_tokenizer(run / "model").chat_template
+
+
+def test_lora_export_merged_and_peft_adapter(model_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    cfg = run_config(model_dir, data_path, tmp_path / "run", lora__rank=4, lora__alpha=8.0)
+    run = train(cfg)
+    ids = torch.randint(0, 151936, (1, 16))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(base, run / "adapter")
+    with torch.no_grad():
+        want = merged(ids).logits
+        torch.testing.assert_close(adapted(ids).logits, want, atol=1e-4, rtol=1e-4)
+        untrained = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
+        assert not torch.allclose(untrained, want, atol=1e-4)  # the adapter did learn something
+
+
+def test_lora_train_tokens_moves_only_those_rows(model_dir, tmp_path, tok):
+    data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    cfg = run_config(
+        model_dir, data_path, tmp_path / "run", lora__rank=4, lora__train_tokens=["<|im_start|>", "<|im_end|>"]
+    )
+    run = train(cfg)
+    before = qwen3lab.load_model(model_dir, dtype="float32", device="cpu").model.embed_tokens.weight
+    after = qwen3lab.load_model(run / "model", dtype="float32", device="cpu").model.embed_tokens.weight
+    changed = (before != after).any(1).nonzero().flatten().tolist()
+    assert changed == [151644, 151645]
+
+
+def test_resume_gives_the_same_losses(model_dir, tmp_path, monkeypatch):
+    data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    straight = train(run_config(model_dir, data_path, tmp_path / "a", steps=6, lora__rank=4, lora__dropout=0.1))
+
+    import qwen3lab.train as T
+
+    original_log = T.Reporter.log
+
+    def crash_after_step_4(self, metrics):
+        original_log(self, metrics)
+        if metrics["step"] == 4:
+            raise KeyboardInterrupt
+
+    cfg = run_config(model_dir, data_path, tmp_path / "b", steps=6, save_every=3, lora__rank=4, lora__dropout=0.1)
+    monkeypatch.setattr(T.Reporter, "log", crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(T.Reporter, "log", original_log)
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-000003"]
+    resumed = train(cfg)
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(resumed)) == 6
+    assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
+
+
+def test_grad_accumulation_normalises_by_all_supervised_tokens(model_dir, tmp_path):
+    data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS[:4]])
+    one = train(run_config(model_dir, data_path, tmp_path / "one", steps=1, batch_size=4, data__packing=False))
+    two = train(
+        run_config(model_dir, data_path, tmp_path / "two", steps=1, batch_size=2, grad_accum=2, data__packing=False)
+    )
+    m1, m2 = (json.loads((run / "metrics.jsonl").read_text()) for run in (one, two))
+    # the loss and the gradient norm are scale-sensitive (Adam's first update is not): both must match
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-6)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
+    a = qwen3lab.load_model(one / "model", device="cpu").state_dict()
+    b = qwen3lab.load_model(two / "model", device="cpu").state_dict()
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ---- bad input ----
+
+
+def test_malformed_jsonl_line_is_named(tmp_path, tok):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "ok"}) + "\n{oops\n")
+    with pytest.raises(D.DataError, match=r"bad.jsonl:2: not valid JSON"):
+        D.tokenize_rows(tok, D.read_rows(path), 64)
+
+
+def test_unknown_row_format_names_keys(tmp_path, tok):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(D.DataError, match=r"x.jsonl:1: unknown row format with keys \['answer', 'question'\]"):
+        D.tokenize_rows(tok, D.read_rows(path), 64)
+
+
+def test_bad_conversation_is_named_by_line(tmp_path, tok):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"messages": CHATS[0]}, {"messages": [{"role": "bot", "content": "x"}]}])
+    with pytest.raises(D.DataError, match=r"x.jsonl:2: message 0: unknown role 'bot'"):
+        D.tokenize_rows(tok, D.read_rows(path), 64)
+
+
+def test_rows_truncated_to_nothing_are_dropped_and_counted(tmp_path, tok, caplog):
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]}
+    path = write_jsonl(tmp_path / "x.jsonl", [long_prompt, {"messages": CHATS[0]}])
+    data = D.load_tokenized(path, tok, 40, None)
+    assert len(data) == 1 and data.dropped == 1
+    assert "dropped 1 rows with no supervised token" in caplog.text
+
+
+def test_empty_dataset_is_an_error(tmp_path, tok):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(D.DataError, match="no trainable examples"):
+        D.load_tokenized(path, tok, 64, None)
+
+
+def test_tokenisation_is_cached(tmp_path, tok, caplog):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"messages": c} for c in CHATS])
+    first = D.load_tokenized(path, tok, 64, tmp_path / "cache")
+    second = D.load_tokenized(path, tok, 64, tmp_path / "cache")
+    assert "from cache" in caplog.text
+    assert (first.ids == second.ids).all() and (first.labels == second.labels).all()
+
+
+def test_unknown_config_key_lists_near_matches(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-4\n  warmup_step: 10\n")
+    with pytest.raises(
+        ConfigError, match=r"c.yaml: unknown config key 'optim.warmup_step'; did you mean optim.warmup_steps"
+    ):
+        load_train_config(path)
+    cfg = load_train_config(None, {"optim.lr": "3e-4", "data.packing": "false"})
+    assert cfg.optim.lr == 3e-4 and cfg.data.packing is False
+
+
+def test_parquet_and_datasets_folder(tmp_path, tok):
+    ds = datasets.Dataset.from_list([{"messages": c} for c in CHATS])
+    ds.to_parquet(str(tmp_path / "x.parquet"))
+    ds.save_to_disk(str(tmp_path / "folder"))
+    a = D.tokenize_rows(tok, D.read_rows(tmp_path / "x.parquet"), 128)
+    b = D.tokenize_rows(tok, D.read_rows(tmp_path / "folder"), 128)
+    assert len(a) == len(b) == len(CHATS) and (a.ids == b.ids).all()
