@@ -4,38 +4,14 @@ python bench/chat_encode.py [--n 1000]
 """
 
 import argparse
-import random
 import tempfile
 import time
 
 import transformers
-from common import machine
+from common import machine, synthetic_conversations
 
 import qwen3lab
 from qwen3lab.chat import qwen3_template
-
-WORDS = "the of and to in is you that it he was for on are as with his they at be this from have or".split()
-
-
-def synthetic_conversations(n: int, seed: int = 0) -> list[list[dict]]:
-    """Multi-turn chats with system prompts, reasoning, and tool calls, of varied lengths."""
-    rng = random.Random(seed)
-
-    def text(k):
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(k // 2, k)))
-
-    convs = []
-    for _ in range(n):
-        conv = [{"role": "system", "content": text(20)}] if rng.random() < 0.5 else []
-        for _ in range(rng.randint(1, 4)):
-            conv.append({"role": "user", "content": text(40)})
-            if rng.random() < 0.2:
-                call = {"function": {"name": "search", "arguments": {"q": text(5)}}}
-                conv.append({"role": "assistant", "content": "", "tool_calls": [call]})
-                conv.append({"role": "tool", "content": text(30)})
-            conv.append({"role": "assistant", "content": text(80), "reasoning_content": text(30)})
-        convs.append(conv)
-    return convs
 
 
 def main():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import torch
@@ -43,3 +44,27 @@ def matmul_peak_flops(dtype=torch.float32, n: int = 2048, seconds: float = 1.0) 
 def machine() -> str:
     capability = torch.backends.cpu.get_cpu_capability()
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {capability}"
+
+
+WORDS = "the of and to in is you that it he was for on are as with his they at be this from have or".split()
+
+
+def synthetic_conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    """Multi-turn chats with system prompts, reasoning, and tool calls, of varied lengths."""
+    rng = random.Random(seed)
+
+    def text(k):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(k // 2, k)))
+
+    convs = []
+    for _ in range(n):
+        conv = [{"role": "system", "content": text(20)}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 4)):
+            conv.append({"role": "user", "content": text(40)})
+            if rng.random() < 0.2:
+                call = {"function": {"name": "search", "arguments": {"q": text(5)}}}
+                conv.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                conv.append({"role": "tool", "content": text(30)})
+            conv.append({"role": "assistant", "content": text(80), "reasoning_content": text(30)})
+        convs.append(conv)
+    return convs

@@ -189,3 +189,32 @@ def test_template_without_generation_tags_is_an_error_for_masks(tok, tmp_path):
 def test_bad_conversations(tok, messages, message):
     with pytest.raises(ChatError, match=message):
         tok.encode_chat(messages)
+
+
+def test_parse_assistant_think_and_tool_calls():
+    from qwen3lab.chat import parse_assistant
+
+    out = parse_assistant(
+        '<think>\nneed weather\n</think>\n\nLet me check.\n<tool_call>\n{"name": "get_weather", '
+        '"arguments": {"city": "Zürich"}}\n</tool_call>'
+    )
+    assert out["reasoning_content"] == "need weather"
+    assert out["content"] == "Let me check."
+    assert out["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Zürich"}'}
+    assert "malformed_tool_calls" not in out
+
+
+def test_parse_assistant_plain_and_malformed():
+    from qwen3lab.chat import parse_assistant
+
+    assert parse_assistant("just text") == {
+        "role": "assistant",
+        "content": "just text",
+        "reasoning_content": None,
+        "tool_calls": None,
+    }
+    bad = "<tool_call>\n{not json}\n</tool_call>"
+    out = parse_assistant("ok " + bad)
+    assert out["tool_calls"] is None and out["content"] == "ok " + bad and out["malformed_tool_calls"] == [bad]
+    out = parse_assistant('<tool_call>{"arguments": {}}</tool_call>')  # no name
+    assert out["tool_calls"] is None and out["malformed_tool_calls"]

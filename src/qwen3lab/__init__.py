@@ -7,6 +7,7 @@ from .checkpoint import load_model, new_model, save_model
 from .config import ModelConfig, preset
 from .model import Qwen3
 from .tokenizer import Tokenizer, load_tokenizer
+from .train import train
 
 __version__ = "0.1.0"
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "new_model",
     "preset",
     "save_model",
+    "train",
 ]
 
 # Like transformers, the library says what it decided (dtype chosen, template swapped) on stderr by default;

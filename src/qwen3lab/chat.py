@@ -180,3 +180,49 @@ def check_messages(messages, tools=None, need_assistant: bool = False) -> None:
             pending_calls = False
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise ChatError("conversation has no assistant turn, so there is nothing to learn from it")
+
+
+# ---- reading what the model wrote ----
+
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def parse_assistant(text: str) -> dict:
+    """Split a generated assistant turn into OpenAI-style fields.
+
+    `<think>…</think>` becomes reasoning_content; each well-formed `<tool_call>{"name", "arguments"}</tool_call>`
+    becomes a tool_calls entry. A malformed tool call is left in content as text and listed under
+    malformed_tool_calls — never raised, since a model's output is not the user's fault.
+    """
+    reasoning = None
+    if "</think>" in text:
+        head, _, text = text.partition("</think>")
+        reasoning = head.split("<think>")[-1].strip("\n")
+        text = text.lstrip("\n")
+    calls, malformed = [], []
+
+    def take(match: re.Match) -> str:
+        try:
+            call = json.loads(match.group(1))
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                raise ValueError("no function name")
+            args = call.get("arguments", {})
+            if isinstance(args, str):
+                args = json.loads(args)
+        except (ValueError, json.JSONDecodeError):
+            malformed.append(match.group(0))
+            return match.group(0)
+        calls.append(
+            {
+                "id": f"call_{len(calls)}",
+                "type": "function",
+                "function": {"name": call["name"], "arguments": json.dumps(args, ensure_ascii=False)},
+            }
+        )
+        return ""
+
+    content = _TOOL_CALL.sub(take, text).strip()
+    out = {"role": "assistant", "content": content, "reasoning_content": reasoning, "tool_calls": calls or None}
+    if malformed:
+        out["malformed_tool_calls"] = malformed
+    return out

@@ -157,6 +157,8 @@ def load_model(
     state = load_state_dict(folder, model, dtype, device)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    gen = folder / "generation_config.json"
+    model.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
     return model.eval()
 
 

@@ -246,7 +246,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPUs; or fp32 | bf16
     activation_checkpointing: bool = False
     compile: bool = False
-    loss_chunk: int = 1024  # positions per lm_head chunk in the loss
+    loss_chunk: int = 256  # positions per lm_head chunk in the loss: chunk x vocab fp32 logits at a time
     log_every: int = 1
     eval_every: int = 0  # 0: at the end only
     save_every: int = 0  # 0: no intermediate checkpoints

@@ -116,7 +116,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None, input_pos=None):
+    def forward(self, x, cos, sin, mask=None, kv_cache=None):
         B, T, _ = x.shape
         # [B, T, H*D] -> [B, T, H, D]; norm per head over D, then -> [B, H, T, D]
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
@@ -124,7 +124,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(input_pos, k, v)  # -> [B, Hkv, S, D] over the whole cache
+            k, v = kv_cache.update(k, v)  # -> [B, Hkv, S, D]: every filled slot, this forward's included
         # Without a mask, is_causal lets SDPA pick its flash kernel; a mask (packed documents, padding, cache)
         # carries causality itself.
         y = F.scaled_dot_product_attention(
@@ -152,8 +152,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None, input_pos=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, input_pos)
+    def forward(self, x, cos, sin, mask=None, kv_cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -217,8 +217,9 @@ class Qwen3(nn.Module):
         """input_ids [B, T] -> logits [B, T, vocab] (or final hidden states [B, T, hidden] with return_hidden).
 
         position_ids [B, T] default to 0..T-1. mask is an SDPA mask ([B, 1, T, S] bool, True = attend); without one
-        attention is plainly causal. For packed rows, use `forward_packed`. inputs_embeds [B, T, hidden] replaces the
-        embedding lookup (e.g. with some embedding rows being trained apart).
+        attention is plainly causal; for packed rows, use `forward_packed`. kv_cache (generate.KVCache) appends this
+        forward's keys and values. inputs_embeds [B, T, hidden] replaces the embedding lookup (e.g. with some
+        embedding rows being trained apart).
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -226,7 +227,7 @@ class Qwen3(nn.Module):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], position_ids)
+            x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i])
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 

@@ -379,7 +379,14 @@ def train(config) -> Path:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - t_start
-        metrics = {"step": step, "loss": loss_total / n_supervised, "lr": lr, "tokens_per_s": tokens_seen / elapsed}
+        metrics = {
+            "step": step,
+            "loss": loss_total / n_supervised,
+            "lr": lr,
+            "tokens": tokens_seen,
+            "elapsed": elapsed,
+            "tokens_per_s": tokens_seen / elapsed,
+        }
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):

@@ -1,0 +1,175 @@
+"""SFT throughput and memory: trl SFTTrainer(assistant_only_loss=True) vs qwen3lab, same CPU, data, shape, batch.
+
+    python bench/sft.py [--steps 12] [--batch-size 8] [--max-length 512]
+
+Each side runs in its own subprocess (so each peak RSS is its own), on the same random weights and the same
+synthetic multi-turn chat set; the first --warmup steps are not timed. Shape: Qwen3 layout with the real 151,936
+vocabulary, hidden 256, 4 layers, 4 heads / 2 KV heads, head_dim 64, intermediate 768, tied embeddings, fp32.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import machine, matmul_peak_flops, synthetic_conversations
+
+SHAPE = dict(
+    vocab_size=151936,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    tie_word_embeddings=True,
+)
+
+
+def prepare(folder: Path, n_conversations: int) -> None:
+    """Random weights (saved by transformers), qwen3lab's tokenizer, and the chat data, in one folder."""
+    import transformers
+
+    import qwen3lab
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**SHAPE, bos_token_id=151643, eos_token_id=151643)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(folder / "model")
+    qwen3lab.load_tokenizer().save(folder / "model")
+    with open(folder / "chat.jsonl", "w") as f:
+        for conv in synthetic_conversations(n_conversations, seed=1):
+            f.write(json.dumps({"messages": conv}) + "\n")
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_trl(folder: Path, args) -> dict:
+    import datasets
+    import transformers
+    import trl
+
+    class Timer(transformers.TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter())
+
+    real_tokens = []
+
+    def counting(collate):
+        def inner(examples):
+            batch = collate(examples)
+            real_tokens.append(int(batch["attention_mask"].sum()))
+            return batch
+
+        return inner
+
+    timer = Timer()
+    trainer = trl.SFTTrainer(
+        model=transformers.AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32),
+        args=trl.SFTConfig(
+            output_dir=str(folder / "trl"),
+            assistant_only_loss=True,
+            per_device_train_batch_size=args.batch_size,
+            max_length=args.max_length,
+            max_steps=args.steps,
+            learning_rate=1e-4,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            save_strategy="no",
+            logging_strategy="no",
+            dataloader_num_workers=0,
+        ),
+        train_dataset=datasets.load_dataset("json", data_files=str(folder / "chat.jsonl"), split="train"),
+        processing_class=transformers.AutoTokenizer.from_pretrained(folder / "model"),
+        callbacks=[timer],
+    )
+    trainer.data_collator = counting(trainer.data_collator)
+    t0 = time.perf_counter()
+    trainer.train()
+    w = args.warmup
+    elapsed = timer.times[-1] - (timer.times[w - 1] if w else t0)
+    return {"tokens_per_s": sum(real_tokens[w : args.steps]) / elapsed, "peak_rss_gib": peak_rss_gib()}
+
+
+def run_qwen3lab(folder: Path, args) -> dict:
+    import qwen3lab
+    from qwen3lab.config import TrainConfig
+
+    cfg = TrainConfig(
+        model=str(folder / "model"), out=str(folder / "q3l"), steps=args.steps, batch_size=args.batch_size
+    )
+    cfg.data.train, cfg.data.max_length, cfg.optim.lr, cfg.progress = (
+        str(folder / "chat.jsonl"),
+        args.max_length,
+        1e-4,
+        False,
+    )
+    run = qwen3lab.train(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    w = args.warmup
+    first = rows[w - 1] if w else {"tokens": 0, "elapsed": 0.0}
+    last = rows[-1]
+    return {
+        "tokens_per_s": (last["tokens"] - first["tokens"]) / (last["elapsed"] - first["elapsed"]),
+        "peak_rss_gib": peak_rss_gib(),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--conversations", type=int, default=600)
+    ap.add_argument("--only", choices=["trl", "qwen3lab"])
+    ap.add_argument("--folder")
+    args = ap.parse_args()
+    if args.only:  # a child process: one side, one JSON line
+        fn = run_trl if args.only == "trl" else run_qwen3lab
+        print("RESULT " + json.dumps(fn(Path(args.folder), args)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        prepare(folder, args.conversations)
+        results = {}
+        for side in ("trl", "qwen3lab"):
+            cmd = [sys.executable, __file__, "--only", side, "--folder", tmp] + sys.argv[1:]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not line:
+                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
+            results[side] = json.loads(line[0][7:])
+
+    n_params = 4 * (256 * 256 + 2 * 256 * 128 + 256 * 256 + 3 * 256 * 768) + 151936 * 256  # matmul weights + head
+    flops_per_token = 6 * n_params
+    peak = matmul_peak_flops()
+    print(
+        f"# SFT, Qwen3 layout hidden 256 x 4 layers, vocab 151936, fp32, batch {args.batch_size} x max {args.max_length}"
+    )
+    print(
+        f"# {args.steps} steps ({args.warmup} untimed); {machine()}; measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s"
+    )
+    for side, r in results.items():
+        mfu = r["tokens_per_s"] * flops_per_token / peak
+        print(
+            f"{side:9} {r['tokens_per_s']:9.0f} real tokens/s   peak RSS {r['peak_rss_gib']:6.2f} GiB   MFU {mfu:6.1%}"
+        )
+    t, q = results["trl"], results["qwen3lab"]
+    print(f"ratio qwen3lab / trl: tokens/s {q['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
+          f"peak RSS {q['peak_rss_gib'] / t['peak_rss_gib']:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Generation over a preallocated KV cache: prefill, then one token at a time; sampling; stop ids and strings.
+
+Batches of prompts with different lengths are left-padded into one cache: every row writes the same cache slots,
+and each row's positions start at its first real token, with a mask that hides its padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .tokenizer import Tokenizer
+
+IM_END, ENDOFTEXT = 151645, 151643
+
+
+class KVCache:
+    """Keys and values of every layer, [layers, B, kv_heads, max_len, head_dim], filled from slot 0 on."""
+
+    def __init__(self, cfg, batch: int, max_len: int, device, dtype):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # slots filled by earlier forwards
+
+    def __getitem__(self, layer: int) -> _LayerCache:
+        return _LayerCache(self, layer)
+
+
+@dataclass
+class _LayerCache:
+    cache: KVCache
+    layer: int
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Write this forward's keys/values [B, kv_heads, T, D] after the filled slots; return all filled slots."""
+        c, start, T = self.cache, self.cache.length, k.shape[2]
+        c.k[self.layer, :, :, start : start + T] = k
+        c.v[self.layer, :, :, start : start + T] = v
+        return c.k[self.layer, :, :, : start + T], c.v[self.layer, :, :, : start + T]
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings, cut from the text
+    stop_ids: list[int] | None = None  # None: the model's eos ids plus <|im_end|> and <|endoftext|>
+
+
+@dataclass
+class Generation:
+    ids: list[int]  # generated ids, the stop id excluded
+    text: str
+    finish_reason: str  # "stop" (eos id or stop string) or "length"
+    prompt_tokens: int = 0
+
+
+def default_stop_ids(model) -> list[int]:
+    """The eos ids of config and generation_config, and always both chat ends: base checkpoints list only
+    <|endoftext|>, and a chat-tuned model that ends its turn with <|im_end|> would otherwise never stop."""
+    ids = []
+    for source in (model.config.eos_token_id, getattr(model, "generation_config", {}).get("eos_token_id")):
+        ids += source if isinstance(source, list) else [source]
+    ids += [IM_END, ENDOFTEXT]
+    return sorted({i for i in ids if i is not None and i < model.config.vocab_size})
+
+
+# ---- sampling ----
+
+
+def process_logits(logits: torch.Tensor, generated: torch.Tensor | None, p: SamplingParams) -> torch.Tensor:
+    """logits [B, V] fp32 -> the logits to sample from, after penalty, temperature, top-k, top-p and min-p."""
+    if p.repetition_penalty != 1.0 and generated is not None and generated.numel():
+        seen = torch.gather(logits, 1, generated)
+        seen = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+        logits = logits.scatter(1, generated, seen)
+    if p.temperature <= 0:
+        return logits
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > p.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    if p.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    if p.temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# ---- the loop ----
+
+
+def _as_ids(tok: Tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return tok.encode(prompt)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return tok.encode_chat(prompt, add_generation_prompt=True, assistant_mask=False).input_ids
+    return list(prompt)
+
+
+@torch.inference_mode()
+def generate_ids(model, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[int | None]]:
+    """Yield, per decode step, the new token of each row (None for rows already finished)."""
+    device = model.lm_head.weight.device
+    B = len(prompts)
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError("empty prompt: give at least one token")
+    T = max(lengths)
+    max_len = T + params.max_new_tokens
+    if max_len > model.config.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({T} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings={model.config.max_position_embeddings}"
+        )
+    pad = torch.tensor([T - n for n in lengths], device=device)  # left padding per row
+    ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):
+        ids[r, T - len(p) :] = torch.tensor(p, device=device)
+    stop_ids = torch.tensor(params.stop_ids if params.stop_ids is not None else default_stop_ids(model), device=device)
+    cache = KVCache(model.config, B, max_len, device, model.lm_head.weight.dtype)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device).manual_seed(params.seed)
+    slots = torch.arange(max_len, device=device)
+    history = ids if params.repetition_penalty != 1.0 else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    x, start = ids, 0
+    for _ in range(params.max_new_tokens):
+        n = x.shape[1]
+        q_slots = slots[start : start + n]
+        positions = (q_slots[None, :] - pad[:, None]).clamp(min=0)  # [B, n]
+        k_slots = slots[: start + n]
+        # [B, 1, n, S]: causal over slots, and never a row's own left padding
+        mask = (k_slots[None, None, None, :] <= q_slots[None, None, :, None]) & (
+            k_slots[None, None, None, :] >= pad[:, None, None, None]
+        )
+        hidden = model(x, positions, mask, return_hidden=True, kv_cache=cache)
+        cache.length = start + n
+        logits = model.lm_head(hidden[:, -1]).float()
+        token = sample(process_logits(logits, history, params), params, generator)
+        token = torch.where(done, torch.zeros_like(token), token)
+        finished_now = torch.isin(token, stop_ids) & ~done
+        out = token.tolist()
+        yield [
+            None if d else (-1 if f else t) for t, d, f in zip(out, done.tolist(), finished_now.tolist(), strict=True)
+        ]
+        done |= finished_now
+        if bool(done.all()):
+            return
+        if history is not None:
+            history = torch.cat([history, token[:, None]], 1)
+        x, start = token[:, None], start + n
+
+
+def generate(model, tok: Tokenizer, prompts, params: SamplingParams | None = None, **kw) -> list[Generation]:
+    """Generate for one prompt or a batch. A prompt is text, token ids, or a list of chat messages (rendered with
+    the generation prompt). Returns one Generation per prompt."""
+    params = params or SamplingParams(**kw)
+    # one prompt: text, ids [int, ...] or messages [{...}, ...]; a batch: a list of those
+    single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], (int, dict)))
+    batch = [prompts] if single else list(prompts)
+    ids = [_as_ids(tok, p) for p in batch]
+    outs: list[list[int]] = [[] for _ in batch]
+    reasons = ["length"] * len(batch)
+    texts = [""] * len(batch)
+    active = [True] * len(batch)
+    for step in generate_ids(model, ids, params):
+        for r, t in enumerate(step):
+            if t is None or not active[r]:
+                continue
+            if t == -1:
+                reasons[r], active[r] = "stop", False
+                continue
+            outs[r].append(t)
+            if params.stop:
+                text = tok.decode(outs[r])
+                cut = _find_stop(text, params.stop)
+                if cut is not None:
+                    texts[r], reasons[r], active[r] = text[:cut], "stop", False
+        if not any(active):
+            break
+    results = []
+    for r in range(len(batch)):
+        text = texts[r] if reasons[r] == "stop" and params.stop and texts[r] else tok.decode(outs[r])
+        results.append(Generation(outs[r], text, reasons[r], len(ids[r])))
+    return results[0] if single else results
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def stream(model, tok: Tokenizer, prompt, params: SamplingParams | None = None, **kw) -> Iterator[str]:
+    """Text pieces of one generation as they come; a piece never ends inside a multi-byte character, and nothing
+    after a stop string is yielded."""
+    params = params or SamplingParams(**kw)
+    ids, sent = [], ""
+    hold = max((len(s) for s in params.stop), default=0)  # held back while it could still begin a stop string
+    for step in generate_ids(model, [_as_ids(tok, prompt)], params):
+        t = step[0]
+        if t is None or t == -1:
+            break
+        ids.append(t)
+        text = tok.decode(ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of the character
+            continue
+        cut = _find_stop(text, params.stop)
+        if cut is not None:
+            if cut > len(sent):
+                yield text[len(sent) : cut]
+            return
+        ready = len(text) - (hold - 1 if hold else 0)
+        if ready > len(sent):
+            yield text[len(sent) : ready]
+            sent = text[:ready]
+    text = tok.decode(ids)
+    if len(text) > len(sent):
+        yield text[len(sent) :]

@@ -1,0 +1,109 @@
+"""Generation against transformers' generate, batching, the KV cache, sampling, stops and streaming."""
+
+import pytest
+import torch
+from conftest import hf_tiny
+
+import qwen3lab
+from qwen3lab.generate import SamplingParams, generate, generate_ids, process_logits, stream
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A random model whose greedy continuations vary (weights larger than init), in both implementations."""
+    hf = hf_tiny(vocab=151936, hidden=64, heads=4, kv_heads=2, head_dim=16, initializer_range=0.3)
+    folder = tmp_path_factory.mktemp("gen")
+    hf.save_pretrained(folder)
+    return hf, qwen3lab.load_model(folder, dtype="float32", device="cpu")
+
+
+PROMPTS = ["Hello there, how are you", "Hi", "A much longer prompt goes right here, with some more words"]
+
+
+def test_greedy_equals_transformers_64_tokens(models, tok):
+    hf, ours = models
+    ids = tok.encode(PROMPTS[0])
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=None)[0, len(ids) :]
+    got = generate(ours, tok, ids, max_new_tokens=64, stop_ids=[])
+    assert len(set(got.ids)) > 5  # a continuation that actually varies
+    assert got.ids == ref.tolist()
+    assert got.finish_reason == "length"
+
+
+def test_batched_equals_one_by_one(models, tok):
+    _, ours = models
+    batch = generate(ours, tok, PROMPTS, max_new_tokens=16, stop_ids=[])
+    for prompt, got in zip(PROMPTS, batch, strict=True):
+        assert got.ids == generate(ours, tok, prompt, max_new_tokens=16, stop_ids=[]).ids
+
+
+def test_cached_decode_equals_full_recomputation(models, tok):
+    _, ours = models
+    ids = tok.encode(PROMPTS[2])
+    got = generate(ours, tok, ids, max_new_tokens=12, stop_ids=[]).ids
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(ours(torch.tensor([seq]))[0, -1].argmax()))
+    assert got == seq[len(ids) :]
+
+
+def test_sampling_with_seed_is_reproducible(models, tok):
+    _, ours = models
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9, seed=7, stop_ids=[])
+    a, b = generate(ours, tok, PROMPTS[0], **kw), generate(ours, tok, PROMPTS[0], **kw)
+    c = generate(ours, tok, PROMPTS[0], **(kw | {"seed": 8}))
+    assert a.ids == b.ids and a.ids != c.ids
+
+
+def test_stop_ids_end_generation(models, tok):
+    _, ours = models
+    free = generate(ours, tok, PROMPTS[0], max_new_tokens=10, stop_ids=[]).ids
+    stopped = generate(ours, tok, PROMPTS[0], max_new_tokens=10, stop_ids=[free[3]])
+    assert stopped.ids == free[: free.index(free[3])] and stopped.finish_reason == "stop"
+
+
+def test_stop_strings_end_generation_and_are_cut(models, tok):
+    _, ours = models
+    free = generate(ours, tok, PROMPTS[0], max_new_tokens=12, stop_ids=[])
+    stop = free.text[5:8]
+    cut = generate(ours, tok, PROMPTS[0], max_new_tokens=12, stop_ids=[], stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find(stop)]
+    streamed = "".join(stream(ours, tok, PROMPTS[0], max_new_tokens=12, stop_ids=[], stop=[stop]))
+    assert streamed == cut.text
+
+
+def test_stream_joins_to_the_text_and_never_splits_characters(models, tok):
+    _, ours = models
+    pieces = list(stream(ours, tok, PROMPTS[1], max_new_tokens=24, stop_ids=[]))
+    full = generate(ours, tok, PROMPTS[1], max_new_tokens=24, stop_ids=[])
+    assert "".join(pieces) == full.text
+    assert not any("\ufffd" in p for p in pieces[:-1])
+
+
+def test_default_stop_ids_include_both_chat_ends(models):
+    _, ours = models
+    from qwen3lab.generate import default_stop_ids
+
+    assert {151643, 151645} <= set(default_stop_ids(ours))
+
+
+def test_process_logits_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    p = SamplingParams(temperature=1.0, top_k=2)
+    assert torch.isinf(process_logits(logits, None, p)[0, 2:]).all()
+    p = SamplingParams(temperature=1.0, top_p=0.5)
+    assert torch.isfinite(process_logits(logits, None, p)).sum() == 1
+    p = SamplingParams(temperature=1.0, min_p=0.3)  # keeps tokens with prob >= 0.3 * max
+    assert torch.isfinite(process_logits(logits, None, p)).sum() == 2
+    p = SamplingParams(repetition_penalty=2.0)
+    out = process_logits(logits, torch.tensor([[0]]), p)
+    assert out[0, 0] == 2.0 and out[0, 1] == 3.0
+
+
+def test_prompt_too_long_or_empty(models):
+    _, ours = models
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        next(generate_ids(ours, [[1] * 10], SamplingParams(max_new_tokens=10**6)))
+    with pytest.raises(ValueError, match="empty prompt"):
+        next(generate_ids(ours, [[]], SamplingParams()))
