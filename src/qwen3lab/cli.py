@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 
 def cmd_info(args) -> None:
@@ -73,6 +75,125 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{key}", dest=key, default=None, metavar=kind.__name__.upper())
 
 
+def _load_for_inference(args):
+    from .checkpoint import load_model
+    from .tokenizer import load_tokenizer
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tok = load_tokenizer(args.model) if (Path(args.model) / "tokenizer.json").is_file() else load_tokenizer()
+    return model, tok
+
+
+def _sampling(args, **extra):
+    from .generate import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        **extra,
+    )
+
+
+def cmd_generate(args) -> None:
+    """Generate from a prompt (as a user message through the chat template, or --raw text), streamed."""
+    from .generate import stream
+
+    model, tok = _load_for_inference(args)
+    if args.raw:
+        prompt = args.prompt
+    else:
+        messages = [{"role": "user", "content": args.prompt}]
+        thinking = False if args.no_think else None
+        prompt = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=thinking, assistant_mask=False)
+        prompt = prompt.input_ids
+    for piece in stream(model, tok, prompt, _sampling(args)):
+        print(piece, end="", flush=True)
+    print()
+
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def cmd_chat(args) -> None:
+    """Interactive chat that keeps history through the template. /think /no_think /reset /system TEXT /save FILE"""
+    from .chat import parse_assistant
+    from .generate import stream
+
+    model, tok = _load_for_inference(args)
+    system, history, thinking = None, [], not args.no_think
+    print("qwen3lab chat — /think, /no_think, /reset, /system TEXT, /save FILE, /exit")
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, rest = line.partition(" ")
+            if cmd == "/exit":
+                return
+            elif cmd in ("/think", "/no_think"):
+                thinking = cmd == "/think"
+                print(f"(thinking {'on' if thinking else 'off'})")
+            elif cmd == "/reset":
+                history = []
+                print("(history cleared)")
+            elif cmd == "/system":
+                system = rest or None
+                print(f"(system prompt {'set' if system else 'cleared'})")
+            elif cmd == "/save":
+                path = Path(rest or "chat.json")
+                messages = ([{"role": "system", "content": system}] if system else []) + history
+                path.write_text(json.dumps({"messages": messages}, indent=2, ensure_ascii=False) + "\n")
+                print(f"(saved {len(messages)} messages to {path})")
+            else:
+                print(f"(unknown command {cmd})")
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=thinking, assistant_mask=False)
+        print("assistant> ", end="", flush=True)
+        text, in_think = "", False
+        for piece in stream(model, tok, ids.input_ids, _sampling(args)):
+            text += piece
+            if "<think>" in piece:
+                in_think = True
+            print((DIM if in_think else "") + piece + (RESET if in_think else ""), end="", flush=True)
+            if "</think>" in piece:
+                in_think = False
+        print()
+        reply = parse_assistant(text)
+        history.append({k: v for k, v in reply.items() if v is not None and k != "malformed_tool_calls"})
+
+
+def cmd_serve(args) -> None:
+    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, dtype=args.dtype)
+
+
+def _add_inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model folder (e.g. runs/demo/model)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-think", action="store_true", help="enable_thinking=False: an empty think block")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config file (keys as in configs/*.yaml)")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train, takes_extra=True)
+
+    p = sub.add_parser("generate", help=cmd_generate.__doc__)
+    _add_inference_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="send the prompt as plain text, not as a chat message")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help=cmd_chat.__doc__)
+    _add_inference_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help=cmd_serve.__doc__)
+    p.add_argument("--model", required=True, help="HF model folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -168,6 +168,19 @@ PRESETS = {
     "qwen3-8b": lambda: _qwen3(4096, 12288, 36, 32, 8, False, 40960, eos_token_id=151645),
     "qwen3-14b": lambda: _qwen3(5120, 17408, 40, 40, 8, False, 40960, eos_token_id=151645),
     "qwen3-32b": lambda: _qwen3(5120, 25600, 64, 64, 8, False, 40960, eos_token_id=151645),
+    # The demo's model: learns the built-in chat tasks from scratch on a laptop CPU in minutes.
+    "demo": lambda: ModelConfig(
+        vocab_size=151936,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        torch_dtype="float32",
+    ),
     # Real vocab and head_dim != hidden / heads, as in 4B, but small enough for a CPU test run.
     "tiny": lambda: ModelConfig(
         vocab_size=151936,

@@ -117,35 +117,41 @@ def _as_ids(tok: Tokenizer, prompt) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_ids(model, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[int | None]]:
-    """Yield, per decode step, the new token of each row (None for rows already finished)."""
+def generate_ids(model, prompts: list[list[int]], params) -> Iterator[list[int | None]]:
+    """Yield, per decode step, each row's new token: an id, -1 when the row just stopped, None once it is done.
+
+    `params` is one SamplingParams for all rows or a list with one per row (a server batches unrelated requests).
+    """
     device = model.lm_head.weight.device
     B = len(prompts)
+    per_row = list(params) if isinstance(params, (list, tuple)) else [params] * B
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError("empty prompt: give at least one token")
     T = max(lengths)
-    max_len = T + params.max_new_tokens
+    max_new = max(p.max_new_tokens for p in per_row)
+    max_len = T + max_new
     if max_len > model.config.max_position_embeddings:
         raise ValueError(
-            f"prompt ({T} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+            f"prompt ({T} tokens) + max_new_tokens ({max_new}) exceeds the model's "
             f"max_position_embeddings={model.config.max_position_embeddings}"
         )
     pad = torch.tensor([T - n for n in lengths], device=device)  # left padding per row
     ids = torch.zeros(B, T, dtype=torch.long, device=device)
     for r, p in enumerate(prompts):
         ids[r, T - len(p) :] = torch.tensor(p, device=device)
-    stop_ids = torch.tensor(params.stop_ids if params.stop_ids is not None else default_stop_ids(model), device=device)
+    default_stops = default_stop_ids(model)
+    stops = [set(p.stop_ids if p.stop_ids is not None else default_stops) for p in per_row]
+    budget = [p.max_new_tokens for p in per_row]
+    shared = all(p == per_row[0] for p in per_row)  # one vectorised sampling call for the whole batch
+    generators = [torch.Generator(device).manual_seed(p.seed) if p.seed is not None else None for p in per_row]
     cache = KVCache(model.config, B, max_len, device, model.lm_head.weight.dtype)
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device).manual_seed(params.seed)
     slots = torch.arange(max_len, device=device)
-    history = ids if params.repetition_penalty != 1.0 else None
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    history = ids if any(p.repetition_penalty != 1.0 for p in per_row) else None
+    done = [False] * B
 
     x, start = ids, 0
-    for _ in range(params.max_new_tokens):
+    for step in range(max_new):
         n = x.shape[1]
         q_slots = slots[start : start + n]
         positions = (q_slots[None, :] - pad[:, None]).clamp(min=0)  # [B, n]
@@ -156,16 +162,31 @@ def generate_ids(model, prompts: list[list[int]], params: SamplingParams) -> Ite
         )
         hidden = model(x, positions, mask, return_hidden=True, kv_cache=cache)
         cache.length = start + n
-        logits = model.lm_head(hidden[:, -1]).float()
-        token = sample(process_logits(logits, history, params), params, generator)
-        token = torch.where(done, torch.zeros_like(token), token)
-        finished_now = torch.isin(token, stop_ids) & ~done
-        out = token.tolist()
-        yield [
-            None if d else (-1 if f else t) for t, d, f in zip(out, done.tolist(), finished_now.tolist(), strict=True)
-        ]
-        done |= finished_now
-        if bool(done.all()):
+        logits = model.lm_head(hidden[:, -1]).float()  # [B, V]
+        if shared:
+            token = sample(process_logits(logits, history, per_row[0]), per_row[0], generators[0])
+        else:
+            token = torch.stack(
+                [
+                    sample(process_logits(logits[r : r + 1], None if history is None else history[r : r + 1], p), p, g)[
+                        0
+                    ]  # fmt: skip
+                    for r, (p, g) in enumerate(zip(per_row, generators, strict=True))
+                ]
+            )
+        out = []
+        for r, t in enumerate(token.tolist()):
+            if done[r]:
+                out.append(None)
+            elif t in stops[r]:
+                out.append(-1)
+                done[r] = True
+            else:
+                out.append(t)
+                if step + 1 >= budget[r]:
+                    done[r] = True
+        yield out
+        if all(done):
             return
         if history is not None:
             history = torch.cat([history, token[:, None]], 1)

@@ -23,17 +23,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = (h @ weight.T).float()  # [n, V]; in the compute dtype, then fp32 as transformers does
-            lse = logits.logsumexp(-1)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # logits in the compute dtype, then fp32 as transformers does; log_softmax is one fused row-wise kernel,
+            # where logsumexp + sub + exp would stream the [n, vocab] block through memory several times
+            logp = torch.log_softmax((h @ weight.T).float(), dim=-1)  # [n, V]
+            loss -= logp.gather(1, t[:, None]).sum()
             if need_h or need_w:
-                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad_logits = logp.exp_()  # softmax, in place
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1
                 grad_logits = grad_logits.to(weight.dtype)
                 if need_h:
                     grad_h[start : start + chunk_size] = grad_logits @ weight
                 if need_w:
-                    grad_w += (grad_logits.T @ h).float()
+                    if grad_w.dtype == h.dtype:
+                        grad_w.addmm_(grad_logits.T, h)
+                    else:  # bf16 compute: the product in bf16, accumulated in fp32
+                        grad_w += (grad_logits.T @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss

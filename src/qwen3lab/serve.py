@@ -1,0 +1,351 @@
+"""`qwen3lab serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for any Qwen3 folder.
+
+One worker thread owns the model. Requests wait in a queue; each round the worker takes every waiting request (up
+to --max-batch) and decodes them together as one batch, each with its own sampling settings, so concurrent clients
+share the CPU's matrix work instead of queueing behind a lock one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from .chat import ChatError, parse_assistant
+from .generate import SamplingParams, generate_ids
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("qwen3lab")
+
+
+# ---- the batching engine ----
+
+
+class _Job:
+    def __init__(self, ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
+        self.ids, self.params, self.loop = ids, params, loop
+        self.events: asyncio.Queue = asyncio.Queue()
+
+    def push(self, item) -> None:  # from the worker thread
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class Engine:
+    def __init__(self, model, tok: Tokenizer, max_batch: int = 16):
+        self.model, self.tok, self.max_batch = model, tok, max_batch
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+        threading.Thread(target=self._work, name="qwen3lab-engine", daemon=True).start()
+
+    def submit(self, ids: list[int], params: SamplingParams) -> _Job:
+        job = _Job(ids, params, asyncio.get_running_loop())
+        self.jobs.put(job)
+        return job
+
+    def _work(self) -> None:
+        while True:
+            batch = [self.jobs.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            finished = [False] * len(batch)
+            try:
+                for step in generate_ids(self.model, [j.ids for j in batch], [j.params for j in batch]):
+                    for i, (job, token) in enumerate(zip(batch, step, strict=True)):
+                        if token is None or finished[i]:
+                            continue
+                        if token == -1:
+                            job.push(("end", "stop"))
+                            finished[i] = True
+                        else:
+                            job.push(("token", token))
+                for i, job in enumerate(batch):
+                    if not finished[i]:
+                        job.push(("end", "length"))
+            except Exception as e:  # a failure ends these requests with an error, never the server
+                log.exception("generation failed")
+                for i, job in enumerate(batch):
+                    if not finished[i]:
+                        job.push(("error", f"{type(e).__name__}: {e}"))
+
+
+async def _texts(engine: Engine, job: _Job, stop: list[str]):
+    """Async stream of (text piece, finish_reason or None) for one job: whole characters only, stop strings cut."""
+    ids, sent = [], ""
+    hold = max((len(s) for s in stop), default=0)
+    while True:
+        kind, value = await job.events.get()
+        if kind == "error":
+            raise RuntimeError(value)
+        if kind == "end":
+            text = engine.tok.decode(ids)
+            if len(text) > len(sent):
+                yield text[len(sent) :], None
+            yield "", value
+            return
+        ids.append(value)
+        text = engine.tok.decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        hits = [text.find(s) for s in stop if s in text]
+        if hits:
+            cut = min(hits)
+            if cut > len(sent):
+                yield text[len(sent) : cut], None
+            yield "", "stop"
+            job.params.max_new_tokens = 0  # nothing reads further tokens of this job
+            return
+        ready = len(text) - (hold - 1 if hold else 0)
+        if ready > len(sent):
+            yield text[len(sent) : ready], None
+            sent = text[:ready]
+
+
+# ---- request bodies (OpenAI's names) ----
+
+
+class ChatBody(BaseModel):
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionBody(BaseModel):
+    model: str | None = None
+    prompt: str
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(16, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+
+
+class APIError(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        self.message, self.param, self.status = message, param, status
+
+
+def _error(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that could be the start of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def _stops(stop) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+# ---- the app ----
+
+
+def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: int = 16) -> FastAPI:
+    app = FastAPI(title="qwen3lab")
+    engine = Engine(model, tok, max_batch)
+    max_context = model.config.max_position_embeddings
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        return _error(f"{where}: {first['msg']}", 400, where or None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error(exc.message, exc.status, exc.param)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "qwen3lab"}]}
+
+    def params_for(body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+        if body.n != 1:
+            raise APIError("n: only n=1 is supported", "n")
+        if max_tokens is None:
+            max_tokens = max_context - prompt_len
+        if prompt_len + max_tokens > max_context:
+            raise APIError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of {max_context}",
+                "max_tokens",
+            )
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=getattr(body, "top_k", 0),
+            min_p=getattr(body, "min_p", 0.0),
+            repetition_penalty=getattr(body, "repetition_penalty", 1.0),
+            seed=body.seed,
+            stop=_stops(body.stop),
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody):
+        kwargs = dict(body.chat_template_kwargs or {})
+        try:
+            ids = tok.encode_chat(
+                body.messages, tools=body.tools, add_generation_prompt=True, assistant_mask=False, **kwargs
+            ).input_ids
+        except ChatError as e:
+            raise APIError(f"messages: {e}", "messages") from None
+        params = params_for(body, len(ids), body.max_completion_tokens or body.max_tokens)
+        job = engine.submit(ids, params)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": created, "model": model_name}
+        if body.stream:
+            return StreamingResponse(_chat_stream(job, params, head, len(ids)), media_type="text/event-stream")
+        text, reason, n_out = await _collect(job, params)
+        message = parse_assistant(text)
+        if message["tool_calls"]:
+            reason = "tool_calls"
+        message.pop("malformed_tool_calls", None)
+        return head | {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out},
+        }
+
+    async def _collect(job, params):
+        parts, reason = [], "length"
+        async for piece, finish in _texts(engine, job, params.stop):
+            parts.append(piece)
+            reason = finish or reason
+        text = "".join(parts)
+        return text, reason, len(tok.encode(text))
+
+    async def _chat_stream(job, params, head, prompt_tokens):
+        def chunk(delta, finish=None):
+            body = head | {
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            }
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        text, streamed, in_think = "", 0, False
+        reason = "length"
+        try:
+            async for piece, finish in _texts(engine, job, params.stop):
+                text += piece
+                reason = finish or reason
+                # Reasoning goes out as reasoning_content, as vLLM's Qwen3 parser does; tool-call markup is held
+                # back and sent parsed at the end.
+                while streamed < len(text):
+                    rest = text[streamed:]
+                    if not in_think and rest.startswith("<think>"):
+                        in_think, streamed = True, streamed + len("<think>")
+                        continue
+                    if in_think:
+                        end = rest.find("</think>")
+                        if end < 0:
+                            safe = len(rest) - len("</think>")
+                            if safe > 0:
+                                yield chunk({"reasoning_content": rest[:safe]})
+                                streamed += safe
+                            break
+                        if end:
+                            yield chunk({"reasoning_content": rest[:end]})
+                        in_think, streamed = False, streamed + end + len("</think>")
+                        while text[streamed : streamed + 1] == "\n":
+                            streamed += 1
+                        continue
+                    safe = rest.find("<tool_call>")
+                    if safe < 0:
+                        safe = len(rest) - _partial_suffix(rest, "<tool_call>")
+                    if safe > 0:
+                        yield chunk({"content": rest[:safe]})
+                        streamed += safe
+                    break  # what is left may be tool-call markup: held back until the end
+        except RuntimeError as e:
+            err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
+            yield f"data: {json.dumps(err)}\n\n"
+            return
+        final = parse_assistant(text[streamed:]) if streamed < len(text) else None
+        if final is not None:
+            if final["tool_calls"]:
+                calls = [dict(c, index=i) for i, c in enumerate(final["tool_calls"])]
+                if final["content"]:
+                    yield chunk({"content": final["content"]})
+                yield chunk({"tool_calls": calls})
+                reason = "tool_calls"
+            elif text[streamed:]:
+                yield chunk({"content": text[streamed:]})
+        n_out = len(tok.encode(text))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "total_tokens": prompt_tokens + n_out}
+        yield chunk({}, reason)
+        yield f"data: {json.dumps(head | {'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        ids = tok.encode(body.prompt)
+        if not ids:
+            raise APIError("prompt: empty", "prompt")
+        params = params_for(body, len(ids), body.max_tokens)
+        job = engine.submit(ids, params)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if body.stream:
+
+            async def events():
+                async for piece, finish in _texts(engine, job, params.stop):
+                    choice = {"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}
+                    yield f"data: {json.dumps(head | {'object': 'text_completion', 'choices': [choice]})}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        text, reason, n_out = await _collect(job, params)
+        return head | {
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out},
+        }
+
+    return app
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, dtype: str = "auto"):
+    import uvicorn
+
+    from .checkpoint import load_model
+    from .tokenizer import load_tokenizer
+
+    model = load_model(model_dir, dtype=dtype)
+    tok = load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else load_tokenizer()
+    app = create_app(model, tok, model_name=Path(model_dir).name, max_batch=max_batch)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,115 @@
+"""The OpenAI-compatible server through the official `openai` client, on loopback."""
+
+import concurrent.futures
+import socket
+import threading
+import time
+
+import pytest
+from conftest import hf_tiny
+
+import qwen3lab
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tok):
+    from qwen3lab.serve import create_app
+
+    folder = tmp_path_factory.mktemp("srv")
+    hf_tiny(vocab=151936, hidden=64, heads=4, kv_heads=2, head_dim=16, initializer_range=0.3).save_pretrained(folder)
+    model = qwen3lab.load_model(folder, dtype="float32", device="cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(model, tok, "tiny"), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", model
+    srv.should_exit = True
+    thread.join(5)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+MESSAGES = [{"role": "user", "content": "Hello!"}]
+
+
+def test_chat_completion_matches_library_generate(client, server, tok):
+    from qwen3lab.generate import generate
+
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    ids = tok.encode_chat(MESSAGES, add_generation_prompt=True, assistant_mask=False).input_ids
+    want = generate(server[1], tok, ids, max_new_tokens=12)
+    assert r.choices[0].message.content == qwen3lab.chat.parse_assistant(want.text)["content"]
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == len(ids) and r.object == "chat.completion"
+
+
+def test_chat_streaming_equals_non_streaming(client):
+    kw = dict(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(pieces) == whole
+
+
+def test_completions_and_models_and_health(client, server):
+    r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens <= 5
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0, stream=True
+        )  # noqa: E501
+    )
+    assert streamed == r.choices[0].text
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server[0] + "/health").json() == {"status": "ok"}
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kw = dict(model="tiny", messages=MESSAGES, max_tokens=10, temperature=1.0, seed=3)
+    assert client.chat.completions.create(**kw).choices[0].message.content == (
+        client.chat.completions.create(**kw).choices[0].message.content
+    )
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "unknown role 'wizard'"),
+        ({"messages": MESSAGES, "temperature": 9}, "temperature"),
+        ({"messages": MESSAGES, "n": 2}, "only n=1"),
+        ({"messages": MESSAGES, "max_tokens": 10**7}, "exceeds the context"),
+        ({}, "messages"),
+    ],
+)
+def test_malformed_requests_get_openai_errors_and_server_keeps_serving(server, client, body, fragment):
+    r = httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"] == "invalid_request_error"
+    assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices
+
+
+def test_32_concurrent_clients(client):
+    def ask(i):
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"Count to {i}"}], max_tokens=6, temperature=0
+        )
+        return r.choices[0].message.content is not None
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(ask, range(32)))
