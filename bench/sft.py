@@ -155,9 +155,7 @@ def main():
     n_params = 4 * (256 * 256 + 2 * 256 * 128 + 256 * 256 + 3 * 256 * 768) + 151936 * 256  # matmul weights + head
     flops_per_token = 6 * n_params
     peak = matmul_peak_flops()
-    print(
-        f"# SFT, Qwen3 layout hidden 256 x 4 layers, vocab 151936, fp32, batch {args.batch_size} x {args.max_length}"
-    )
+    print(f"# SFT, Qwen3 layout hidden 256 x 4 layers, vocab 151936, fp32, batch {args.batch_size} x {args.max_length}")
     print(
         f"# {args.steps} steps ({args.warmup} untimed); {machine()}; measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s"
     )

@@ -180,6 +180,47 @@ def cmd_serve(args) -> None:
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, dtype=args.dtype)
 
 
+def cmd_demo(args) -> None:
+    """Train a small Qwen3 from scratch on built-in chat tasks and show held-out accuracy before and after."""
+    from .demo import TASKS, run_demo
+
+    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise SystemExit(f"qwen3lab demo: unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
+    run_demo(out=args.out, steps=args.steps, tasks=tasks, model_dir=args.model, seed=args.seed)
+
+
+def cmd_compare(args) -> None:
+    """A table of runs' final metrics and one PNG overlaying their loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    print(f"{'run':32} {'steps':>6} {'loss':>8} {'eval_loss':>10} {'tokens/s':>9} {'time s':>8}")
+    for run in args.runs:
+        path = Path(run) / "metrics.jsonl"
+        if not path.is_file():
+            raise SystemExit(f"qwen3lab compare: {path} not found; pass run folders written by qwen3lab train")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        last = rows[-1]
+        ev = [r["eval_loss"] for r in rows if "eval_loss" in r]
+        print(
+            f"{run:32} {last['step']:>6} {last['loss']:>8.4f} {ev[-1] if ev else float('nan'):>10.4f} "
+            f"{last.get('tokens_per_s', float('nan')):>9.0f} {last.get('elapsed', float('nan')):>8.1f}"
+        )
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=run)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+    print(f"loss curves: {args.png}")
+
+
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF model folder (e.g. runs/demo/model)")
     p.add_argument("--dtype", default="auto")
@@ -192,6 +233,9 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-think", action="store_true", help="enable_thinking=False: an empty think block")
+
+
+DEMO_STEPS = 300
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help=cmd_chat.__doc__)
     _add_inference_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help=cmd_demo.__doc__)
+    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    p.add_argument("--tasks", default="", help="comma-separated subset of add,reverse,sort,tool")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--model", default=None, help="fine-tune this HF folder instead of a small model from scratch")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compare", help=cmd_compare.__doc__)
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--png", default="compare.png")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("serve", help=cmd_serve.__doc__)
     p.add_argument("--model", required=True, help="HF model folder")

@@ -22,7 +22,11 @@ WORDS = (
     "apple river moon stone green light cloud table music paper water fire house bread glass night "
     "horse chair sugar train"
 ).split()
-CITIES = "Paris Tokyo Lima Oslo Cairo Delhi Rome Quito Seoul Accra Dublin Hanoi Madrid Nairobi Perth Riga".split()
+CITIES = (
+    "Paris Tokyo Lima Oslo Cairo Delhi Rome Quito Seoul Accra Dublin Hanoi Madrid Nairobi Perth Riga Vienna Bogota "
+    "Manila Lagos Berlin Havana Sofia Tunis"
+).split()
+HELD_OUT_CITIES = CITIES[-4:]  # the tool task is tested on cities never seen in training
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -49,21 +53,22 @@ class Example:
 def _turn(rng: random.Random, task: str) -> tuple[str, str]:
     """One (question, answer) of a task."""
     if task == "add":
-        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
         return f"What is {a} + {b}?", str(a + b)
     if task == "reverse":
-        words = rng.sample(WORDS, 3)
-        return f"Reverse the words: {' '.join(words)}", " ".join(reversed(words))
+        digits = [rng.randint(0, 9) for _ in range(4)]
+        return f"Reverse the digits: {' '.join(map(str, digits))}", " ".join(map(str, reversed(digits)))
     if task == "sort":
-        digits = [rng.randint(0, 9) for _ in range(5)]
+        digits = [rng.randint(0, 9) for _ in range(4)]
         return f"Sort the digits: {' '.join(map(str, digits))}", " ".join(map(str, sorted(digits)))
     raise ValueError(task)
 
 
-def make_example(rng: random.Random, task: str) -> Example:
+def make_example(rng: random.Random, task: str, held_out: bool = False) -> Example:
     messages = [{"role": "system", "content": SYSTEM}]
     if task == "tool":
-        city, temp = rng.choice(CITIES), rng.randint(-9, 39)
+        city = rng.choice(HELD_OUT_CITIES if held_out else CITIES[: -len(HELD_OUT_CITIES)])
+        temp = rng.randint(-9, 39)
         call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
         messages += [
             {"role": "user", "content": f"How warm is it in {city}?"},
@@ -86,8 +91,8 @@ TASKS = ("add", "reverse", "sort", "tool")
 def make_tasks(n_train: int, n_eval: int, tasks=TASKS, seed: int = 0) -> tuple[list[Example], list[Example]]:
     """Deterministic train and held-out sets; no held-out problem appears in training."""
     rng = random.Random(seed)
-    held_out = [make_example(rng, task) for task in tasks for _ in range(n_eval)]
-    held_problems = {q for ex in held_out for q in ex.problems if not q.startswith("How warm")}
+    held_out = [make_example(rng, task, held_out=True) for task in tasks for _ in range(n_eval)]
+    held_problems = {q for ex in held_out for q in ex.problems}
     train, tries = [], 0
     while len(train) < n_train:
         tries += 1
@@ -123,12 +128,16 @@ def eval_items(examples: list[Example]) -> list[tuple[str, list[dict], list | No
     return items
 
 
+def prompt_ids(tok, messages, tools=None) -> list[int]:
+    return tok.encode_chat(messages, tools=tools, add_generation_prompt=True, assistant_mask=False).input_ids
+
+
 @torch.no_grad()
 def accuracy(model, tok, examples: list[Example], batch_size: int = 64) -> dict[str, float]:
     from .generate import generate
 
     items = eval_items(examples)
-    prompts = [tok.encode_chat(m, tools=t, add_generation_prompt=True, assistant_mask=False).input_ids for _, m, t, _ in items]  # fmt: skip
+    prompts = [prompt_ids(tok, m, t) for _, m, t, _ in items]
     correct: dict[str, list[bool]] = {}
     model.eval()
     for start in range(0, len(items), batch_size):
@@ -138,7 +147,7 @@ def accuracy(model, tok, examples: list[Example], batch_size: int = 64) -> dict[
     return {task: sum(v) / len(v) for task, v in correct.items()}
 
 
-def run_demo(out: str = "runs/demo", steps: int = 600, tasks=TASKS, model_dir: str | None = None, seed: int = 0,
+def run_demo(out: str = "runs/demo", steps: int = 300, tasks=TASKS, model_dir: str | None = None, seed: int = 0,
              n_train: int = 4000, n_eval: int = 50, lr: float | None = None, batch_size: int = 4,
              log=print) -> dict:  # fmt: skip
     """Generate the tasks, measure accuracy, train, measure again, show samples, save; return the results."""
@@ -171,7 +180,7 @@ def run_demo(out: str = "runs/demo", steps: int = 600, tasks=TASKS, model_dir: s
     cfg.data.train = str(out_dir / "data" / "train.jsonl")
     cfg.data.max_length = 512
     cfg.data.eval_fraction = 0.02
-    cfg.optim.lr = lr or (3e-3 if model_dir is None else 2e-5)
+    cfg.optim.lr = lr or (1e-3 if model_dir is None else 2e-5)
     cfg.optim.warmup_steps = min(30, steps // 10)
     cfg.optim.weight_decay = 0.0
     cfg.eval_every = max(1, steps // 10)
@@ -183,7 +192,7 @@ def run_demo(out: str = "runs/demo", steps: int = 600, tasks=TASKS, model_dir: s
     log("\nsample chats from the trained model (held out):")
     for ex in held_out[:: max(1, len(held_out) // 4)][:4]:
         prompt = ex.messages[:-1]
-        reply = generate(model, tok, tok.encode_chat(prompt, tools=ex.tools, add_generation_prompt=True, assistant_mask=False).input_ids, max_new_tokens=48)  # fmt: skip
+        reply = generate(model, tok, prompt_ids(tok, prompt, ex.tools), max_new_tokens=48)
         log(f"  user:      {prompt[-1]['content'] if prompt[-1]['role'] == 'user' else prompt[-1]['content'][:60]}")
         log(f"  assistant: {parse_assistant(reply.text)['content'] or parse_assistant(reply.text)['tool_calls']}")
     results = {"before": before, "after": after, "seconds": time.perf_counter() - t0, "model": str(run / "model")}
