@@ -208,9 +208,9 @@ def test_resume_gives_the_same_losses(model_dir, tmp_path, monkeypatch):
     data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
     straight = train(run_config(model_dir, data_path, tmp_path / "a", steps=6, lora__rank=4, lora__dropout=0.1))
 
-    import qwen3lab.train as T
+    from qwen3lab.train import Reporter
 
-    original_log = T.Reporter.log
+    original_log = Reporter.log
 
     def crash_after_step_4(self, metrics):
         original_log(self, metrics)
@@ -218,10 +218,10 @@ def test_resume_gives_the_same_losses(model_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     cfg = run_config(model_dir, data_path, tmp_path / "b", steps=6, save_every=3, lora__rank=4, lora__dropout=0.1)
-    monkeypatch.setattr(T.Reporter, "log", crash_after_step_4)
+    monkeypatch.setattr(Reporter, "log", crash_after_step_4)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    monkeypatch.setattr(T.Reporter, "log", original_log)
+    monkeypatch.setattr(Reporter, "log", original_log)
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-000003"]
     resumed = train(cfg)
 
