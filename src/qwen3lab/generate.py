@@ -232,29 +232,47 @@ def _find_stop(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
-def stream(model, tok: Tokenizer, prompt, params: SamplingParams | None = None, **kw) -> Iterator[str]:
-    """Text pieces of one generation as they come; a piece never ends inside a multi-byte character, and nothing
-    after a stop string is yielded."""
-    params = params or SamplingParams(**kw)
-    ids, sent = [], ""
-    hold = max((len(s) for s in params.stop), default=0)  # held back while it could still begin a stop string
-    for step in generate_ids(model, [_as_ids(tok, prompt)], params):
-        t = step[0]
-        if t is None or t == -1:
-            break
-        ids.append(t)
-        text = tok.decode(ids)
+class TextStream:
+    """Token ids in, text pieces out: a piece never ends inside a multi-byte character, and nothing from a stop
+    string on is ever given out (text that could still begin one is held back)."""
+
+    def __init__(self, tok: Tokenizer, stop: list[str]):
+        self.tok, self.stop = tok, stop
+        self.hold = max((len(s) for s in stop), default=0)
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """The new piece (maybe empty) and whether a stop string was reached."""
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of the character
-            continue
-        cut = _find_stop(text, params.stop)
-        if cut is not None:
-            if cut > len(sent):
-                yield text[len(sent) : cut]
+            return "", False
+        cut = _find_stop(text, self.stop)
+        ready = cut if cut is not None else len(text) - max(self.hold - 1, 0)
+        piece = text[len(self.sent) : ready] if ready > len(self.sent) else ""
+        self.sent += piece
+        return piece, cut is not None
+
+    def flush(self) -> str:
+        """What is left once generation ends without a stop string."""
+        text = self.tok.decode(self.ids)
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+
+def stream(model, tok: Tokenizer, prompt, params: SamplingParams | None = None, **kw) -> Iterator[str]:
+    """Text pieces of one generation as they come (see TextStream)."""
+    params = params or SamplingParams(**kw)
+    text = TextStream(tok, params.stop)
+    for step in generate_ids(model, [_as_ids(tok, prompt)], params):
+        if step[0] is None or step[0] == -1:
+            break
+        piece, stopped = text.add(step[0])
+        if piece:
+            yield piece
+        if stopped:
             return
-        ready = len(text) - (hold - 1 if hold else 0)
-        if ready > len(sent):
-            yield text[len(sent) : ready]
-            sent = text[:ready]
-    text = tok.decode(ids)
-    if len(text) > len(sent):
-        yield text[len(sent) :]
+    tail = text.flush()
+    if tail:
+        yield tail

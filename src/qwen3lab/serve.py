@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from .chat import ChatError, parse_assistant
-from .generate import SamplingParams, generate_ids
+from .generate import SamplingParams, TextStream, generate_ids
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("qwen3lab")
@@ -82,35 +82,24 @@ class Engine:
 
 
 async def _texts(engine: Engine, job: _Job, stop: list[str]):
-    """Async stream of (text piece, finish_reason or None) for one job: whole characters only, stop strings cut."""
-    ids, sent = [], ""
-    hold = max((len(s) for s in stop), default=0)
+    """Async stream of (text piece, finish_reason or None) for one job (see generate.TextStream)."""
+    text = TextStream(engine.tok, stop)
     while True:
         kind, value = await job.events.get()
         if kind == "error":
             raise RuntimeError(value)
         if kind == "end":
-            text = engine.tok.decode(ids)
-            if len(text) > len(sent):
-                yield text[len(sent) :], None
+            tail = text.flush()
+            if tail:
+                yield tail, None
             yield "", value
             return
-        ids.append(value)
-        text = engine.tok.decode(ids)
-        if text.endswith("\ufffd"):
-            continue
-        hits = [text.find(s) for s in stop if s in text]
-        if hits:
-            cut = min(hits)
-            if cut > len(sent):
-                yield text[len(sent) : cut], None
+        piece, stopped = text.add(value)
+        if piece:
+            yield piece, None
+        if stopped:
             yield "", "stop"
-            job.params.max_new_tokens = 0  # nothing reads further tokens of this job
             return
-        ready = len(text) - (hold - 1 if hold else 0)
-        if ready > len(sent):
-            yield text[len(sent) : ready], None
-            sent = text[:ready]
 
 
 # ---- request bodies (OpenAI's names) ----
