@@ -1,6 +1,7 @@
 """Training: loss parity with trl, packing, LoRA, export to transformers / peft, resume, bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,3 +311,9 @@ def test_parquet_and_datasets_folder(tmp_path, tok):
     a = D.tokenize_rows(tok, D.read_rows(tmp_path / "x.parquet"), 128)
     b = D.tokenize_rows(tok, D.read_rows(tmp_path / "folder"), 128)
     assert len(a) == len(b) == len(CHATS) and (a.ids == b.ids).all()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_train_config(path)  # every key is known and typed
+    assert cfg.model and cfg.data.train

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,8 @@ def cmd_train(args, extra: list[str]) -> None:
             raise ConfigError(f"{flag}: " + _near_key_message(flag[2:].split("=")[0]))
     cfg = load_train_config(args.config, overrides)
     run = train(cfg)
-    print(f"run folder: {run}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        print(f"run folder: {run}")
 
 
 def _near_key_message(key: str) -> str:

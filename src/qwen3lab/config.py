@@ -252,7 +252,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 0  # optimizer steps; 0: `epochs` passes over the data
     epochs: float = 1.0
-    batch_size: int = 8  # rows per micro-batch (packed rows of max_length, or padded examples)
+    batch_size: int = 8  # rows per micro-batch on each rank (packed rows of max_length, or padded examples)
     grad_accum: int = 1
     seed: int = 0
     device: str = "auto"
@@ -264,6 +264,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: at the end only
     save_every: int = 0  # 0: no intermediate checkpoints
     keep_checkpoints: int = 2
+    dist_timeout: float = 600.0  # seconds a rank waits for the others before the run fails (torchrun jobs)
     resume: bool = True  # continue from the newest checkpoint in `out` when there is one
     report_to: list = field(default_factory=list)  # tensorboard, wandb (when installed)
     progress: bool = True

@@ -56,15 +56,16 @@ def _turn(rng: random.Random, task: str) -> tuple[str, str]:
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         return f"What is {a} + {b}?", str(a + b)
     if task == "reverse":
-        digits = [rng.randint(0, 9) for _ in range(4)]
-        return f"Reverse the digits: {' '.join(map(str, digits))}", " ".join(map(str, reversed(digits)))
+        digits = "".join(str(rng.randint(0, 9)) for _ in range(4))
+        return f"Reverse {digits}", digits[::-1]
     if task == "sort":
-        digits = [rng.randint(0, 9) for _ in range(4)]
-        return f"Sort the digits: {' '.join(map(str, digits))}", " ".join(map(str, sorted(digits)))
+        digits = "".join(str(rng.randint(0, 9)) for _ in range(4))
+        return f"Sort {digits}", "".join(sorted(digits))
     raise ValueError(task)
 
 
-def make_example(rng: random.Random, task: str, held_out: bool = False) -> Example:
+def make_example(rng: random.Random, task: str, held_out: bool = False, tasks=None) -> Example:
+    """One chat whose last assistant turn answers `task`; other chat turns come from `tasks` (default: all)."""
     messages = [{"role": "system", "content": SYSTEM}]
     if task == "tool":
         city = rng.choice(HELD_OUT_CITIES if held_out else CITIES[: -len(HELD_OUT_CITIES)])
@@ -78,7 +79,7 @@ def make_example(rng: random.Random, task: str, held_out: bool = False) -> Examp
         ]
         return Example(task, messages, [WEATHER_TOOL])
     if rng.random() < 0.5:  # multi-turn: an earlier exchange of another task first
-        q, a = _turn(rng, rng.choice(TASKS[:3]))
+        q, a = _turn(rng, rng.choice([t for t in tasks or TASKS if t != "tool"]))
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     q, a = _turn(rng, task)
     messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
@@ -91,14 +92,14 @@ TASKS = ("add", "reverse", "sort", "tool")
 def make_tasks(n_train: int, n_eval: int, tasks=TASKS, seed: int = 0) -> tuple[list[Example], list[Example]]:
     """Deterministic train and held-out sets; no held-out problem appears in training."""
     rng = random.Random(seed)
-    held_out = [make_example(rng, task, held_out=True) for task in tasks for _ in range(n_eval)]
+    held_out = [make_example(rng, task, True, tasks) for task in tasks for _ in range(n_eval)]
     held_problems = {q for ex in held_out for q in ex.problems}
     train, tries = [], 0
     while len(train) < n_train:
         tries += 1
         if tries > 50 * n_train:
             raise RuntimeError("the task generator cannot find enough training problems outside the held-out set")
-        ex = make_example(rng, tasks[len(train) % len(tasks)])
+        ex = make_example(rng, tasks[len(train) % len(tasks)], False, tasks)
         if not ex.problems & held_problems:
             train.append(ex)
     return train, held_out

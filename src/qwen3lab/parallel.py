@@ -1,12 +1,19 @@
-"""What is applied to the single-device model from outside: activation checkpointing and torch.compile.
+"""What is applied to the single-device model from outside: activation checkpointing, torch.compile, FSDP2.
 
 The model code knows nothing of these; each wraps the decoder blocks after the model is built.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -30,3 +37,76 @@ def apply_compile(model: nn.Module) -> None:
     """Compile each decoder block (they share one graph, so it compiles once) and leave the loss eager."""
     for block in model.model.layers:
         block.compile(dynamic=None)
+
+
+# ---- data parallel: torchrun + FSDP2 ----
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a torchrun job; rank 0 of world 1 when run as a plain process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def all_sum(self, *values: float) -> list[float]:
+        """Sum numbers over ranks (in fp64, so token counts and loss sums stay exact)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(device: str, timeout_s: float) -> tuple[Dist, torch.device]:
+    """Join the torchrun job described by the environment (RANK, WORLD_SIZE, LOCAL_RANK), if there is one.
+
+    GPUs talk over NCCL, CPU processes over gloo. A rank that dies or never arrives makes the others fail after
+    `timeout_s` instead of waiting forever; torchrun also stops the whole job when one worker exits with an error.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if world > 1:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local_rank)
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            dist.init_process_group(
+                backend, timeout=timedelta(seconds=timeout_s), device_id=dev if dev.type == "cuda" else None
+            )
+    return Dist(rank, world, local_rank), dev
+
+
+def apply_fsdp(root: nn.Module, blocks: nn.ModuleList, bf16: bool) -> None:
+    """FSDP2: shard every decoder block, then the root (embeddings, final norm, lm_head and whatever else is left).
+
+    Each block's parameters are gathered just before it runs and freed after, gradients are reduce-scattered as
+    they appear. With bf16 the gathered parameters and the compute are bf16, gradients are reduced in fp32 and the
+    sharded master weights and Adam state stay fp32.
+    """
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
+    for i, block in enumerate(blocks):
+        # the last block's parameters are needed again at once by the backward: keep them gathered
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(root, mp_policy=mp)

@@ -20,15 +20,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
-from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from . import data as D
-from .checkpoint import default_device, load_model, new_model, save_model
+from .checkpoint import load_model, new_model, save_model
 from .config import PRESETS, TrainConfig, flatten_keys, load_train_config, preset, train_config_dict
 from .lora import apply_lora, lora_modules, merge_lora, save_peft_adapter
 from .loss import IGNORE, lm_loss_sum
-from .parallel import apply_activation_checkpointing, apply_compile, unwrap_activation_checkpointing
+from .parallel import (
+    Dist,
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+    init_distributed,
+    unwrap_activation_checkpointing,
+)
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("qwen3lab")
@@ -61,11 +75,11 @@ def build_tokenizer(model_source: str | None) -> Tokenizer:
 
 
 def param_groups(model, weight_decay: float):
-    """No weight decay on norms, biases and embeddings' extra rows; decay on matrices."""
+    """No weight decay on norms, biases and trained token rows; decay on matrices."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 and "norm" not in name else no_decay).append(p)
+            (decay if p.ndim >= 2 and "norm" not in name and "extra_tokens" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -119,21 +133,49 @@ def micro_batch_loss(model, batch, packing: bool, chunk: int, extra_tokens: Trai
     return lm_loss_sum(hidden, head, labels, chunk)
 
 
+class WithLoss(torch.nn.Module):
+    """The model and its loss as one module, so FSDP2 (which gathers a module's parameters only while its forward
+    runs) has the tied embedding / lm_head gathered for the chunked loss too; and the trained token rows, if any."""
+
+    def __init__(self, model, extra_tokens: TrainableTokens | None, packing: bool, chunk: int):
+        super().__init__()
+        self.model, self.extra_tokens, self.packing, self.chunk = model, extra_tokens, packing, chunk
+
+    def forward(self, input_ids, labels, position_ids):
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        return micro_batch_loss(self.model, batch, self.packing, self.chunk, self.extra_tokens)[0]
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def rank_batch(data, rows: list[list[int]], d: Dist, pad_id: int) -> dict[str, torch.Tensor]:
+    """This rank's share of a global batch: rows rank, rank + world, ... A rank left with none gets one padding
+    token with no label, since every rank must run each forward and backward for FSDP's collectives."""
+    mine = rows[d.rank :: d.world]
+    if mine:
+        return D.collate(data, mine, pad_id)
+    none = torch.zeros(1, 1, dtype=torch.long)
+    return {"input_ids": none + pad_id, "labels": none + IGNORE, "position_ids": none, "num_tokens": none.sum()}
+
+
+def forward_loss(net, batch) -> torch.Tensor:
+    return net(batch["input_ids"], batch["labels"], batch["position_ids"])
+
+
 @torch.no_grad()
-def evaluate(model, data, rows, cfg, device, pad_id, autocast, extra_tokens) -> float:
-    model.eval()
+def evaluate(net, data, rows, cfg, d: Dist, device, pad_id, autocast) -> float:
+    net.eval()
     total, count = 0.0, 0
-    for start in range(0, len(rows), cfg.batch_size):
-        batch = to_device(D.collate(data, rows[start : start + cfg.batch_size], pad_id), device)
+    step = cfg.batch_size * d.world
+    for start in range(0, len(rows), step):
+        batch = to_device(rank_batch(data, rows[start : start + step], d, pad_id), device)
         with autocast():
-            loss, n = micro_batch_loss(model, batch, cfg.data.packing, cfg.loss_chunk, extra_tokens)
-        total += float(loss)
-        count += n
-    model.train()
+            total += float(forward_loss(net, batch))
+        count += int((batch["labels"] != IGNORE).sum())
+    net.train()
+    total, count = d.all_sum(total, count)
     return total / max(count, 1)
 
 
@@ -144,50 +186,76 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(out: Path, step: int, model, extra_tokens, optimizer, scheduler, keep: int) -> Path:
-    """Written into a temporary folder and renamed into place: an interrupted save leaves the last good one."""
+_STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)  # LoRA checkpoints hold the adapters, not the base
+
+
+def save_checkpoint(out: Path, step: int, net, optimizer, scheduler, keep: int, d: Dist) -> Path:
+    """torch.distributed.checkpoint: each rank writes its own shards of the trained weights and Adam state, plus its
+    scheduler / RNG / data position. Written into a temporary folder that rank 0 renames once every rank is done,
+    so an interrupted save leaves the last good checkpoint as it was."""
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = out / "checkpoints" / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    if extra_tokens is not None:
-        trainable["trainable_tokens.delta"] = extra_tokens.delta.detach().cpu()
-    save_file(trainable, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=d.world == 1)
     rng = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    torch.save({"step": step, "rng": rng}, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in _checkpoints(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+    state = {"step": step, "world": d.world, "scheduler": scheduler.state_dict(), "rng": rng}
+    torch.save(state, tmp / f"state-rank{d.rank}.pt")
+    d.barrier()
+    if d.main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in _checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    d.barrier()
     return final
 
 
-def load_checkpoint(path: Path, model, extra_tokens, optimizer, scheduler) -> int:
-    for name in ("trainable.safetensors", "optimizer.pt", "state.pt"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(
-                f"{path}: checkpoint is missing {name}; delete the folder to resume from an older one"
-            )
-    trainable = load_file(path / "trainable.safetensors")
-    if extra_tokens is not None:
-        extra_tokens.delta.data.copy_(trainable.pop("trainable_tokens.delta"))
-    params = dict(model.named_parameters())
-    for name, t in trainable.items():
-        if name not in params:
-            raise KeyError(f"{path}: checkpoint has {name}, which this run's model does not train; same config?")
-        params[name].data.copy_(t)
-    opt = torch.load(path / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    state = torch.load(path / "state.pt", weights_only=False)
+def check_checkpoint(path: Path, d: Dist) -> None:
+    """Every file the checkpoint's metadata names must be there, whole: a missing shard is an error on every rank
+    (each checks the same shared folder), never one rank failing while the others wait for it."""
+    hint = "delete this folder to resume from the one before, or set resume: false"
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path}: checkpoint has no .metadata (an unfinished save?); {hint}")
+    for r in range(d.world):
+        if not (path / f"state-rank{r}.pt").is_file():
+            raise FileNotFoundError(f"{path}: checkpoint is missing state-rank{r}.pt; {hint}")
+    needed: dict[str, int] = {}
+    for info in dcp.FileSystemReader(str(path)).read_metadata().storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        f = path / name
+        if not f.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint shard {name} is missing; {hint}")
+        if f.stat().st_size < size:
+            raise ValueError(f"{f}: checkpoint shard is truncated ({f.stat().st_size} of {size} bytes); {hint}")
+
+
+def load_checkpoint(path: Path, net, optimizer, scheduler, d: Dist) -> int:
+    check_checkpoint(path, d)
+    state = torch.load(path / f"state-rank{d.rank}.pt", weights_only=False)
+    if state["world"] != d.world:
+        raise ValueError(
+            f"{path}: saved by {state['world']} processes, resumed with {d.world}; resume with the same world size "
+            "(the data order and batch depend on it) or set resume: false"
+        )
+    model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
+    sd = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(sd, checkpoint_id=path, no_dist=d.world == 1)
+    # dcp.load has filled every key get_state_dict asked for (or raised); strict=False only lets the frozen base
+    # weights, which LoRA checkpoints leave out, stay as they are
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    set_state_dict(net, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"], options=options)
+    scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -259,23 +327,38 @@ class Reporter:
 
 
 def train(config) -> Path:
-    """Run SFT as configured; returns the run folder, whose `model/` is the final HF-format model."""
+    """Run SFT as configured; returns the run folder, whose `model/` is the final HF-format model.
+
+    Under torchrun each process is one data-parallel rank: the model is sharded with FSDP2, each rank takes its
+    share of every global batch (batch_size rows per rank), and rank 0 alone logs and exports.
+    """
     cfg = resolve_config(config)
     if not cfg.model:
         raise ValueError("model: give an HF model folder or a preset name (e.g. --model tiny)")
     if not cfg.data.train:
         raise ValueError("data.train: give a JSONL / JSON / Parquet file or a datasets folder")
+    d, device = init_distributed(cfg.device, cfg.dist_timeout)
+    try:
+        return _train(cfg, d, device)
+    finally:
+        if d.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(train_config_dict(cfg), sort_keys=False))
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(train_config_dict(cfg), sort_keys=False))
+    else:
+        log.setLevel(logging.WARNING)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    def autocast():  # under FSDP2 bf16 comes from its mixed-precision policy instead
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and d.world == 1)
 
     # model, tokenizer, adapters
     model, source = build_model(cfg, device)
@@ -295,7 +378,10 @@ def train(config) -> Path:
         apply_activation_checkpointing(model)
     if cfg.compile:
         apply_compile(model)
-    model.train()
+    net = WithLoss(model, extra_tokens, cfg.data.packing, cfg.loss_chunk)
+    if d.world > 1:
+        apply_fsdp(net, model.model.layers, bf16=use_bf16)
+    net.train()
 
     # data
     cache_dir = Path(os.environ.get("QWEN3LAB_CACHE", "~/.cache/qwen3lab")).expanduser() / "data"
@@ -307,10 +393,11 @@ def train(config) -> Path:
         data, eval_data = D.split_eval(data, cfg.data.eval_fraction, cfg.seed)
     rows = D.make_rows(data, cfg.data.max_length, cfg.data.packing)
     eval_rows = D.make_rows(eval_data, cfg.data.max_length, cfg.data.packing) if eval_data else []
-    batches_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    global_rows = cfg.batch_size * d.world  # rows of one micro-batch over all ranks
+    batches_per_epoch = math.ceil(len(rows) / global_rows)
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
     log.info(
-        "data: %d examples (%d supervised tokens) in %d rows%s; %d steps of %d x %d rows",
+        "data: %d examples (%d supervised tokens) in %d rows%s; %d steps of %d x %d rows x %d ranks",
         len(data),
         data.supervised_tokens(),
         len(rows),
@@ -318,16 +405,13 @@ def train(config) -> Path:
         total_steps,
         cfg.grad_accum,
         cfg.batch_size,
+        d.world,
     )
 
     # optimizer
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = param_groups(model, cfg.optim.weight_decay)
-    if extra_tokens is not None:
-        groups.append({"params": [extra_tokens.delta], "weight_decay": 0.0})
-        trainable.append(extra_tokens.delta)
+    trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        groups,
+        param_groups(net, cfg.optim.weight_decay),
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
@@ -338,46 +422,51 @@ def train(config) -> Path:
     step = 0
     if cfg.resume and _checkpoints(out):
         latest = _checkpoints(out)[-1]
-        step = load_checkpoint(latest, model, extra_tokens, optimizer, scheduler)
+        step = load_checkpoint(latest, net, optimizer, scheduler, d)
         log.info("resumed from %s (step %d)", latest, step)
-    reporter = Reporter(out, cfg, step)
+    reporter = Reporter(out, cfg, step) if d.main else None
 
     def micro_batches(start_step: int):
-        """The micro-batches of each step from `start_step` on; the order depends on (seed, epoch) alone."""
+        """This rank's micro-batches from `start_step` on; the order depends on (seed, epoch, world size) alone."""
         m = start_step * cfg.grad_accum
         while True:
             epoch, k = divmod(m, batches_per_epoch)
             order = D.epoch_order(len(rows), epoch, cfg.seed, cfg.data.shuffle)
-            chosen = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-            yield D.collate(data, [rows[i] for i in chosen], tok.pad_token_id)
+            chosen = order[k * global_rows : (k + 1) * global_rows]
+            yield rank_batch(data, [rows[i] for i in chosen], d, tok.pad_token_id)
             m += 1
 
     stream = micro_batches(step)
     bar = None
-    if cfg.progress:
+    if cfg.progress and d.main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
     t_start, tokens_seen = time.perf_counter(), 0
     while step < total_steps:
         batches = [next(stream) for _ in range(cfg.grad_accum)]
-        n_supervised = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
-        loss_total = 0.0
+        # the loss is the sum over every supervised token of the step on all ranks, over their global count;
+        # FSDP averages gradients over ranks, hence the factor world
+        (n_supervised,) = d.all_sum(sum(int((b["labels"] != IGNORE).sum()) for b in batches))
+        loss_total, step_tokens = 0.0, 0
         for b in batches:
             b = to_device(b, device)
             with autocast():
-                loss_sum, _ = micro_batch_loss(model, b, cfg.data.packing, cfg.loss_chunk, extra_tokens)
-            (loss_sum / n_supervised).backward()
+                loss_sum = forward_loss(net, b)
+            (loss_sum * (d.world / n_supervised)).backward()
             loss_total += float(loss_sum.detach())
-            tokens_seen += int(b["num_tokens"])
+            step_tokens += int(b["num_tokens"])
         grad_norm = None
         if cfg.optim.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        loss_total, step_tokens = d.all_sum(loss_total, step_tokens)
+        tokens_seen += int(step_tokens)
         elapsed = time.perf_counter() - t_start
         metrics = {
             "step": step,
@@ -390,22 +479,43 @@ def train(config) -> Path:
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-            metrics["eval_loss"] = evaluate(
-                model, eval_data, eval_rows, cfg, device, tok.pad_token_id, autocast, extra_tokens
-            )
-        if step % cfg.log_every == 0 or step == total_steps or "eval_loss" in metrics:
+            metrics["eval_loss"] = evaluate(net, eval_data, eval_rows, cfg, d, device, tok.pad_token_id, autocast)
+        if reporter and (step % cfg.log_every == 0 or step == total_steps or "eval_loss" in metrics):
             reporter.log(metrics)
         if bar is not None:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            save_checkpoint(out, step, model, extra_tokens, optimizer, scheduler, cfg.keep_checkpoints)
+            save_checkpoint(out, step, net, optimizer, scheduler, cfg.keep_checkpoints, d)
     if bar is not None:
         bar.close()
-    export(model, tok, extra_tokens, out, source)
-    reporter.plot(out / "loss.png")
-    log.info("run folder %s: model/ (HF format), metrics.jsonl, loss.png", out)
+    if d.world > 1:
+        model, extra_tokens = consolidate(net, cfg, d)
+    if d.main:
+        export(model, tok, extra_tokens, out, source)
+        reporter.plot(out / "loss.png")
+        log.info("run folder %s: model/ (HF format), metrics.jsonl, loss.png", out)
+    d.barrier()
     return out
+
+
+def consolidate(net, cfg: TrainConfig, d: Dist):
+    """Gather the sharded weights into one plain model on rank 0's CPU (every rank takes part in the gathering)."""
+    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.main:
+        return None, None
+    with torch.device("meta"):
+        model = type(net.model)(net.model.config)
+    extra_tokens = None
+    if cfg.lora.rank > 0:
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+    if net.extra_tokens is not None:
+        extra_tokens = TrainableTokens(model.model.embed_tokens, net.extra_tokens.token_ids.tolist())
+        extra_tokens.token_ids = net.extra_tokens.token_ids.cpu()
+    plain = WithLoss(model, extra_tokens, cfg.data.packing, cfg.loss_chunk)
+    plain.load_state_dict(full, strict=True, assign=True)
+    model.tie_weights()
+    return model, extra_tokens
 
 
 def export(model, tok: Tokenizer, extra_tokens, out: Path, source: str | None) -> None:
