@@ -83,8 +83,9 @@ def trl_first_batch_loss(model_dir, rows, tmp_path, **sft):
         return float(trainer.compute_loss(model, batch))
 
 
-def ours_first_batch_loss(model_dir, rows, tmp_path, tok):
+def ours_first_batch_loss(model_dir, rows, tmp_path, tok, all_tokens=False):
     data = D.tokenize_rows(tok, [(f"row {i}", r) for i, r in enumerate(rows)], 512)
+    data = data.all_tokens_supervised() if all_tokens else data
     model = qwen3lab.load_model(model_dir, dtype="float32", device="cpu")
     batch = D.collate(data, [[i] for i in range(len(data))], tok.pad_token_id)
     with torch.no_grad():
@@ -107,6 +108,14 @@ def test_first_step_loss_equals_trl(model_dir, tmp_path, tok, rows, sft):
     ref = trl_first_batch_loss(model_dir, rows, tmp_path, **sft)
     ours = ours_first_batch_loss(model_dir, rows, tmp_path, tok)
     assert abs(ours - ref) < 1e-4, (ours, ref)
+
+
+def test_loss_on_all_tokens_equals_trl_without_assistant_only_loss(model_dir, tmp_path, tok):
+    rows = [{"messages": c} for c in CHATS]  # data.assistant_only: false, the ablation's other arm
+    ref = trl_first_batch_loss(model_dir, rows, tmp_path, assistant_only_loss=False)
+    ours = ours_first_batch_loss(model_dir, rows, tmp_path, tok, all_tokens=True)
+    assert abs(ours - ref) < 1e-4, (ours, ref)
+    assert abs(ours - ours_first_batch_loss(model_dir, rows, tmp_path, tok)) > 1e-3  # the arms differ
 
 
 def test_packed_equals_unpacked_loss_and_grads(model_dir, tok):

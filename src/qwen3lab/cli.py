@@ -237,7 +237,7 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-think", action="store_true", help="enable_thinking=False: an empty think block")
 
 
-DEMO_STEPS = 300
+DEMO_STEPS = 250
 
 
 def build_parser() -> argparse.ArgumentParser:

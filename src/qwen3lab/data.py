@@ -171,6 +171,12 @@ class TokenizedData:
     def supervised_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())
 
+    def all_tokens_supervised(self) -> TokenizedData:
+        """The same examples with every next token learned (prompts, system turns and template included)."""
+        labels = np.roll(self.ids, -1)
+        labels[self.offsets[1:] - 1] = IGNORE  # an example's last token has no next token
+        return TokenizedData(self.ids, labels.astype(np.int32), self.offsets, self.dropped)
+
     def subset(self, indices) -> TokenizedData:
         pieces = [self.example(i) for i in indices]
         lengths = [len(p[0]) for p in pieces]

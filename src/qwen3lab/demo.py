@@ -68,17 +68,20 @@ def make_example(rng: random.Random, task: str, held_out: bool = False, tasks=No
     """One chat whose last assistant turn answers `task`; other chat turns come from `tasks` (default: all)."""
     messages = [{"role": "system", "content": SYSTEM}]
     if task == "tool":
+        # The city is quoted in the question so that it is the same tokens as in the call's JSON ("Paris" and
+        # ' Paris' are different tokens): copying then works for cities never seen in training.
         city = rng.choice(HELD_OUT_CITIES if held_out else CITIES[: -len(HELD_OUT_CITIES)])
         temp = rng.randint(-9, 39)
         call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
         messages += [
-            {"role": "user", "content": f"How warm is it in {city}?"},
+            {"role": "user", "content": f'How warm is it in "{city}"?'},
             {"role": "assistant", "content": "", "tool_calls": [call]},
             {"role": "tool", "content": json.dumps({"city": city, "celsius": temp})},
-            {"role": "assistant", "content": f"It is {temp} degrees in {city}."},
+            {"role": "assistant", "content": f"It is {temp} degrees."},
         ]
         return Example(task, messages, [WEATHER_TOOL])
-    if rng.random() < 0.5:  # multi-turn: an earlier exchange of another task first
+    # multi-turn: up to two earlier exchanges (of any of the chosen tasks) before the one that is checked
+    for _ in range(rng.randint(0, 2)):
         q, a = _turn(rng, rng.choice([t for t in tasks or TASKS if t != "tool"]))
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     q, a = _turn(rng, task)
@@ -150,8 +153,10 @@ def accuracy(model, tok, examples: list[Example], batch_size: int = 64) -> dict[
 
 def run_demo(out: str = "runs/demo", steps: int = 300, tasks=TASKS, model_dir: str | None = None, seed: int = 0,
              n_train: int = 4000, n_eval: int = 50, lr: float | None = None, batch_size: int = 4,
-             log=print) -> dict:  # fmt: skip
-    """Generate the tasks, measure accuracy, train, measure again, show samples, save; return the results."""
+             data_keys: dict | None = None, log=print) -> dict:  # fmt: skip
+    """Generate the tasks, measure accuracy, train, measure again, show samples, save; return the results.
+
+    data_keys override the training's data settings, e.g. {"packing": False} or {"assistant_only": False}."""
     from . import load_model, load_tokenizer
     from .checkpoint import new_model
     from .config import TrainConfig, preset
@@ -181,6 +186,8 @@ def run_demo(out: str = "runs/demo", steps: int = 300, tasks=TASKS, model_dir: s
     cfg.data.train = str(out_dir / "data" / "train.jsonl")
     cfg.data.max_length = 512
     cfg.data.eval_fraction = 0.02
+    for key, value in (data_keys or {}).items():
+        setattr(cfg.data, key, value)
     cfg.optim.lr = lr or (1e-3 if model_dir is None else 2e-5)
     cfg.optim.warmup_steps = min(30, steps // 10)
     cfg.optim.weight_decay = 0.0
@@ -196,7 +203,15 @@ def run_demo(out: str = "runs/demo", steps: int = 300, tasks=TASKS, model_dir: s
         reply = generate(model, tok, prompt_ids(tok, prompt, ex.tools), max_new_tokens=48)
         log(f"  user:      {prompt[-1]['content'] if prompt[-1]['role'] == 'user' else prompt[-1]['content'][:60]}")
         log(f"  assistant: {parse_assistant(reply.text)['content'] or parse_assistant(reply.text)['tool_calls']}")
-    results = {"before": before, "after": after, "seconds": time.perf_counter() - t0, "model": str(run / "model")}
+    last = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    results = {
+        "before": before,
+        "after": after,
+        "seconds": time.perf_counter() - t0,
+        "train_seconds": last["elapsed"],
+        "tokens_per_s": last["tokens_per_s"],
+        "model": str(run / "model"),
+    }
     (out_dir / "demo_results.json").write_text(json.dumps(results, indent=2))
     plot_demo(out_dir, before, after)
     log(f"\nsaved: {run / 'model'} (HF format: transformers or `qwen3lab chat --model {run / 'model'}`)")

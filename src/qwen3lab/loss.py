@@ -44,9 +44,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # scaled in place: these buffers were made for this one backward, and grad_w is [vocab, hidden]
         grad_h, grad_w = ctx.saved_tensors
-        grad_h = grad_h * grad_loss if grad_h is not None else None
-        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        grad_h = grad_h.mul_(grad_loss) if grad_h is not None else None
+        grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None
 
 

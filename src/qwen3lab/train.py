@@ -391,6 +391,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         eval_data = D.load_tokenized(cfg.data.eval, tok, cfg.data.max_length, cache_dir)
     else:
         data, eval_data = D.split_eval(data, cfg.data.eval_fraction, cfg.seed)
+    if not cfg.data.assistant_only:
+        data = data.all_tokens_supervised()
+        eval_data = eval_data.all_tokens_supervised() if eval_data else None
     rows = D.make_rows(data, cfg.data.max_length, cfg.data.packing)
     eval_rows = D.make_rows(eval_data, cfg.data.max_length, cfg.data.packing) if eval_data else []
     global_rows = cfg.batch_size * d.world  # rows of one micro-batch over all ranks
