@@ -19,7 +19,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # hidden [N, H], weight [V, H], targets [N] -> summed loss (fp32 scalar)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None  # [V, H] fp32, made by the first chunk's product (not zero-filled, then added to)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
@@ -34,7 +34,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start : start + chunk_size] = grad_logits @ weight
                 if need_w:
-                    if grad_w.dtype == h.dtype:
+                    if grad_w is None:
+                        grad_w = (grad_logits.T @ h).float()
+                    elif grad_w.dtype == h.dtype:
                         grad_w.addmm_(grad_logits.T, h)
                     else:  # bf16 compute: the product in bf16, accumulated in fp32
                         grad_w += (grad_logits.T @ h).float()

