@@ -184,9 +184,9 @@ def cmd_serve(args) -> None:
 
 def cmd_demo(args) -> None:
     """Train a small Qwen3 from scratch on built-in chat tasks and show held-out accuracy before and after."""
-    from .demo import TASKS, run_demo
+    from .demo import DEFAULT_TASKS, TASKS, run_demo
 
-    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
+    tasks = args.tasks.split(",") if args.tasks else list(DEFAULT_TASKS)
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise SystemExit(f"qwen3lab demo: unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
@@ -237,7 +237,7 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-think", action="store_true", help="enable_thinking=False: an empty think block")
 
 
-DEMO_STEPS = 250
+DEMO_STEPS = 450
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__)
     p.add_argument("--steps", type=int, default=DEMO_STEPS)
-    p.add_argument("--tasks", default="", help="comma-separated subset of add,reverse,sort,tool")
+    p.add_argument("--tasks", default="", help="comma-separated from add,max,reverse,sort,tool (default: all but add)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default=None, help="fine-tune this HF folder instead of a small model from scratch")
     p.add_argument("--seed", type=int, default=0)

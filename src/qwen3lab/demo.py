@@ -55,6 +55,9 @@ def _turn(rng: random.Random, task: str) -> tuple[str, str]:
     if task == "add":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         return f"What is {a} + {b}?", str(a + b)
+    if task == "max":
+        digits = "".join(str(rng.randint(0, 9)) for _ in range(4))
+        return f"Largest digit in {digits}?", max(digits)
     if task == "reverse":
         digits = "".join(str(rng.randint(0, 9)) for _ in range(4))
         return f"Reverse {digits}", digits[::-1]
@@ -82,17 +85,20 @@ def make_example(rng: random.Random, task: str, held_out: bool = False, tasks=No
         return Example(task, messages, [WEATHER_TOOL])
     # multi-turn: up to two earlier exchanges (of any of the chosen tasks) before the one that is checked
     for _ in range(rng.randint(0, 2)):
-        q, a = _turn(rng, rng.choice([t for t in tasks or TASKS if t != "tool"]))
+        q, a = _turn(rng, rng.choice([t for t in tasks or DEFAULT_TASKS if t != "tool"]))
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     q, a = _turn(rng, task)
     messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return Example(task, messages)
 
 
-TASKS = ("add", "reverse", "sort", "tool")
+TASKS = ("add", "max", "reverse", "sort", "tool")
+# add is left out by default: its held-out problems are digit pairs never seen in training, so it asks the model to
+# infer the addition table from ~60 of its 100 facts, which this budget does not reach (8-12% measured)
+DEFAULT_TASKS = ("max", "reverse", "sort", "tool")
 
 
-def make_tasks(n_train: int, n_eval: int, tasks=TASKS, seed: int = 0) -> tuple[list[Example], list[Example]]:
+def make_tasks(n_train: int, n_eval: int, tasks=DEFAULT_TASKS, seed: int = 0) -> tuple[list[Example], list[Example]]:
     """Deterministic train and held-out sets; no held-out problem appears in training."""
     rng = random.Random(seed)
     held_out = [make_example(rng, task, True, tasks) for task in tasks for _ in range(n_eval)]
@@ -151,8 +157,8 @@ def accuracy(model, tok, examples: list[Example], batch_size: int = 64) -> dict[
     return {task: sum(v) / len(v) for task, v in correct.items()}
 
 
-def run_demo(out: str = "runs/demo", steps: int = 300, tasks=TASKS, model_dir: str | None = None, seed: int = 0,
-             n_train: int = 4000, n_eval: int = 50, lr: float | None = None, batch_size: int = 4,
+def run_demo(out: str = "runs/demo", steps: int = 450, tasks=DEFAULT_TASKS, model_dir: str | None = None, seed: int = 0,
+             n_train: int = 4000, n_eval: int = 50, lr: float | None = None, batch_size: int = 2,
              data_keys: dict | None = None, log=print) -> dict:  # fmt: skip
     """Generate the tasks, measure accuracy, train, measure again, show samples, save; return the results.
 
