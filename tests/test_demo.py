@@ -36,13 +36,16 @@ def test_untrained_model_scores_about_zero(tok):
     assert set(acc) == set(DEFAULT_TASKS) and max(acc.values()) <= 0.25
 
 
-def test_short_demo_run_trains_and_saves(tmp_path):
+def test_short_demo_run_learns_and_saves(tmp_path):
+    """One task, 120 steps (~40 s): held-out exact match from 0 to well above it (72% when measured)."""
     from qwen3lab.demo import run_demo
 
-    results = run_demo(out=str(tmp_path / "demo"), steps=60, n_train=600, n_eval=3, lr=3e-3, log=lambda *_: None)
-    rows = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    out = tmp_path / "demo"
+    results = run_demo(out=str(out), tasks=("max",), steps=120, n_train=1500, n_eval=25, log=lambda *_: None)
+    assert results["before"]["max"] <= 0.1
+    assert results["after"]["max"] >= 0.4
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    assert evals[-1] < 0.3 * rows[0]["loss"]  # held-out loss falls far below its start (~12 nats)
-    assert set(results["after"]) == set(DEFAULT_TASKS)
-    assert json.loads((tmp_path / "demo" / "demo_results.json").read_text())["after"] == results["after"]
-    assert (tmp_path / "demo" / "demo.png").is_file() and (tmp_path / "demo" / "model" / "tokenizer.json").is_file()
+    assert evals[-1] < 0.1 * rows[0]["loss"]  # held-out loss falls far below its start (~12 nats)
+    assert json.loads((out / "demo_results.json").read_text())["after"] == results["after"]
+    assert (out / "demo.png").is_file() and (out / "model" / "tokenizer.json").is_file()
