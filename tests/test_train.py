@@ -326,3 +326,11 @@ def test_parquet_and_datasets_folder(tmp_path, tok):
 def test_shipped_configs_load(path):
     cfg = load_train_config(path)  # every key is known and typed
     assert cfg.model and cfg.data.train
+
+
+def test_shuffled_packing_covers_every_example_once_within_capacity():
+    lengths = [5, 17, 3, 30, 8, 8, 1, 25, 12, 40]
+    rows = D.pack_shuffled(lengths, 40, seed=1)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 40 for r in rows)
+    assert rows == D.pack_shuffled(lengths, 40, seed=1) and rows != D.pack_shuffled(lengths, 40, seed=2)

@@ -216,6 +216,7 @@ class DataConfig:
     eval_fraction: float = 0.0
     max_length: int = 2048
     packing: bool = True  # best-fit-decreasing packing of whole examples, no attention across them
+    pack_order: str = "best_fit"  # best_fit: fullest rows; shuffled: rows mix examples of every kind
     assistant_only: bool = True  # learn assistant turns / completions only; false: every token (an ablation)
     shuffle: bool = True
 

@@ -266,11 +266,31 @@ def pack_best_fit(lengths, capacity: int) -> list[list[int]]:
     return bins
 
 
-def make_rows(data: TokenizedData, max_length: int, packing: bool) -> list[list[int]]:
-    """Example indices per training row: packed bins, or one example per row."""
-    if packing:
+def pack_shuffled(lengths, capacity: int, seed: int) -> list[list[int]]:
+    """Next-fit over a seeded shuffle: each row holds a random mix of examples (rows are less full than
+    best-fit's, which groups examples of similar length, and so often of the same kind, into the same rows)."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    rows, used = [], capacity
+    for i in order:
+        n = int(lengths[i])
+        if used + n > capacity:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def make_rows(data: TokenizedData, max_length: int, packing: bool, order: str = "best_fit", seed: int = 0):
+    """Example indices per training row: packed rows (best_fit or shuffled), or one example per row."""
+    if not packing:
+        return [[i] for i in range(len(data))]
+    if order == "best_fit":
         return pack_best_fit(data.lengths(), max_length)
-    return [[i] for i in range(len(data))]
+    if order == "shuffled":
+        return pack_shuffled(data.lengths(), max_length, seed)
+    raise DataError(f"data.pack_order {order!r}: use best_fit or shuffled")
 
 
 def collate(data: TokenizedData, rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -192,6 +192,7 @@ def run_demo(out: str = "runs/demo", steps: int = 450, tasks=DEFAULT_TASKS, mode
     cfg.data.train = str(out_dir / "data" / "train.jsonl")
     cfg.data.max_length = 512
     cfg.data.eval_fraction = 0.02
+    cfg.data.pack_order = "shuffled"  # best-fit would put the long tool chats in rows of their own
     for key, value in (data_keys or {}).items():
         setattr(cfg.data, key, value)
     cfg.optim.lr = lr or (1e-3 if model_dir is None else 2e-5)

@@ -395,7 +395,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     if not cfg.data.assistant_only:
         data = data.all_tokens_supervised()
         eval_data = eval_data.all_tokens_supervised() if eval_data else None
-    rows = D.make_rows(data, cfg.data.max_length, cfg.data.packing)
+    rows = D.make_rows(data, cfg.data.max_length, cfg.data.packing, cfg.data.pack_order, cfg.seed)
     eval_rows = D.make_rows(eval_data, cfg.data.max_length, cfg.data.packing) if eval_data else []
     global_rows = cfg.batch_size * d.world  # rows of one micro-batch over all ranks
     batches_per_epoch = math.ceil(len(rows) / global_rows)
