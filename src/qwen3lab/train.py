@@ -141,8 +141,7 @@ class WithLoss(torch.nn.Module):
         super().__init__()
         self.model, self.extra_tokens, self.packing, self.chunk = model, extra_tokens, packing, chunk
 
-    def forward(self, input_ids, labels, position_ids):
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return micro_batch_loss(self.model, batch, self.packing, self.chunk, self.extra_tokens)[0]
 
 
@@ -160,10 +159,6 @@ def rank_batch(data, rows: list[list[int]], d: Dist, pad_id: int) -> dict[str, t
     return {"input_ids": none + pad_id, "labels": none + IGNORE, "position_ids": none, "num_tokens": none.sum()}
 
 
-def forward_loss(net, batch) -> torch.Tensor:
-    return net(batch["input_ids"], batch["labels"], batch["position_ids"])
-
-
 @torch.no_grad()
 def evaluate(net, data, rows, cfg, d: Dist, device, pad_id, autocast) -> float:
     net.eval()
@@ -172,7 +167,7 @@ def evaluate(net, data, rows, cfg, d: Dist, device, pad_id, autocast) -> float:
     for start in range(0, len(rows), step):
         batch = to_device(rank_batch(data, rows[start : start + step], d, pad_id), device)
         with autocast():
-            total += float(forward_loss(net, batch))
+            total += float(net(batch))
         count += int((batch["labels"] != IGNORE).sum())
     net.train()
     total, count = d.all_sum(total, count)
@@ -455,7 +450,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         for b in batches:
             b = to_device(b, device)
             with autocast():
-                loss_sum = forward_loss(net, b)
+                loss_sum = net(b)
             (loss_sum * (d.world / n_supervised)).backward()
             loss_total += float(loss_sum.detach())
             step_tokens += int(b["num_tokens"])
