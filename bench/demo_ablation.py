@@ -1,4 +1,5 @@
-"""The demo's ablation: assistant-only loss vs loss on every token, packing vs padding, on the demo task set.
+"""The demo's ablation: assistant-only loss vs loss on every token, packing vs padding, Muon vs AdamW, on the demo
+task set.
 
     .venv/bin/python bench/demo_ablation.py [--steps N]
 
@@ -12,10 +13,11 @@ import json
 from qwen3lab.cli import DEMO_STEPS
 from qwen3lab.demo import run_demo
 
-ARMS = {
-    "assistant-only, packed (default)": {},
-    "all tokens, packed": {"assistant_only": False},
-    "assistant-only, padded": {"packing": False},
+ARMS = {  # name: (data settings, optimizer settings)
+    "assistant-only, packed, Muon (default)": ({}, {}),
+    "all tokens, packed, Muon": ({"assistant_only": False}, {}),
+    "assistant-only, padded, Muon": ({"packing": False}, {}),
+    "assistant-only, packed, AdamW": ({}, {"name": "adamw"}),
 }
 
 
@@ -25,9 +27,11 @@ def main():
     ap.add_argument("--out", default="runs/ablation")
     args = ap.parse_args()
     results = {}
-    for i, (name, keys) in enumerate(ARMS.items()):
+    for i, (name, (data_keys, optim_keys)) in enumerate(ARMS.items()):
         print(f"== {name}", flush=True)
-        results[name] = run_demo(out=f"{args.out}/{i}", steps=args.steps, data_keys=keys, log=lambda *_: None)
+        results[name] = run_demo(
+            out=f"{args.out}/{i}", steps=args.steps, data_keys=data_keys, optim_keys=optim_keys, log=lambda *_: None
+        )
     tasks = list(next(iter(results.values()))["after"])
     print(f"\n| arm | {' | '.join(tasks)} | mean | train tokens/s | train time |")
     print("|---" * (len(tasks) + 4) + "|")

@@ -22,9 +22,9 @@ def test_scorer_exact_match():
     assert score({"content": "42"}, "<think>\n\n</think>\n\n42")
     assert not score({"content": "42"}, "<think>\n\n</think>\n\n42.")
     assert not score({"content": "42"}, "41")
-    call = {"content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Lima"}}}]}
-    assert score(call, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>')
-    assert not score(call, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+    call = {"content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"zip": "02139"}}}]}
+    assert score(call, '<tool_call>\n{"name": "get_weather", "arguments": {"zip": "02139"}}\n</tool_call>')
+    assert not score(call, '<tool_call>\n{"name": "get_weather", "arguments": {"zip": "02193"}}\n</tool_call>')
     assert not score(call, "<tool_call>\n{broken\n</tool_call>")
 
 
@@ -49,3 +49,16 @@ def test_short_demo_run_learns_and_saves(tmp_path):
     assert evals[-1] < 0.1 * rows[0]["loss"]  # held-out loss falls far below its start (~12 nats)
     assert json.loads((out / "demo_results.json").read_text())["after"] == results["after"]
     assert (out / "demo.png").is_file() and (out / "model" / "tokenizer.json").is_file()
+
+
+def test_held_out_answers_use_only_tokens_seen_in_training(tok):
+    """A token that never occurs in training cannot be produced by a model trained from scratch (its embedding row is
+    only pushed down by the softmax), so a fair held-out split asks only for new combinations of known tokens."""
+    train, held_out = make_tasks(400, 20, seed=0)
+
+    def targets(examples):
+        return {
+            t for e in examples for m in e.messages if m["role"] == "assistant" for t in tok.encode_chat([m]).input_ids
+        }
+
+    assert targets(held_out) <= {t for e in train for t in tok.encode_chat(e.messages, tools=e.tools).input_ids}

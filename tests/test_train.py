@@ -214,9 +214,12 @@ def test_lora_train_tokens_moves_only_those_rows(model_dir, tmp_path, tok):
     assert changed == [151644, 151645]
 
 
-def test_resume_gives_the_same_losses(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "keys", [{"lora__rank": 4, "lora__dropout": 0.1}, {"optim__name": "muon"}], ids=["lora", "muon"]
+)
+def test_resume_gives_the_same_losses(model_dir, tmp_path, monkeypatch, keys):
     data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
-    straight = train(run_config(model_dir, data_path, tmp_path / "a", steps=6, lora__rank=4, lora__dropout=0.1))
+    straight = train(run_config(model_dir, data_path, tmp_path / "a", steps=6, **keys))
 
     from qwen3lab.train import Reporter
 
@@ -227,7 +230,7 @@ def test_resume_gives_the_same_losses(model_dir, tmp_path, monkeypatch):
         if metrics["step"] == 4:
             raise KeyboardInterrupt
 
-    cfg = run_config(model_dir, data_path, tmp_path / "b", steps=6, save_every=3, lora__rank=4, lora__dropout=0.1)
+    cfg = run_config(model_dir, data_path, tmp_path / "b", steps=6, save_every=3, **keys)
     monkeypatch.setattr(Reporter, "log", crash_after_step_4)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)

@@ -234,7 +234,9 @@ class LoRAConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | muon (Muon for the decoder's matrices, AdamW for the rest; one process only)
     lr: float = 2e-5
+    muon_lr: float = 0.0  # the Muon matrices' learning rate with name: muon; 0: lr
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999

@@ -18,21 +18,16 @@ import torch
 from .chat import parse_assistant
 
 SYSTEM = "Answer exactly."
-WORDS = (
-    "apple river moon stone green light cloud table music paper water fire house bread glass night "
-    "horse chair sugar train"
-).split()
-CITIES = (
-    "Paris Tokyo Lima Oslo Cairo Delhi Rome Quito Seoul Accra Dublin Hanoi Madrid Nairobi Perth Riga Vienna Bogota "
-    "Manila Lagos Berlin Havana Sofia Tunis"
-).split()
-HELD_OUT_CITIES = CITIES[-4:]  # the tool task is tested on cities never seen in training
+# The weather tool takes a ZIP code. A town name would not do: a held-out town ends in tokens that never occur in
+# training, and such a token's row of the tied embedding is only ever pushed down by the softmax (Adam moves all such
+# rows the same way until they are indistinguishable), so no model trained from scratch could copy it. A held-out ZIP
+# code is a new string of digits the model knows, as in the other tasks.
 WEATHER_TOOL = {
     "type": "function",
     "function": {
         "name": "get_weather",
-        "description": "Current temperature in a city, in degrees Celsius",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        "description": "Current temperature at a ZIP code, in degrees Celsius",
+        "parameters": {"type": "object", "properties": {"zip": {"type": "string"}}, "required": ["zip"]},
     },
 }
 
@@ -67,19 +62,17 @@ def _turn(rng: random.Random, task: str) -> tuple[str, str]:
     raise ValueError(task)
 
 
-def make_example(rng: random.Random, task: str, held_out: bool = False, tasks=None) -> Example:
+def make_example(rng: random.Random, task: str, tasks=None) -> Example:
     """One chat whose last assistant turn answers `task`; other chat turns come from `tasks` (default: all)."""
     messages = [{"role": "system", "content": SYSTEM}]
     if task == "tool":
-        # The city is quoted in the question so that it is the same tokens as in the call's JSON ("Paris" and
-        # ' Paris' are different tokens): copying then works for cities never seen in training.
-        city = rng.choice(HELD_OUT_CITIES if held_out else CITIES[: -len(HELD_OUT_CITIES)])
+        zip_code = "".join(str(rng.randint(0, 9)) for _ in range(5))
         temp = rng.randint(-9, 39)
-        call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": {"zip": zip_code}}}
         messages += [
-            {"role": "user", "content": f'How warm is it in "{city}"?'},
+            {"role": "user", "content": f"How warm is it at ZIP code {zip_code}?"},
             {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "content": json.dumps({"city": city, "celsius": temp})},
+            {"role": "tool", "content": json.dumps({"zip": zip_code, "celsius": temp})},
             {"role": "assistant", "content": f"It is {temp} degrees."},
         ]
         return Example(task, messages, [WEATHER_TOOL])
@@ -101,14 +94,14 @@ DEFAULT_TASKS = ("max", "reverse", "sort", "tool")
 def make_tasks(n_train: int, n_eval: int, tasks=DEFAULT_TASKS, seed: int = 0) -> tuple[list[Example], list[Example]]:
     """Deterministic train and held-out sets; no held-out problem appears in training."""
     rng = random.Random(seed)
-    held_out = [make_example(rng, task, True, tasks) for task in tasks for _ in range(n_eval)]
+    held_out = [make_example(rng, task, tasks) for task in tasks for _ in range(n_eval)]
     held_problems = {q for ex in held_out for q in ex.problems}
     train, tries = [], 0
     while len(train) < n_train:
         tries += 1
         if tries > 50 * n_train:
             raise RuntimeError("the task generator cannot find enough training problems outside the held-out set")
-        ex = make_example(rng, tasks[len(train) % len(tasks)], False, tasks)
+        ex = make_example(rng, tasks[len(train) % len(tasks)], tasks)
         if not ex.problems & held_problems:
             train.append(ex)
     return train, held_out
@@ -159,10 +152,11 @@ def accuracy(model, tok, examples: list[Example], batch_size: int = 64) -> dict[
 
 def run_demo(out: str = "runs/demo", steps: int = 450, tasks=DEFAULT_TASKS, model_dir: str | None = None, seed: int = 0,
              n_train: int = 4000, n_eval: int = 50, lr: float | None = None, batch_size: int = 2,
-             data_keys: dict | None = None, log=print) -> dict:  # fmt: skip
+             data_keys: dict | None = None, optim_keys: dict | None = None, log=print) -> dict:  # fmt: skip
     """Generate the tasks, measure accuracy, train, measure again, show samples, save; return the results.
 
-    data_keys override the training's data settings, e.g. {"packing": False} or {"assistant_only": False}."""
+    data_keys / optim_keys override the training's data / optimizer settings, e.g. {"packing": False},
+    {"assistant_only": False} or {"name": "adamw"}."""
     from . import load_model, load_tokenizer
     from .checkpoint import new_model
     from .config import TrainConfig, preset
@@ -195,9 +189,15 @@ def run_demo(out: str = "runs/demo", steps: int = 450, tasks=DEFAULT_TASKS, mode
     cfg.data.pack_order = "shuffled"  # best-fit would put the long tool chats in rows of their own
     for key, value in (data_keys or {}).items():
         setattr(cfg.data, key, value)
+    # From scratch: Muon for the matrices (held-out mean ~98% vs ~50% with AdamW in the same steps); a pretrained
+    # checkpoint is fine-tuned with the AdamW it was trained with.
+    cfg.optim.name = "muon" if model_dir is None else "adamw"
     cfg.optim.lr = lr or (1e-3 if model_dir is None else 2e-5)
+    cfg.optim.muon_lr = 2 * cfg.optim.lr
     cfg.optim.warmup_steps = min(30, steps // 10)
     cfg.optim.weight_decay = 0.0
+    for key, value in (optim_keys or {}).items():
+        setattr(cfg.optim, key, value)
     cfg.eval_every = max(1, steps // 10)
     run = train(cfg)
     model = load_model(run / "model", dtype=torch.float32, device="cpu")
