@@ -37,7 +37,7 @@ def test_untrained_model_scores_about_zero(tok):
 
 
 def test_short_demo_run_learns_and_saves(tmp_path):
-    """One task, 120 steps (~40 s): held-out exact match from 0 to well above it (72% when measured)."""
+    """One task, 120 steps (~40 s): held-out exact match from 0 to well above it."""
     from qwen3lab.demo import run_demo
 
     out = tmp_path / "demo"
