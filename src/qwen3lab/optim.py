@@ -2,7 +2,7 @@
 
 Muon (Jordan et al. 2024) replaces each matrix's momentum update by its nearest semi-orthogonal matrix (Newton-Schulz
 iterations), so every direction of the update moves at the same rate. From scratch it learns far faster per step
-than AdamW: the demo's held-out accuracy goes from ~50% (AdamW, mean of 3 seeds) to ~95% in the same 450 steps.
+than AdamW: the demo's held-out mean over seeds 0-2 goes from 51% (AdamW) to 99% in the same 450 steps.
 Embeddings, norms and LoRA adapters stay on AdamW, as in the Muon papers. Both kinds live in one torch optimizer, so
 the scheduler, gradient clipping and distributed checkpoints treat it like any other.
 """
@@ -39,11 +39,13 @@ def param_groups(model, weight_decay: float, muon: bool = False) -> list[dict]:
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     """cfg: OptimConfig. AdamW, or MuonAdamW when cfg.name is muon."""
+    if cfg.name not in ("adamw", "muon"):
+        raise ValueError(f"optim.name {cfg.name!r}: use adamw or muon")
     groups = [g for g in param_groups(model, cfg.weight_decay, muon=cfg.name == "muon") if g["params"]]
     betas = (cfg.beta1, cfg.beta2)
     if cfg.name == "muon":
         for g in groups:
-            g["lr"] = cfg.muon_lr or cfg.lr if g["muon"] else cfg.lr
+            g["lr"] = (cfg.muon_lr or cfg.lr) if g["muon"] else cfg.lr
         return MuonAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     for g in groups:
         del g["muon"]

@@ -401,8 +401,6 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
 
     # optimizer
     trainable = [p for p in net.parameters() if p.requires_grad]
-    if cfg.optim.name not in ("adamw", "muon"):
-        raise ValueError(f"optim.name {cfg.optim.name!r}: use adamw or muon")
     if cfg.optim.name == "muon" and d.world > 1:
         raise ValueError("optim.name muon orthogonalises whole matrices, which FSDP shards; use adamw with torchrun")
     optimizer = build_optimizer(net, cfg.optim)
