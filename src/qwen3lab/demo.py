@@ -161,9 +161,11 @@ def run_demo(out: str = "runs/demo", steps: int = 450, tasks=DEFAULT_TASKS, mode
     from .checkpoint import new_model
     from .config import TrainConfig, preset
     from .generate import generate
+    from .parallel import keep_freed_cpu_memory
     from .train import train
 
     t0 = time.perf_counter()
+    keep_freed_cpu_memory()  # all of the demo runs on the CPU
     out_dir = Path(out)
     (out_dir / "data").mkdir(parents=True, exist_ok=True)
     train_set, held_out = make_tasks(n_train, n_eval, tuple(tasks), seed)
@@ -204,12 +206,14 @@ def run_demo(out: str = "runs/demo", steps: int = 450, tasks=DEFAULT_TASKS, mode
     after = accuracy(model, tok, held_out)
     log("held-out exact match after training:  " + _fmt(after))
 
-    log("\nsample chats from the trained model (held out):")
+    log("\nsample chats from the trained model (held out; the last assistant turn is generated):")
     for ex in held_out[:: max(1, len(held_out) // 4)][:4]:
         prompt = ex.messages[:-1]
         reply = generate(model, tok, prompt_ids(tok, prompt, ex.tools), max_new_tokens=48)
-        log(f"  user:      {prompt[-1]['content'] if prompt[-1]['role'] == 'user' else prompt[-1]['content'][:60]}")
-        log(f"  assistant: {parse_assistant(reply.text)['content'] or parse_assistant(reply.text)['tool_calls']}")
+        last_user = max(i for i, m in enumerate(prompt) if m["role"] == "user")
+        for m in prompt[last_user:] + [parse_assistant(reply.text)]:
+            log(f"  {m['role'] + ':':10} {_turn_text(m)}")
+        log("")
     last = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])
     results = {
         "before": before,
@@ -221,9 +225,17 @@ def run_demo(out: str = "runs/demo", steps: int = 450, tasks=DEFAULT_TASKS, mode
     }
     (out_dir / "demo_results.json").write_text(json.dumps(results, indent=2))
     plot_demo(out_dir, before, after)
-    log(f"\nsaved: {run / 'model'} (HF format: transformers or `qwen3lab chat --model {run / 'model'}`)")
+    log(f"saved: {run / 'model'} (HF format: transformers or `qwen3lab chat --model {run / 'model'}`)")
     log(f"       {out_dir / 'demo.png'} (loss curves and accuracy); done in {results['seconds']:.0f}s")
     return results
+
+
+def _turn_text(message: dict) -> str:
+    calls = [c["function"] for c in message.get("tool_calls") or []]
+    if calls:
+        args = [c["arguments"] if isinstance(c["arguments"], str) else json.dumps(c["arguments"]) for c in calls]
+        return " ".join(f"[calls {c['name']}({a})]" for c, a in zip(calls, args, strict=True))
+    return message["content"]
 
 
 def _fmt(acc: dict[str, float]) -> str:

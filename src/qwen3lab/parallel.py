@@ -1,11 +1,14 @@
-"""What is applied to the single-device model from outside: activation checkpointing, torch.compile, FSDP2.
+"""What is applied to the single-device model from outside: activation checkpointing, torch.compile, FSDP2;
+and the process around it: torchrun ranks, devices, the CPU allocator.
 
 The model code knows nothing of these; each wraps the decoder blocks after the model is built.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -84,6 +87,8 @@ def init_distributed(device: str, timeout_s: float) -> tuple[Dist, torch.device]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cpu":
+        keep_freed_cpu_memory()
     if world > 1:
         if dev.type == "cuda":
             dev = torch.device("cuda", local_rank)
@@ -94,6 +99,26 @@ def init_distributed(device: str, timeout_s: float) -> tuple[Dist, torch.device]
                 backend, timeout=timedelta(seconds=timeout_s), device_id=dev if dev.type == "cuda" else None
             )
     return Dist(rank, world, local_rank), dev
+
+
+def keep_freed_cpu_memory() -> None:
+    """On glibc, serve large CPU tensors from the heap and keep freed memory for reuse instead of unmapping it.
+
+    PyTorch's CPU allocator is plain malloc, and glibc maps every block over 32 MiB afresh and unmaps it on free,
+    so each [tokens x vocab] logits block of a training step is page-faulted and zeroed by the kernel again. Measured
+    on the demo (2 cores, 80 steps): 19 s of system time and 2250 tokens/s before, 1 s and 3340 tokens/s after, for
+    +0.45 GiB peak memory. Process-wide, so it is called where qwen3lab owns the process's CPU work.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): its allocator has no such switches
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    mallopt(m_mmap_max, 0)  # no mmap'd blocks: everything from the heap
+    mallopt(m_trim_threshold, 2**31 - 1)  # and do not give freed heap back to the kernel
 
 
 def apply_fsdp(root: nn.Module, blocks: nn.ModuleList, bf16: bool) -> None:
