@@ -26,20 +26,22 @@ class KVCache:
         self.length = 0  # slots filled by earlier forwards
 
     def __getitem__(self, layer: int) -> _LayerCache:
-        return _LayerCache(self, layer)
+        # the layer's own views, not its index: a compiled block then sees tensors, not a constant per layer
+        return _LayerCache(self, self.k[layer], self.v[layer])
 
 
 @dataclass
 class _LayerCache:
     cache: KVCache
-    layer: int
+    k: torch.Tensor  # [B, kv_heads, max_len, head_dim]
+    v: torch.Tensor
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
         """Write this forward's keys/values [B, kv_heads, T, D] after the filled slots; return all filled slots."""
-        c, start, T = self.cache, self.cache.length, k.shape[2]
-        c.k[self.layer, :, :, start : start + T] = k
-        c.v[self.layer, :, :, start : start + T] = v
-        return c.k[self.layer, :, :, : start + T], c.v[self.layer, :, :, : start + T]
+        start, T = self.cache.length, k.shape[2]
+        self.k[:, :, start : start + T] = k
+        self.v[:, :, start : start + T] = v
+        return self.k[:, :, : start + T], self.v[:, :, : start + T]
 
 
 @dataclass

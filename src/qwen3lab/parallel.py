@@ -36,10 +36,14 @@ def unwrap_activation_checkpointing(model: nn.Module) -> None:
         layers[i] = getattr(block, "_checkpoint_wrapped_module", block)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile each decoder block (they share one graph, so it compiles once) and leave the loss eager."""
+def apply_compile(model: nn.Module, dynamic: bool | None = None) -> None:
+    """Compile each decoder block (they share one graph, so it compiles once) and leave the loss eager.
+
+    dynamic=True compiles for any sequence and cache length at once, as generation needs (a prompt, then one token
+    at a time over a growing cache); None lets a second shape trigger the one dynamic recompile.
+    """
     for block in model.model.layers:
-        block.compile(dynamic=None)
+        block.compile(dynamic=dynamic)
 
 
 # ---- data parallel: torchrun + FSDP2 ----

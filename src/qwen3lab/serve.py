@@ -328,13 +328,18 @@ def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: i
     return app
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, dtype: str = "auto"):
+def serve(
+    model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, dtype: str = "auto", compile=False
+):
     import uvicorn
 
     from .checkpoint import load_model
+    from .parallel import apply_compile
     from .tokenizer import load_tokenizer
 
     model = load_model(model_dir, dtype=dtype)
+    if compile:
+        apply_compile(model, dynamic=True)
     tok = load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else load_tokenizer()
     app = create_app(model, tok, model_name=Path(model_dir).name, max_batch=max_batch)
     uvicorn.run(app, host=host, port=port, log_level="info")
