@@ -1,5 +1,9 @@
-"""What parallel.py applies from outside the model leaves its numbers and names unchanged."""
+"""What parallel.py applies from outside the model leaves its numbers and names unchanged; the CPU allocator switch."""
 
+import subprocess
+import sys
+
+import pytest
 import torch
 
 import qwen3lab
@@ -26,3 +30,26 @@ def test_activation_checkpointing_same_loss_grads_and_names():
     assert results[0][0] == results[1][0]
     g0, g1 = results[0][1], results[1][1]
     torch.testing.assert_close(dict(zip(g0, g1.values(), strict=True)), g0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_keep_freed_cpu_memory_serves_big_tensors_from_the_heap():
+    """glibc maps a 100 MB tensor on its own (page faults on every new one) until keep_freed_cpu_memory, then not.
+    In a child process: the setting is process-wide."""
+    child = """
+import ctypes, torch
+from qwen3lab.parallel import keep_freed_cpu_memory
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+def mapped_while_holding_100mb():
+    t = torch.ones(25_000_000)
+    return libc.mallinfo2().hblkhd
+print(mapped_while_holding_100mb() >= 100_000_000)
+keep_freed_cpu_memory()
+print(mapped_while_holding_100mb() >= 100_000_000)
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]
