@@ -79,13 +79,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 def _load_for_inference(args):
     from .checkpoint import load_model
+    from .generate import prepare_for_inference
     from .tokenizer import load_tokenizer
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
-    if args.compile:
-        from .parallel import apply_compile
-
-        apply_compile(model, dynamic=True)
+    prepare_for_inference(model, args.compile)
     tok = load_tokenizer(args.model) if (Path(args.model) / "tokenizer.json").is_file() else load_tokenizer()
     return model, tok
 

@@ -75,6 +75,18 @@ def default_stop_ids(model) -> list[int]:
     return sorted({i for i in ids if i is not None and i < model.config.vocab_size})
 
 
+def prepare_for_inference(model, compile: bool) -> None:
+    """What the CLI's generate, chat and serve do to a loaded model: compile its blocks if asked (for any length,
+    see parallel.apply_compile) and, on the CPU, keep freed memory in the heap (batched prefill of 4 x 512 tokens on
+    the 0.6B shape: 7.8 s -> 6.7 s)."""
+    from .parallel import apply_compile, keep_freed_cpu_memory
+
+    if model.lm_head.weight.device.type == "cpu":
+        keep_freed_cpu_memory()
+    if compile:
+        apply_compile(model, dynamic=True)
+
+
 # ---- sampling ----
 
 

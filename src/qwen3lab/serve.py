@@ -334,12 +334,11 @@ def serve(
     import uvicorn
 
     from .checkpoint import load_model
-    from .parallel import apply_compile
+    from .generate import prepare_for_inference
     from .tokenizer import load_tokenizer
 
     model = load_model(model_dir, dtype=dtype)
-    if compile:
-        apply_compile(model, dynamic=True)
+    prepare_for_inference(model, compile)
     tok = load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else load_tokenizer()
     app = create_app(model, tok, model_name=Path(model_dir).name, max_batch=max_batch)
     uvicorn.run(app, host=host, port=port, log_level="info")
