@@ -329,7 +329,12 @@ def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: i
 
 
 def serve(
-    model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, dtype: str = "auto", compile=False
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 16,
+    dtype: str = "auto",
+    compile: bool = False,
 ):
     import uvicorn
 
