@@ -1,5 +1,6 @@
 """What parallel.py applies from outside the model leaves its numbers and names unchanged; the CPU allocator switch."""
 
+import os
 import subprocess
 import sys
 
@@ -51,5 +52,10 @@ print(mapped_while_holding_100mb() >= 100_000_000)
 keep_freed_cpu_memory()
 print(mapped_while_holding_100mb() >= 100_000_000)
 """
-    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "False"]
+
+    def run(**env):
+        env = {**os.environ, **env}
+        return subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True, env=env)
+
+    assert run().stdout.split() == ["True", "False"]
+    assert run(QWEN3LAB_KEEP_FREED_MEMORY="0").stdout.split() == ["True", "True"]  # the opt-out

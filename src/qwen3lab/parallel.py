@@ -112,9 +112,10 @@ def keep_freed_cpu_memory() -> None:
     so each [tokens x vocab] logits block of a training step is page-faulted and zeroed by the kernel again. Measured
     on the demo (2 cores, 80 steps): 19 s of system time and 2250 tokens/s before, 1 s and 3340 tokens/s after; on
     bench/sft.py's qwen3lab side 1074 -> 1372 tokens/s, peak RSS 2.18 -> 2.97 GiB (3.82 GiB with a heap per thread).
-    Process-wide, so it is called where qwen3lab owns the process's CPU work.
+    Process-wide, so it is called where qwen3lab owns the process's CPU work; QWEN3LAB_KEEP_FREED_MEMORY=0 turns it
+    off (e.g. when sharing the process with other memory-hungry work).
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("QWEN3LAB_KEEP_FREED_MEMORY", "1") == "0":
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
