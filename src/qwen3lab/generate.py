@@ -24,10 +24,11 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # slots filled by earlier forwards
+        # each layer's own views, made once; not its index: a compiled block then sees tensors, not a constant per layer
+        self.layers = [_LayerCache(self, self.k[i], self.v[i]) for i in range(cfg.num_hidden_layers)]
 
     def __getitem__(self, layer: int) -> _LayerCache:
-        # the layer's own views, not its index: a compiled block then sees tensors, not a constant per layer
-        return _LayerCache(self, self.k[layer], self.v[layer])
+        return self.layers[layer]
 
 
 @dataclass
