@@ -1,6 +1,7 @@
 """Bad model folders and configs fail with a message that names the file, the key and the fix."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -127,13 +128,41 @@ def test_dtype_auto_policy(monkeypatch, caplog):
     cpu = torch.device("cpu")
     assert resolve_dtype("float32", cpu, "bfloat16") == torch.float32
     assert resolve_dtype("auto", cpu, "float32") == torch.float32
-    monkeypatch.setattr("qwen3lab.checkpoint.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("qwen3lab.checkpoint.cpu_bf16_is_fast", lambda: False)
     assert resolve_dtype("auto", cpu, "bfloat16") == torch.float32
-    assert "no native bf16 matmul" in caplog.text
-    monkeypatch.setattr("qwen3lab.checkpoint.cpu_has_native_bf16", lambda: True)
+    assert "multiplies bf16 slower than fp32" in caplog.text
+    monkeypatch.setattr("qwen3lab.checkpoint.cpu_bf16_is_fast", lambda: True)
     assert resolve_dtype("auto", cpu, "bfloat16") == torch.bfloat16
     with pytest.raises(ValueError, match="dtype 'float33'"):
         resolve_dtype("float33", cpu, "bfloat16")
+
+
+def test_cpu_bf16_speed_is_measured_only_where_the_hardware_has_bf16(monkeypatch):
+    from qwen3lab import checkpoint
+
+    checkpoint.cpu_bf16_is_fast.cache_clear()
+    monkeypatch.setattr(checkpoint, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch, "randn", None)  # emulated bf16 is never timed (it would take seconds)
+    try:
+        assert checkpoint.cpu_bf16_is_fast() is False
+    finally:
+        checkpoint.cpu_bf16_is_fast.cache_clear()
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    from qwen3lab.lora import apply_lora, save_peft_adapter
+
+    old = os.umask(0o022)
+    try:
+        model = qwen3lab.new_model(qwen3lab.preset("tiny"))
+        qwen3lab.save_model(model, tmp_path / "model", max_shard_size="2MB")
+        apply_lora(model, 2, 4)
+        save_peft_adapter(model, tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert len([f for f in files if f.suffix == ".safetensors"]) > 2
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}
 
 
 def test_bf16_load_keeps_rope_in_fp32(folder):

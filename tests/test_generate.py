@@ -128,3 +128,14 @@ def test_compiled_decode_equals_eager(tmp_path, tok):
         g.ids for g in generate(eager, tok, PROMPTS[:2], max_new_tokens=20, stop_ids=[])
     ]
     assert counters["stats"]["unique_graphs"] <= 2  # a prompt graph and a decode graph, whatever the lengths
+
+
+def test_long_prompt_prefill_without_mask_equals_masked_batch_and_transformers(models, tok):
+    """A single 1,500-token prompt is prefilled with the causal kernel and no [n, S] mask; the same prompt in a
+    left-padded batch goes through the masked path: the same greedy ids, and transformers' too."""
+    hf, ours = models
+    ids = torch.randint(0, 151_000, (1500,), generator=torch.Generator().manual_seed(0)).tolist()
+    alone = generate(ours, tok, ids, max_new_tokens=8, stop_ids=[]).ids
+    batched = generate(ours, tok, [ids, ids[:700]], max_new_tokens=8, stop_ids=[])[0].ids
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None)[0, len(ids) :]
+    assert alone == batched == ref.tolist()

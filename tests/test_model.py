@@ -7,7 +7,7 @@ import torch
 from conftest import hf_tiny, transformers
 
 import qwen3lab
-from qwen3lab.model import document_mask
+from qwen3lab.attention import document_mask
 
 SHAPES = {
     "tied-gqa2": dict(tied=True, heads=4, kv_heads=2),

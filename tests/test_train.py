@@ -1,5 +1,6 @@
 """Training: loss parity with trl, packing, LoRA, export to transformers / peft, resume, bad input."""
 
+import importlib
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import qwen3lab
 from qwen3lab import data as D
 from qwen3lab.config import ConfigError, TrainConfig, load_train_config
 from qwen3lab.lora import apply_lora, merge_lora
+from qwen3lab.loss import lm_loss_sum
 from qwen3lab.train import micro_batch_loss, train
 
 trl = pytest.importorskip("trl")
@@ -212,6 +214,96 @@ def test_lora_train_tokens_moves_only_those_rows(model_dir, tmp_path, tok):
     after = qwen3lab.load_model(run / "model", dtype="float32", device="cpu").model.embed_tokens.weight
     changed = (before != after).any(1).nonzero().flatten().tolist()
     assert changed == [151644, 151645]
+
+
+def test_trained_token_rows_equal_a_materialised_embedding(model_dir, tok):
+    """The delta on trained rows (embedding and tied logits, never a [vocab, hidden] copy) gives the loss and
+    gradients of the old way: the whole embedding with the delta added, used for input and lm_head."""
+    from qwen3lab.train import TrainableTokens
+
+    data = D.tokenize_rows(tok, [(f"row {i}", {"messages": c}) for i, c in enumerate(CHATS)], 512)
+    batch = D.collate(data, [[0, 1, 2], [6]], tok.pad_token_id)
+    model = qwen3lab.load_model(model_dir, dtype="float32", device="cpu")
+    apply_lora(model, 4, 8.0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    ids = [151644, 151645, 198]
+    extra = TrainableTokens(151936, 32, ids)
+    torch.nn.init.normal_(extra.delta, std=0.5)
+    loss, _ = micro_batch_loss(model, batch, True, 64, extra)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None} | {"delta": extra.delta.grad}
+    model.zero_grad(set_to_none=True)
+    extra.delta.grad = None
+
+    weight = model.model.embed_tokens.weight.index_add(0, torch.tensor(ids), extra.delta)
+    embeds = torch.nn.functional.embedding(batch["input_ids"], weight)
+    hidden = model.forward_packed(batch["input_ids"], batch["position_ids"], True, embeds)
+    want_loss, _ = lm_loss_sum(hidden, weight, batch["labels"], 64)
+    want_loss.backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None} | {"delta": extra.delta.grad}
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    assert got.keys() == want.keys() and len(got) > 10
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=lambda m, k=name: f"{k}: {m}")
+    assert model.model.embed_tokens.weight.grad is None  # frozen: no [vocab, hidden] gradient
+
+
+@pytest.mark.parametrize("bf16_fast", [False, True], ids=["fp32-compute", "bf16-compute"])
+def test_lora_on_bf16_checkpoint_keeps_base_bf16_and_exports_like_fp32(
+    model_dir, tmp_path, tok, monkeypatch, bf16_fast
+):
+    """A bf16 checkpoint: the frozen base stays bf16, adapters and trained rows fp32. Computed in fp32 (bf16 weights
+    converted per call), training is the all-fp32 run's and the export equals it within bf16 rounding; computed in
+    bf16 (CPUs fast at it), the loss follows the fp32 run and the export is the fp32 merge of its own adapters."""
+    from safetensors.torch import load_file
+
+    T = importlib.import_module("qwen3lab.train")  # the module: the package's `train` is the function
+    bf16_dir = tmp_path / "bf16"
+    qwen3lab.save_model(qwen3lab.load_model(model_dir, dtype="float32", device="cpu").to(torch.bfloat16), bf16_dir)
+    tok.save(bf16_dir)
+    data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    keys = dict(lora__rank=4, lora__alpha=8.0, lora__train_tokens=["<|im_start|>", "<|im_end|>"], steps=3)
+    monkeypatch.setattr(T, "cpu_bf16_is_fast", lambda: bf16_fast)
+    seen = {}
+    build = T.build_optimizer
+
+    def record(net, cfg):
+        seen.update({n: (p.dtype, p.requires_grad) for n, p in net.named_parameters()})
+        return build(net, cfg)
+
+    monkeypatch.setattr(T, "build_optimizer", record)
+    run16 = train(run_config(bf16_dir, data_path, tmp_path / "run16", **keys))
+    frozen = {n: dt for n, (dt, trained) in seen.items() if not trained}
+    trained = {n: dt for n, (dt, trained) in seen.items() if trained}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen
+    assert trained and set(trained.values()) == {torch.float32}, trained
+    assert "extra_tokens.delta" in trained
+    assert json.loads((run16 / "model" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    run32 = train(run_config(bf16_dir, data_path, tmp_path / "run32", precision="fp32", **keys))
+
+    def losses(run):
+        return torch.tensor([json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()])
+
+    base = qwen3lab.load_model(bf16_dir, dtype="float32", device="cpu").state_dict()
+    m16 = qwen3lab.load_model(run16 / "model", dtype="float32", device="cpu").state_dict()
+    m32 = qwen3lab.load_model(run32 / "model", dtype="float32", device="cpu").state_dict()
+    assert max(float((m32[k] - base[k]).abs().max()) for k in base) > 1e-2  # far beyond bf16 rounding
+    bf16_rounding = dict(rtol=2**-8, atol=1e-6)
+    if not bf16_fast:
+        torch.testing.assert_close(losses(run16), losses(run32), rtol=1e-5, atol=1e-6)
+        for k in base:
+            torch.testing.assert_close(m16[k], m32[k], **bf16_rounding, msg=lambda m, k=k: f"{k}: {m}")
+        return
+    torch.testing.assert_close(losses(run16)[0], losses(run32)[0], rtol=2e-2, atol=0)
+    adapter = load_file(run16 / "adapter" / "adapter_model.safetensors")
+    for name in (k for k in base if k.endswith("proj.weight")):
+        prefix = f"base_model.model.{name.removesuffix('.weight')}"
+        delta = adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"] * (8.0 / 4)
+        torch.testing.assert_close(
+            m16[name], (base[name] + delta).bfloat16().float(), **bf16_rounding, msg=lambda m, k=name: f"{k}: {m}"
+        )
 
 
 @pytest.mark.parametrize(

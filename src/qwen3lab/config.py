@@ -260,7 +260,10 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPUs; or fp32 | bf16
+    # auto: bf16 autocast on GPUs, and on CPUs for a LoRA run's bf16 base where bf16 is measured faster (AMX), else
+    # fp32; fp32: fp32 everywhere (a LoRA base too); bf16: autocast everywhere
+    precision: str = "auto"
+    attention: str = "auto"  # packed rows: auto | sdpa | varlen | flex | dense (attention.py)
     activation_checkpointing: bool = False
     compile: bool = False
     loss_chunk: int = 256  # positions per lm_head chunk in the loss: chunk x vocab fp32 logits at a time

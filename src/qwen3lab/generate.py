@@ -152,6 +152,7 @@ def generate_ids(model, prompts: list[list[int]], params) -> Iterator[list[int |
             f"max_position_embeddings={model.config.max_position_embeddings}"
         )
     pad = torch.tensor([T - n for n in lengths], device=device)  # left padding per row
+    padded = min(lengths) < T
     ids = torch.zeros(B, T, dtype=torch.long, device=device)
     for r, p in enumerate(prompts):
         ids[r, T - len(p) :] = torch.tensor(p, device=device)
@@ -171,10 +172,11 @@ def generate_ids(model, prompts: list[list[int]], params) -> Iterator[list[int |
         q_slots = slots[start : start + n]
         positions = (q_slots[None, :] - pad[:, None]).clamp(min=0)  # [B, n]
         k_slots = slots[: start + n]
-        # [B, 1, n, S]: causal over slots, and never a row's own left padding
-        mask = (k_slots[None, None, None, :] <= q_slots[None, None, :, None]) & (
-            k_slots[None, None, None, :] >= pad[:, None, None, None]
-        )
+        mask = None  # no padding: the causal kernel, no [n, S] mask (a 32k-token prompt would need GiBs)
+        if padded:  # [B, 1, n, S]: causal over slots, and never a row's own left padding
+            mask = (k_slots[None, None, None, :] <= q_slots[None, None, :, None]) & (
+                k_slots[None, None, None, :] >= pad[:, None, None, None]
+            )
         hidden = model(x, positions, mask, return_hidden=True, kv_cache=cache)
         cache.length = start + n
         logits = model.lm_head(hidden[:, -1]).float()  # [B, V]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoint import atomic_write
 from .config import LORA_TARGETS as TARGETS
 
 
@@ -28,7 +29,8 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # adapters in fp32 whatever the base's dtype (a bf16 base stays bf16): their updates are tiny
+        kw = dict(device=base.weight.device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, **kw)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, **kw)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -41,16 +43,23 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        weight, bias, autocast = self.weight, self.bias, torch.is_autocast_enabled(x.device.type)
+        if weight.dtype != x.dtype and not autocast:
+            # a bf16 frozen base computed in fp32 (a CPU that multiplies fp32 faster): converted for this call only
+            weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        out = F.linear(x, weight, bias)
+        x_lora = x if autocast else x.to(self.lora_A.weight.dtype)  # the fp32 adapters of a bf16 model
+        return out + (self.lora_B(self.lora_A(self.lora_dropout(x_lora))) * self.scaling).to(out.dtype)
 
     def merged(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        linear.to(device=self.weight.device, dtype=self.weight.dtype)
+        """The base layer with the adapter folded into its weight *in place*: a base weight memory-mapped from its
+        checkpoint stays that one mapping (a merged copy of Qwen3-4B would add 8 GB at export). The sum is in fp32,
+        rounded once to the base's dtype."""
         with torch.no_grad():
             delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-            linear.weight.copy_(self.weight.float() + delta)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
+            self.weight.copy_(self.weight.float() + delta)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
         return linear
 
 
@@ -94,7 +103,7 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model: str
     for name, lora in loras.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora.lora_A.weight.detach().cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora.lora_B.weight.detach().cpu().contiguous()
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     first = next(iter(loras.values()))
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     config = {
@@ -113,5 +122,5 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model: str
         "use_dora": False,
         "modules_to_save": None,
     }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return folder

@@ -15,19 +15,21 @@ IGNORE = -100
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
-        # hidden [N, H], weight [V, H], targets [N] -> summed loss (fp32 scalar)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, chunk_size, extra_ids, extra_delta):
+        # hidden [N, H], weight [V, H], targets [N] -> summed loss (fp32 scalar). extra_delta [k, H] is added to the
+        # rows extra_ids [k] of weight (trained token rows of a frozen tied embedding) without copying weight.
+        need_h, need_w, need_d = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None  # [V, H] fp32, made by the first chunk's product (not zero-filled, then added to)
+        grad_d = torch.zeros_like(extra_delta, dtype=torch.float32) if need_d else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             # logits in the compute dtype, then fp32 as transformers does; log_softmax is one fused row-wise kernel,
             # where logsumexp + sub + exp would stream the [n, vocab] block through memory several times
-            logp = torch.log_softmax((h @ weight.T).float(), dim=-1)  # [n, V]
+            logp = torch.log_softmax(_logits(h, weight, extra_ids, extra_delta).float(), dim=-1)  # [n, V]
             loss -= logp.gather(1, t[:, None]).sum()
-            if need_h or need_w:
+            if need_h or need_w or need_d:
                 grad_logits = logp.exp_()  # softmax, in place
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1
                 grad_logits = grad_logits.to(weight.dtype)
@@ -40,34 +42,55 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                         grad_w.addmm_(grad_logits.T, h)
                     else:  # bf16 compute: the product in bf16, accumulated in fp32
                         grad_w += (grad_logits.T @ h).float()
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
+                if extra_delta is not None and (need_h or need_d):
+                    g = grad_logits[:, extra_ids]  # [n, k]: the trained rows' share of the gradient
+                    if need_h:
+                        grad_h[start : start + chunk_size] += (g @ extra_delta.to(g.dtype)).to(grad_h.dtype)
+                    if need_d:
+                        grad_d += g.T.float() @ h.float()
+        ctx.save_for_backward(grad_h, grad_w, grad_d)
+        ctx.weight_dtype, ctx.delta_dtype = weight.dtype, None if extra_delta is None else extra_delta.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         # scaled in place: these buffers were made for this one backward, and grad_w is [vocab, hidden]
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w, grad_d = ctx.saved_tensors
         grad_h = grad_h.mul_(grad_loss) if grad_h is not None else None
         grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None
+        grad_d = grad_d.mul_(grad_loss).to(ctx.delta_dtype) if grad_d is not None else None
+        return grad_h, grad_w, None, None, None, grad_d
 
 
-def lm_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024):
+def _logits(h, weight, extra_ids, extra_delta):
+    logits = h @ weight.T
+    if extra_delta is not None:
+        logits.index_add_(1, extra_ids, (h @ extra_delta.to(h.dtype).T).to(logits.dtype))
+    return logits
+
+
+def lm_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024, extra_rows=None
+):
     """Summed cross-entropy of lm_head(hidden) against labels, over positions whose label is not -100.
 
     hidden [B, T, H] final hidden states; weight [V, H] lm_head weight; labels [B, T] already shifted (label t is the
-    token after position t). Returns (loss_sum, number of supervised tokens).
+    token after position t). extra_rows: (token_ids [k], delta [k, H]) added to those rows of weight, for trained
+    token rows of a tied embedding. Returns (loss_sum, number of supervised tokens).
     """
     keep = labels.reshape(-1) != IGNORE
     h = hidden.reshape(-1, hidden.shape[-1])[keep]  # [N, H]
     targets = labels.reshape(-1)[keep]
     if h.shape[0] == 0:
         return hidden.sum() * 0.0, 0
+    if weight.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+        weight = weight.to(h.dtype)  # a bf16-stored frozen base computed in fp32: converted once per call
+    extra_ids, extra_delta = extra_rows if extra_rows is not None else (None, None)
     if torch.is_grad_enabled():
-        return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size), int(targets.numel())
+        loss = _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size, extra_ids, extra_delta)
+        return loss, int(targets.numel())
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], chunk_size):
-        logits = (h[start : start + chunk_size] @ weight.T).float()
+        logits = _logits(h[start : start + chunk_size], weight, extra_ids, extra_delta).float()
         loss += torch.nn.functional.cross_entropy(logits, targets[start : start + chunk_size], reduction="sum")
     return loss, int(targets.numel())

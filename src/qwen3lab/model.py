@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Documents, attend
 from .config import ModelConfig
 
 
@@ -116,7 +117,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None):
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, docs=None):
         B, T, _ = x.shape
         # [B, T, H*D] -> [B, T, H, D]; norm per head over D, then -> [B, H, T, D]
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
@@ -125,12 +126,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # -> [B, Hkv, S, D]: every filled slot, this forward's included
-        # Without a mask, is_causal lets SDPA pick its flash kernel; a mask (packed documents, padding, cache)
-        # carries causality itself.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # [B, H, T, D] -> [B, T, H*D]
+        return self.o_proj(attend(q, k, v, mask, docs))  # attention.py: packed documents, a mask, or causal
 
 
 class MLP(nn.Module):
@@ -152,20 +148,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, docs=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, docs)
         return h + self.mlp(self.post_attention_layernorm(h))
-
-
-def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """Causal mask that keeps packed documents apart: a new document starts wherever position_ids is 0.
-
-    position_ids [B, T] -> bool mask [B, 1, T, T], True where query t may attend to key s.
-    """
-    doc = (position_ids == 0).cumsum(-1)  # [B, T] document index of each token
-    T = position_ids.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 class Qwen3(nn.Module):
@@ -182,6 +167,8 @@ class Qwen3(nn.Module):
             )
         )
         self.rotary_emb = RotaryEmbedding(cfg)
+        # attention.py's backend for packed rows (auto, sdpa, varlen, flex, dense); the training config sets it
+        self.attn_implementation = "auto"
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
@@ -213,13 +200,14 @@ class Qwen3(nn.Module):
         return_hidden: bool = False,
         kv_cache=None,
         inputs_embeds: torch.Tensor | None = None,
+        docs: Documents | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (or final hidden states [B, T, hidden] with return_hidden).
 
         position_ids [B, T] default to 0..T-1. mask is an SDPA mask ([B, 1, T, S] bool, True = attend); without one
         attention is plainly causal; for packed rows, use `forward_packed`. kv_cache (generate.KVCache) appends this
         forward's keys and values. inputs_embeds [B, T, hidden] replaces the embedding lookup (e.g. with some
-        embedding rows being trained apart).
+        embedding rows being trained apart). docs (attention.Documents) marks packed documents instead of a mask.
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -227,11 +215,18 @@ class Qwen3(nn.Module):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i])
+            x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], docs)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 
-    def forward_packed(self, input_ids, position_ids, return_hidden: bool = False, inputs_embeds=None):
-        """Rows holding several documents: positions restart at 0 per document and no token sees another document."""
-        mask = document_mask(position_ids)
-        return self.forward(input_ids, position_ids, mask, return_hidden, inputs_embeds=inputs_embeds)
+    def forward_packed(self, input_ids, position_ids, return_hidden=False, inputs_embeds=None, cu_seqlens=None):
+        """Rows holding several documents: positions restart at 0 per document and no token sees another document.
+
+        cu_seqlens [docs + 1] (int32 offsets into the B*T tokens, as data.collate makes them) are derived from the
+        positions when not given. No [T, T] mask is built (see attention.py).
+        """
+        if cu_seqlens is None:
+            docs = Documents.from_position_ids(position_ids, self.attn_implementation)
+        else:
+            docs = Documents(cu_seqlens, tuple(input_ids.shape), self.attn_implementation)
+        return self.forward(input_ids, position_ids, None, return_hidden, inputs_embeds=inputs_embeds, docs=docs)

@@ -31,8 +31,16 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from . import data as D
-from .checkpoint import load_model, new_model, save_model
-from .config import PRESETS, TrainConfig, flatten_keys, load_train_config, preset, train_config_dict
+from .checkpoint import cpu_bf16_is_fast, load_model, new_model, resolve_folder, save_model
+from .config import (
+    PRESETS,
+    ModelConfig,
+    TrainConfig,
+    flatten_keys,
+    load_train_config,
+    preset,
+    train_config_dict,
+)
 from .lora import apply_lora, lora_modules, merge_lora, save_peft_adapter
 from .loss import IGNORE, lm_loss_sum
 from .optim import build_optimizer
@@ -62,11 +70,35 @@ def resolve_config(config) -> TrainConfig:
     raise TypeError(f"config must be a TrainConfig, a YAML path or a dict, got {type(config).__name__}")
 
 
-def build_model(cfg: TrainConfig, device: torch.device):
-    """Master weights in fp32 (bf16 happens in autocast), from a folder or a preset at random init."""
+def build_model(cfg: TrainConfig, device: torch.device, world: int = 1):
+    """Full fine-tuning: fp32 master weights (bf16 happens in autocast). LoRA on one process: the frozen base stays
+    in the checkpoint's dtype (Qwen3-4B: 8 GB in bf16, not 16 in fp32), unless precision is fp32. Under FSDP the base
+    is fp32 too: FSDP2 shards a block's parameters as one flat buffer of one dtype, and the adapters are fp32."""
     if cfg.model in PRESETS:
         return new_model(preset(cfg.model), device=device, dtype=torch.float32, seed=cfg.seed), None
-    return load_model(cfg.model, dtype=torch.float32, device=device), cfg.model
+    dtype = torch.float32
+    if cfg.lora.rank > 0 and cfg.precision != "fp32" and world == 1:
+        stored = getattr(torch, ModelConfig.from_file(resolve_folder(cfg.model)).torch_dtype, None)
+        dtype = stored if isinstance(stored, torch.dtype) else torch.float32
+    return load_model(cfg.model, dtype=dtype, device=device), cfg.model
+
+
+def use_bf16_compute(cfg: TrainConfig, device: torch.device, base_dtype: torch.dtype) -> bool:
+    """bf16 autocast on GPUs; on CPUs only for a bf16 frozen base (LoRA) where bf16 is measured faster than fp32
+    (AMX), so full fine-tuning and the demo keep their fp32 numerics on every CPU."""
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision {cfg.precision!r}: use auto, bf16 or fp32")
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    return device.type == "cuda" or (base_dtype == torch.bfloat16 and cpu_bf16_is_fast())
+
+
+def upcast_frozen_layers(model) -> None:
+    """A bf16 frozen base computed in fp32: LoRA layers convert their weight per call; any other linear layer is
+    made fp32 once (the lm_head and the tied embedding are converted per call by the loss and micro_batch_loss)."""
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear and name != "lm_head" and "lora_" not in name:
+            module.float()
 
 
 def build_tokenizer(model_source: str | None) -> Tokenizer:
@@ -95,46 +127,61 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 class TrainableTokens(torch.nn.Module):
     """Train the embedding rows of chosen tokens while the rest stays frozen: a delta on those rows only.
 
-    With tied embeddings the same rows of lm_head move too, as they are the same tensor.
+    The delta is added where those tokens occur and, with tied embeddings, to their logits in the loss: never a
+    copy of the [vocab, hidden] embedding, and a gradient for those rows alone.
     """
 
-    def __init__(self, embedding: torch.nn.Embedding, token_ids: list[int]):
+    def __init__(self, vocab_size: int, hidden_size: int, token_ids: list[int], device=None):
         super().__init__()
-        self.register_buffer("token_ids", torch.tensor(token_ids, device=embedding.weight.device), persistent=False)
-        rows, hidden = len(token_ids), embedding.weight.shape[1]
-        self.delta = torch.nn.Parameter(torch.zeros(rows, hidden, device=embedding.weight.device))
+        if len(set(token_ids)) != len(token_ids):
+            raise ValueError(f"lora.train_tokens: token ids {token_ids} repeat; list each token once")
+        self.register_buffer("token_ids", torch.tensor(token_ids, device=device), persistent=False)
+        row_of = torch.full((vocab_size,), -1, dtype=torch.long, device=device)  # token id -> its delta row
+        row_of[self.token_ids] = torch.arange(len(token_ids), device=device)
+        self.register_buffer("row_of", row_of, persistent=False)
+        self.delta = torch.nn.Parameter(torch.zeros(len(token_ids), hidden_size, device=device))
 
-    def weight(self, base: torch.Tensor) -> torch.Tensor:
-        return base.index_add(0, self.token_ids, self.delta.to(base.dtype))
+    def embed(self, base: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> [B, T, hidden]: the frozen rows, plus the delta on the trained tokens."""
+        row = self.row_of[ids]
+        extra = torch.nn.functional.embedding(row.clamp(min=0), self.delta) * (row >= 0).unsqueeze(-1)
+        return torch.nn.functional.embedding(ids, base) + extra  # fp32 delta on a bf16 base: summed in fp32
 
 
 # ---- the step ----
 
 
-def micro_batch_loss(model, batch, packing: bool, chunk: int, extra_tokens: TrainableTokens | None):
-    """Summed loss and supervised-token count of one micro-batch."""
+def micro_batch_loss(model, batch, packing: bool, chunk: int, extra_tokens: TrainableTokens | None, upcast=False):
+    """Summed loss and supervised-token count of one micro-batch. upcast: the embedding is a bf16 frozen base and
+    the compute is fp32 (see use_bf16_compute)."""
     ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
-    head, embeds = model.lm_head.weight, None
+    embedding, extra_rows = model.model.embed_tokens, None
     if extra_tokens is not None:
-        weight = extra_tokens.weight(model.model.embed_tokens.weight)
-        embeds = torch.nn.functional.embedding(ids, weight)
+        embeds = extra_tokens.embed(embedding.weight, ids)
         if model.config.tie_word_embeddings:
-            head = weight
-    forward = model.forward_packed if packing else model.forward
-    hidden = forward(ids, pos, return_hidden=True, inputs_embeds=embeds)
-    return lm_loss_sum(hidden, head, labels, chunk)
+            extra_rows = (extra_tokens.token_ids, extra_tokens.delta)
+    else:
+        embeds = embedding(ids)
+    if upcast:
+        embeds = embeds.float()
+    if packing:
+        hidden = model.forward_packed(ids, pos, True, embeds, batch["cu_seqlens"])
+    else:
+        hidden = model(ids, pos, return_hidden=True, inputs_embeds=embeds)
+    return lm_loss_sum(hidden, model.lm_head.weight, labels, chunk, extra_rows)
 
 
 class WithLoss(torch.nn.Module):
     """The model and its loss as one module, so FSDP2 (which gathers a module's parameters only while its forward
     runs) has the tied embedding / lm_head gathered for the chunked loss too; and the trained token rows, if any."""
 
-    def __init__(self, model, extra_tokens: TrainableTokens | None, packing: bool, chunk: int):
+    def __init__(self, model, extra_tokens: TrainableTokens | None, packing: bool, chunk: int, upcast=False):
         super().__init__()
         self.model, self.extra_tokens, self.packing, self.chunk = model, extra_tokens, packing, chunk
+        self.upcast = upcast
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return micro_batch_loss(self.model, batch, self.packing, self.chunk, self.extra_tokens)[0]
+        return micro_batch_loss(self.model, batch, self.packing, self.chunk, self.extra_tokens, self.upcast)[0]
 
 
 def to_device(batch, device):
@@ -148,7 +195,14 @@ def rank_batch(data, rows: list[list[int]], d: Dist, pad_id: int) -> dict[str, t
     if mine:
         return D.collate(data, mine, pad_id)
     none = torch.zeros(1, 1, dtype=torch.long)
-    return {"input_ids": none + pad_id, "labels": none + IGNORE, "position_ids": none, "num_tokens": none.sum()}
+    cu_seqlens = torch.tensor([0, 1], dtype=torch.int32)
+    return {
+        "input_ids": none + pad_id,
+        "labels": none + IGNORE,
+        "position_ids": none,
+        "cu_seqlens": cu_seqlens,
+        "num_tokens": none.sum(),
+    }
 
 
 @torch.no_grad()
@@ -342,31 +396,43 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    # model, tokenizer, adapters
+    # under FSDP each rank reads the model into CPU memory and fully_shard moves only its shard to the device
+    model, source = build_model(cfg, torch.device("cpu") if d.world > 1 else device, d.world)
+    model.attn_implementation = cfg.attention
+    base_dtype = model.model.embed_tokens.weight.dtype
+    use_bf16 = use_bf16_compute(cfg, device, base_dtype)
+    upcast = base_dtype != torch.float32 and not use_bf16
+    log.info(
+        "weights %s%s, compute %s",
+        str(base_dtype).removeprefix("torch."),
+        " (frozen base, LoRA)" if base_dtype != torch.float32 else "",
+        "bf16 autocast" if use_bf16 else "fp32" + (", frozen bf16 layers converted per call" if upcast else ""),
+    )
 
     def autocast():  # under FSDP2 bf16 comes from its mixed-precision policy instead
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and d.world == 1)
 
-    # model, tokenizer, adapters
-    # under FSDP each rank reads the model into CPU memory and fully_shard moves only its shard to the device
-    model, source = build_model(cfg, torch.device("cpu") if d.world > 1 else device)
     tok = build_tokenizer(source)
     extra_tokens = None
     if cfg.lora.rank > 0:
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+        if upcast:
+            upcast_frozen_layers(model)
         if cfg.lora.train_tokens:
             ids = [tok.token_to_id(t) for t in cfg.lora.train_tokens]
             unknown = [t for t, i in zip(cfg.lora.train_tokens, ids, strict=True) if i is None]
             if unknown:
                 raise ValueError(f"lora.train_tokens: {unknown} are not tokens of this tokenizer")
-            extra_tokens = TrainableTokens(model.model.embed_tokens, ids)
+            c, where = model.config, model.model.embed_tokens.weight.device
+            extra_tokens = TrainableTokens(c.vocab_size, c.hidden_size, ids, device=where)
     elif cfg.lora.train_tokens:
         raise ValueError("lora.train_tokens needs lora.rank > 0; full fine-tuning trains every embedding row already")
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
         apply_compile(model)
-    net = WithLoss(model, extra_tokens, cfg.data.packing, cfg.loss_chunk)
+    net = WithLoss(model, extra_tokens, cfg.data.packing, cfg.loss_chunk, upcast)
     if d.world > 1:
         apply_fsdp(net, model.model.layers, bf16=use_bf16)
     net.train()
@@ -496,8 +562,8 @@ def consolidate(net, cfg: TrainConfig, d: Dist):
     if cfg.lora.rank > 0:
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
     if net.extra_tokens is not None:
-        extra_tokens = TrainableTokens(model.model.embed_tokens, net.extra_tokens.token_ids.tolist())
-        extra_tokens.token_ids = net.extra_tokens.token_ids.cpu()
+        cfg_m = model.config
+        extra_tokens = TrainableTokens(cfg_m.vocab_size, cfg_m.hidden_size, net.extra_tokens.token_ids.tolist(), "cpu")
     plain = WithLoss(model, extra_tokens, cfg.data.packing, cfg.loss_chunk)
     plain.load_state_dict(full, strict=True, assign=True)
     model.tie_weights()
@@ -514,6 +580,7 @@ def export(model, tok: Tokenizer, extra_tokens, out: Path, source: str | None) -
         merge_lora(model)
     if extra_tokens is not None:
         with torch.no_grad():
-            model.model.embed_tokens.weight.index_add_(0, extra_tokens.token_ids, extra_tokens.delta)
+            w, ids = model.model.embed_tokens.weight, extra_tokens.token_ids.to(model.model.embed_tokens.weight.device)
+            w[ids] = (w[ids].float() + extra_tokens.delta.to(w.device)).to(w.dtype)
     save_model(model, out / "model")
     tok.save(out / "model")

@@ -1,0 +1,121 @@
+"""Long packed rows: one training step (forward + backward + chunked loss) on one row of 2,048-token documents.
+
+    python bench/long_context.py [--lengths 4096,8192,16384,32768] [--doc 2048] [--steps 2]
+
+Three paths on the same model, documents and labels (every token supervised):
+  packed      one packed row, attention.py's auto backend (per-document causal SDPA on CPUs), no [T, T] tensor
+  dense       one packed row with the dense [1, 1, T, T] document mask (the path before attention.py)
+  separate    the same documents as T / doc separate rows of one batch (plain causal attention)
+Each (path, T) runs in its own subprocess so each peak RSS is its own; the time is the fastest of --steps steps.
+Shape: Qwen3 layout, real 151,936 vocabulary, hidden 256, 8 layers, 4 / 2 heads, head_dim 64, intermediate 768, fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from common import machine
+
+SHAPE = dict(
+    vocab_size=151936,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+)
+
+
+def one(path: str, T: int, doc: int, steps: int) -> dict:
+    import qwen3lab
+    from qwen3lab.loss import lm_loss_sum
+    from qwen3lab.parallel import keep_freed_cpu_memory
+
+    keep_freed_cpu_memory()  # as `qwen3lab train` does on CPUs
+    model = qwen3lab.new_model(qwen3lab.ModelConfig(**SHAPE), seed=0).train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, T), generator=g)
+    labels = torch.roll(ids, -1, 1)
+    pos = torch.arange(T).remainder(doc)[None]  # documents of `doc` tokens, positions restarting
+    labels[pos.roll(-1, 1) == 0] = -100  # a document's last token has no next token in it
+    model.attn_implementation = "dense" if path == "dense" else "auto"
+
+    def step():
+        if path == "separate":
+            hidden = model(ids.view(-1, doc), return_hidden=True)
+            loss, _ = lm_loss_sum(hidden, model.lm_head.weight, labels.view(-1, doc), 256)
+        else:
+            loss, _ = lm_loss_sum(model.forward_packed(ids, pos, True), model.lm_head.weight, labels, 256)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return float(loss)
+
+    times, losses = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"path": path, "T": T, "s": min(times), "tok_s": T / min(times), "rss_gib": rss, "loss": losses[0]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="4096,8192,16384,32768")
+    ap.add_argument("--doc", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--dense-max", type=int, default=16384, help="longest T for the dense mask (32k: OOM on 24 GiB)")
+    ap.add_argument("--one", nargs=2, metavar=("PATH", "T"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one[0], int(args.one[1]), args.doc, args.steps)))
+        return
+    print(machine())
+    lengths = [int(x) for x in args.lengths.split(",")]
+    results = {}
+    for T in lengths:
+        for path in ("packed", "dense", "separate"):
+            if path == "dense" and T > args.dense_max:
+                continue
+            cmd = [sys.executable, __file__, "--one", path, str(T), "--doc", str(args.doc), "--steps", str(args.steps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{path} T={T}: failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[(path, T)] = r
+            print(f"{path:9s} T={T:6d}  {r['s']:7.2f} s/step  {r['tok_s']:7.0f} tok/s  {r['rss_gib']:6.2f} GiB peak RSS"
+                  f"  loss {r['loss']:.5f}", flush=True)  # fmt: skip
+    print("\n| T | packed (attention.py) | dense mask | separate rows |\n|---|---|---|---|")
+    for T in lengths:
+        cells = []
+        for path in ("packed", "dense", "separate"):
+            r = results.get((path, T))
+            cells.append(f"{r['s']:.1f} s, {r['rss_gib']:.2f} GiB" if r else "out of memory / not run")
+        print(f"| {T:,} | " + " | ".join(cells) + " |")
+    packed = {T: results[("packed", T)] for T in lengths if ("packed", T) in results}
+    if len(packed) == len(lengths) and len(lengths) > 1:
+        lo, hi = lengths[0], lengths[-1]
+        print(f"\npacked {hi} peak RSS {packed[hi]['rss_gib']:.2f} GiB (goal <= 10)")
+        if hi // 2 in packed:
+            ratio = packed[hi]["rss_gib"] / packed[hi // 2]["rss_gib"]
+            print(f"packed peak RSS {hi} / {hi // 2}: {ratio:.2f}x (goal <= 2.2)")
+        print(f"packed tokens/s {hi} / {lo}: {packed[hi]['tok_s'] / packed[lo]['tok_s']:.0%} (goal >= 75%)")
+        for T in lengths:
+            if ("separate", T) in results:
+                sep = results[("separate", T)]
+                print(f"T={T}: packed loss {packed[T]['loss']:.6f} vs separate {sep['loss']:.6f}; "
+                      f"time packed / separate {packed[T]['s'] / sep['s']:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
