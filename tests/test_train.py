@@ -188,20 +188,33 @@ def test_full_finetune_export_loads_in_transformers(model_dir, tmp_path):
     assert hf_tok.chat_template == qwen3lab.load_tokenizer(run / "model").chat_template
 
 
-def test_lora_export_merged_and_peft_adapter(model_dir, tmp_path):
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("train_tokens", [False, True], ids=["adapters", "adapters+tokens"])
+def test_lora_export_merged_and_peft_adapter(model_dir, tmp_path, tok, tied, train_tokens):
+    """base + adapter/ in peft gives model/'s logits, trained ChatML rows included (peft's trainable tokens)."""
     peft = pytest.importorskip("peft")
+    base_dir = model_dir
+    if not tied:
+        base_dir = tmp_path / "untied"
+        cfg = transformers.AutoConfig.from_pretrained(model_dir)
+        cfg.tie_word_embeddings = False
+        torch.manual_seed(0)
+        transformers.Qwen3ForCausalLM(cfg).save_pretrained(base_dir)
+        tok.save(base_dir)
     data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
-    cfg = run_config(model_dir, data_path, tmp_path / "run", lora__rank=4, lora__alpha=8.0)
-    run = train(cfg)
-    ids = torch.randint(0, 151936, (1, 16))
+    keys = {"lora__train_tokens": ["<|im_start|>", "<|im_end|>"]} if train_tokens else {}
+    run = train(run_config(base_dir, data_path, tmp_path / "run", lora__rank=4, lora__alpha=8.0, **keys))
+    ids = torch.tensor([tok.encode_chat(CHATS[0]).input_ids])  # holds <|im_start|> and <|im_end|>
     merged = transformers.AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)
-    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     adapted = peft.PeftModel.from_pretrained(base, run / "adapter")
     with torch.no_grad():
         want = merged(ids).logits
-        torch.testing.assert_close(adapted(ids).logits, want, atol=1e-4, rtol=1e-4)
-        untrained = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
+        torch.testing.assert_close(adapted(ids).logits, want, atol=1e-5, rtol=1e-5)
+        untrained = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)(ids).logits
         assert not torch.allclose(untrained, want, atol=1e-4)  # the adapter did learn something
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == ([151644, 151645] if train_tokens else None)
 
 
 def test_lora_train_tokens_moves_only_those_rows(model_dir, tmp_path, tok):
@@ -337,6 +350,35 @@ def test_resume_gives_the_same_losses(model_dir, tmp_path, monkeypatch, keys):
     assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
 
 
+class _RunsCode:
+    """Unpickling this runs code: what a tampered checkpoint file would hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("target", ["state-rank0.pt", ".metadata"])
+def test_tampered_checkpoint_is_refused_not_executed(model_dir, tmp_path, target):
+    import pickle
+
+    data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    cfg = run_config(model_dir, data_path, tmp_path / "run", steps=2, save_every=1, lora__rank=4)
+    train(cfg)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000001"
+    state = torch.load(checkpoint / "state-rank0.pt", weights_only=True)  # tensors and plain data only
+    assert state["step"] == 1 and isinstance(state["rng"]["torch"], torch.Tensor)
+    marker = tmp_path / "code-ran"
+    with open(checkpoint / target, "wb") as f:
+        pickle.dump(_RunsCode(marker), f)
+    cfg.steps = 3
+    with pytest.raises(ValueError, match=rf"{target}.*refused"):
+        train(cfg)
+    assert not marker.exists()
+
+
 def test_grad_accumulation_normalises_by_all_supervised_tokens(model_dir, tmp_path):
     data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS[:4]])
     one = train(run_config(model_dir, data_path, tmp_path / "one", steps=1, batch_size=4, data__packing=False))
@@ -352,6 +394,17 @@ def test_grad_accumulation_normalises_by_all_supervised_tokens(model_dir, tmp_pa
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_progress_in_a_log_file_is_plain_lines(model_dir, tmp_path, capsys):
+    """No TTY (pytest captures stderr): a line per ~5% of the run with loss, lr, tok/s and ETA, no carriage returns."""
+    data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    train(run_config(model_dir, data_path, tmp_path / "run", progress=True, steps=4))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("train step")]
+    assert [ln.split()[2] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all(" loss " in ln and " lr " in ln and " tok/s " in ln and " eta " in ln for ln in lines)
+
+
 # ---- bad input ----
 
 
@@ -360,6 +413,34 @@ def test_malformed_jsonl_line_is_named(tmp_path, tok):
     path.write_text(json.dumps({"text": "ok"}) + "\n{oops\n")
     with pytest.raises(D.DataError, match=r"bad.jsonl:2: not valid JSON"):
         D.tokenize_rows(tok, D.read_rows(path), 64)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_non_utf8_file_is_named_by_line_and_column(tmp_path, tok, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    rows = [{"text": "fine"}, {"text": "café au lait"}]
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if suffix == ".json":
+        body = "[\n" + body.replace("}\n{", "},\n{") + "]\n"
+    path.write_bytes(body.encode("latin-1"))  # é is the single byte 0xe9: not UTF-8
+    line = 3 if suffix == ".json" else 2
+    with pytest.raises(D.DataError, match=rf"latin1{suffix}:{line}: not UTF-8 \(byte 0xe9 at column 14\)"):
+        D.tokenize_rows(tok, D.read_rows(path), 64)
+
+
+def test_sharegpt_rows_read_as_messages(tmp_path, tok):
+    conversations = [
+        {"from": "system", "value": "You add numbers."},
+        {"from": "human", "value": "1+2?"},
+        {"from": "gpt", "value": "3"},
+    ]
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": conversations}])
+    got = D.tokenize_rows(tok, D.read_rows(path), 512)
+    want = D.tokenize_rows(tok, [("row", {"messages": CHATS[0]})], 512)
+    assert got.ids.tolist() == want.ids.tolist() and got.labels.tolist() == want.labels.tolist()
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "bot", "value": "x"}]}])
+    with pytest.raises(D.DataError, match=r"bad.jsonl:1: conversations\[0\] is from 'bot'; ShareGPT turns are"):
+        D.tokenize_rows(tok, D.read_rows(bad), 64)
 
 
 def test_unknown_row_format_names_keys(tmp_path, tok):

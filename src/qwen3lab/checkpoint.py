@@ -1,4 +1,5 @@
-"""HF model folders in and out: config.json, generation_config.json, (sharded) safetensors with an index.
+"""HF model folders in and out: config.json, generation_config.json, (sharded) safetensors with an index; and the
+training checkpoints a run saves and resumes from (torch.distributed.checkpoint folders).
 
 Because the model keeps HF parameter names, loading is a key-for-key copy. Tensors are read one at a time from the
 memory-mapped files straight into their final dtype and device, and assigned into a model built on the meta device,
@@ -8,19 +9,28 @@ so a model never exists twice in RAM.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
+import pickle
+import random
 import re
+import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .config import ModelConfig
 from .model import Qwen3
+from .parallel import Dist
 
 log = logging.getLogger("qwen3lab")
 
@@ -287,3 +297,142 @@ def new_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype=torch.
     model.tie_weights()
     model.init_weights(seed)
     return model
+
+
+# ---- training checkpoints: save and resume ----
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+_STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)  # LoRA checkpoints hold the adapters, not the base
+
+
+def save_checkpoint(out: Path, step: int, net, optimizer, scheduler, keep: int, d: Dist) -> Path:
+    """torch.distributed.checkpoint: each rank writes its own shards of the trained weights and Adam state, plus its
+    scheduler / RNG / data position. Written into a temporary folder that rank 0 renames once every rank is done,
+    so an interrupted save leaves the last good checkpoint as it was."""
+    final = out / "checkpoints" / f"step-{step:06d}"
+    tmp = out / "checkpoints" / f".tmp-step-{step:06d}"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=d.world == 1)
+    state = {"format": 2, "step": step, "world": d.world, "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    torch.save(state, tmp / f"state-rank{d.rank}.pt")  # tensors and plain data only: loads with weights_only
+    d.barrier()
+    if d.main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    d.barrier()
+    return final
+
+
+def rng_state() -> dict:
+    """Every RNG's state as tensors and plain data, so resuming reads it with torch.load(weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(mt), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(rng: dict) -> None:
+    version, mt, gauss = rng["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata is a plain pickle: read it allowing only what DCP writes there (its metadata classes, torch
+    sizes, dtypes and layouts, paths), so a checkpoint folder from elsewhere cannot run code when it is resumed."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}  # fmt: skip
+
+    def find_class(self, module, name):
+        if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"):
+            obj = getattr(importlib.import_module(module), name, None)
+            ok = isinstance(obj, type) and obj.__module__ == module
+        else:
+            ok = (module, name) in self.ALLOWED or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            )
+        if not ok:
+            raise pickle.UnpicklingError(f"{module}.{name} is not something a checkpoint's metadata holds")
+        return super().find_class(module, name)
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP unpickles non-tensor entries (the optimizer's hyperparameters) with weights_only=False; accept them only
+    when they are tensors and plain data."""
+
+    def load_bytes(self, read_item, value):
+        torch.load(value, weights_only=True)  # raises on anything else
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def check_checkpoint(path: Path, d: Dist) -> None:
+    """Every file the checkpoint's metadata names must be there, whole: a missing shard is an error on every rank
+    (each checks the same shared folder), never one rank failing while the others wait for it."""
+    hint = "delete this folder to resume from the one before, or set resume: false"
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path}: checkpoint has no .metadata (an unfinished save?); {hint}")
+    for r in range(d.world):
+        if not (path / f"state-rank{r}.pt").is_file():
+            raise FileNotFoundError(f"{path}: checkpoint is missing state-rank{r}.pt; {hint}")
+    try:
+        with open(path / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}/.metadata: refused, it is not a plain checkpoint index ({e}); {hint}") from None
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        f = path / name
+        if not f.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint shard {name} is missing; {hint}")
+        if f.stat().st_size < size:
+            raise ValueError(f"{f}: checkpoint shard is truncated ({f.stat().st_size} of {size} bytes); {hint}")
+
+
+def load_checkpoint(path: Path, net, optimizer, scheduler, d: Dist) -> int:
+    check_checkpoint(path, d)
+    state_file = path / f"state-rank{d.rank}.pt"
+    try:
+        state = torch.load(state_file, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{state_file}: refused: it holds pickled Python objects, not only tensors and plain data (a file from an "
+            "older qwen3lab, or tampered with); resume from a checkpoint written by this version, or set resume: false"
+        ) from None
+    if state["world"] != d.world:
+        raise ValueError(
+            f"{path}: saved by {state['world']} processes, resumed with {d.world}; resume with the same world size "
+            "(the data order and batch depend on it) or set resume: false"
+        )
+    model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
+    sd = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(sd, checkpoint_id=path, no_dist=d.world == 1, planner=_WeightsOnlyLoadPlanner())
+    # dcp.load has filled every key get_state_dict asked for (or raised); strict=False only lets the frozen base
+    # weights, which LoRA checkpoints leave out, stay as they are
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    set_state_dict(net, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"], options=options)
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"]

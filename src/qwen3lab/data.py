@@ -2,6 +2,7 @@
 
 Row formats, told apart by their keys:
   messages (+ tools)      assistant-only loss, through the chat template's {% generation %} spans
+  conversations           ShareGPT ({from: human | gpt | system | tool, value}), read as messages
   prompt + completion     completion-only loss (strings, or message lists rendered by the template)
   text                    loss on every token
 Each example becomes `ids` and `labels`, labels already shifted (labels[t] is ids[t+1] where that token is
@@ -46,8 +47,9 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
     if p.is_dir():
         yield from _read_with_datasets(p, "folder")
     elif p.suffix == ".jsonl":
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with p.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                line = _utf8(raw, f"{p}:{n}")
                 if not line.strip():
                     continue
                 try:
@@ -56,8 +58,15 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
                     raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
                 yield f"{p}:{n}", row
     elif p.suffix == ".json":
+        raw = p.read_bytes()
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # name the line and column, as for JSONL
+            line_start, line = raw.rfind(b"\n", 0, e.start) + 1, raw.count(b"\n", 0, e.start) + 1
+            _utf8(raw[line_start : e.start + 1], f"{p}:{line}")
+            raise
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(data, list):
@@ -68,6 +77,17 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
         yield from _read_with_datasets(p, "parquet")
     else:
         raise DataError(f"{p}: unknown data format {p.suffix!r}; use .jsonl, .json, .parquet or a datasets folder")
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        column = len(raw[: e.start].decode("utf-8", errors="replace")) + 1
+        raise DataError(
+            f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); convert the file to UTF-8, "
+            "e.g. iconv -f latin1 -t utf-8"
+        ) from None
 
 
 def _read_with_datasets(p: Path, kind: str):
@@ -92,14 +112,38 @@ def row_format(row, where: str) -> str:
         raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
     if "messages" in row:
         return "messages"
+    if "conversations" in row:
+        return "sharegpt"
     if "prompt" in row and "completion" in row:
         return "prompt_completion"
     if "text" in row:
         return "text"
     raise DataError(
         f"{where}: unknown row format with keys {sorted(row)}; expected 'messages' (+ 'tools'), "
-        "'prompt' + 'completion', or 'text'"
+        "'conversations' (ShareGPT), 'prompt' + 'completion', or 'text'"
     )
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "tool": "tool"}  # fmt: skip
+
+
+def sharegpt_messages(turns, where: str) -> list[dict]:
+    """ShareGPT `conversations` [{from, value}] -> chat messages [{role, content}]."""
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: 'conversations' must be a list of {{from, value}} turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: conversations[{i}] must have 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise DataError(
+                f"{where}: conversations[{i}] is from {turn['from']!r}; ShareGPT turns are from human, gpt, "
+                "system or tool"
+            )
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
 
 
 # ---- tokenising ----
@@ -117,6 +161,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def tokenize_row(tok: Tokenizer, row: dict, where: str) -> tuple[list[int], list[int]]:
     """(ids, mask) of one row, mask 1 on the tokens the loss learns."""
     kind = row_format(row, where)
+    if kind == "sharegpt":
+        row, kind = {"messages": sharegpt_messages(row["conversations"], where), "tools": row.get("tools")}, "messages"
     try:
         if kind == "messages":
             tools = row.get("tools")

@@ -92,8 +92,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model: str = "") -> Path:
-    """adapter_model.safetensors + adapter_config.json, as `peft.PeftModel.from_pretrained` reads them."""
+def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model: str = "", trained_tokens=None) -> Path:
+    """adapter_model.safetensors + adapter_config.json, as `peft.PeftModel.from_pretrained` reads them.
+
+    trained_tokens: (token ids, their trained embedding rows [k, hidden]) — written as peft's trainable tokens
+    (`trainable_token_indices`, peft >= 0.15), which replace those rows of the input embedding (and of a tied
+    lm_head), so base + adapter in peft is the merged model.
+    """
     loras = lora_modules(model)
     if not loras:
         raise ValueError("the model has no LoRA adapters to save")
@@ -103,6 +108,11 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model: str
     for name, lora in loras.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora.lora_A.weight.detach().cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora.lora_B.weight.detach().cpu().contiguous()
+    token_ids = None
+    if trained_tokens is not None:
+        token_ids, rows = trained_tokens
+        key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"  # the rows' new values
+        tensors[key] = rows.detach().cpu().contiguous()
     atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     first = next(iter(loras.values()))
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
@@ -121,6 +131,7 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model: str
         "use_rslora": False,
         "use_dora": False,
         "modules_to_save": None,
+        "trainable_token_indices": token_ids,
     }
     atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return folder

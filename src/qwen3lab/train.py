@@ -14,24 +14,30 @@ import logging
 import math
 import os
 import random
-import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
 )
 from torch.distributed.tensor import DTensor
 
 from . import data as D
-from .checkpoint import cpu_bf16_is_fast, load_model, new_model, resolve_folder, save_model
+from .checkpoint import (
+    cpu_bf16_is_fast,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    new_model,
+    resolve_folder,
+    save_checkpoint,
+    save_model,
+)
 from .config import (
     PRESETS,
     ModelConfig,
@@ -220,91 +226,6 @@ def evaluate(net, data, rows, cfg, d: Dist, device, pad_id, autocast) -> float:
     return total / max(count, 1)
 
 
-# ---- checkpoints ----
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-_STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)  # LoRA checkpoints hold the adapters, not the base
-
-
-def save_checkpoint(out: Path, step: int, net, optimizer, scheduler, keep: int, d: Dist) -> Path:
-    """torch.distributed.checkpoint: each rank writes its own shards of the trained weights and Adam state, plus its
-    scheduler / RNG / data position. Written into a temporary folder that rank 0 renames once every rank is done,
-    so an interrupted save leaves the last good checkpoint as it was."""
-    final = out / "checkpoints" / f"step-{step:06d}"
-    tmp = out / "checkpoints" / f".tmp-step-{step:06d}"
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    d.barrier()
-    model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=d.world == 1)
-    rng = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    state = {"step": step, "world": d.world, "scheduler": scheduler.state_dict(), "rng": rng}
-    torch.save(state, tmp / f"state-rank{d.rank}.pt")
-    d.barrier()
-    if d.main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in _checkpoints(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    d.barrier()
-    return final
-
-
-def check_checkpoint(path: Path, d: Dist) -> None:
-    """Every file the checkpoint's metadata names must be there, whole: a missing shard is an error on every rank
-    (each checks the same shared folder), never one rank failing while the others wait for it."""
-    hint = "delete this folder to resume from the one before, or set resume: false"
-    if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{path}: checkpoint has no .metadata (an unfinished save?); {hint}")
-    for r in range(d.world):
-        if not (path / f"state-rank{r}.pt").is_file():
-            raise FileNotFoundError(f"{path}: checkpoint is missing state-rank{r}.pt; {hint}")
-    needed: dict[str, int] = {}
-    for info in dcp.FileSystemReader(str(path)).read_metadata().storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        f = path / name
-        if not f.is_file():
-            raise FileNotFoundError(f"{path}: checkpoint shard {name} is missing; {hint}")
-        if f.stat().st_size < size:
-            raise ValueError(f"{f}: checkpoint shard is truncated ({f.stat().st_size} of {size} bytes); {hint}")
-
-
-def load_checkpoint(path: Path, net, optimizer, scheduler, d: Dist) -> int:
-    check_checkpoint(path, d)
-    state = torch.load(path / f"state-rank{d.rank}.pt", weights_only=False)
-    if state["world"] != d.world:
-        raise ValueError(
-            f"{path}: saved by {state['world']} processes, resumed with {d.world}; resume with the same world size "
-            "(the data order and batch depend on it) or set resume: false"
-        )
-    model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
-    sd = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(sd, checkpoint_id=path, no_dist=d.world == 1)
-    # dcp.load has filled every key get_state_dict asked for (or raised); strict=False only lets the frozen base
-    # weights, which LoRA checkpoints leave out, stay as they are
-    options = StateDictOptions(ignore_frozen_params=True, strict=False)
-    set_state_dict(net, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"], options=options)
-    scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
-
-
 # ---- reporting ----
 
 
@@ -362,6 +283,41 @@ class Reporter:
         fig.tight_layout()
         fig.savefig(png, dpi=110)
         plt.close(fig)
+
+
+class Progress:
+    """A live bar on a terminal. Elsewhere (a log file, CI, nohup) one plain line every ~5% of the run, where a bar
+    would write two carriage-return updates per step into a single line."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.start, self.t0 = total, initial, time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+        self.every = max(1, total // 20)
+
+    def update(self, m: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
+            self.bar.update(1)
+            return
+        step = m["step"]
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / (step - self.start) * (self.total - step)
+        print(
+            f"train step {step}/{self.total}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
+            f"tok/s {m['tokens_per_s']:.0f}  elapsed {elapsed:.0f}s  eta {eta:.0f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ---- the loop ----
@@ -472,8 +428,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     optimizer = build_optimizer(net, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     step = 0
-    if cfg.resume and _checkpoints(out):
-        latest = _checkpoints(out)[-1]
+    if cfg.resume and list_checkpoints(out):
+        latest = list_checkpoints(out)[-1]
         step = load_checkpoint(latest, net, optimizer, scheduler, d)
         log.info("resumed from %s (step %d)", latest, step)
     reporter = Reporter(out, cfg, step) if d.main else None
@@ -489,11 +445,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
             m += 1
 
     stream = micro_batches(step)
-    bar = None
-    if cfg.progress and d.main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+    bar = Progress(total_steps, step) if cfg.progress and d.main else None
     t_start, tokens_seen = time.perf_counter(), 0
     while step < total_steps:
         batches = [next(stream) for _ in range(cfg.grad_accum)]
@@ -535,8 +487,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         if reporter and (step % cfg.log_every == 0 or step == total_steps or "eval_loss" in metrics):
             reporter.log(metrics)
         if bar is not None:
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            bar.update(1)
+            bar.update(metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save_checkpoint(out, step, net, optimizer, scheduler, cfg.keep_checkpoints, d)
     if bar is not None:
@@ -574,9 +525,12 @@ def export(model, tok: Tokenizer, extra_tokens, out: Path, source: str | None) -
     """The final HF folder (LoRA merged in) with tokenizer and template, plus a peft adapter folder for LoRA runs."""
     unwrap_activation_checkpointing(model)
     if lora_modules(model):
-        if extra_tokens is not None:
-            log.warning("adapter/: trained token rows are not in the peft adapter; they are merged into model/")
-        save_peft_adapter(model, out / "adapter", base_model=source or "")
+        rows = None
+        if extra_tokens is not None:  # peft's trainable tokens hold the rows' values, not a delta
+            w = model.model.embed_tokens.weight
+            ids = extra_tokens.token_ids.to(w.device)
+            rows = (ids.tolist(), w[ids].float() + extra_tokens.delta.detach().to(w.device))
+        save_peft_adapter(model, out / "adapter", base_model=source or "", trained_tokens=rows)
         merge_lora(model)
     if extra_tokens is not None:
         with torch.no_grad():
