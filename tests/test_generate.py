@@ -139,3 +139,32 @@ def test_long_prompt_prefill_without_mask_equals_masked_batch_and_transformers(m
     batched = generate(ours, tok, [ids, ids[:700]], max_new_tokens=8, stop_ids=[])[0].ids
     ref = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None)[0, len(ids) :]
     assert alone == batched == ref.tolist()
+
+
+@pytest.mark.parametrize("stop", [[], ["界 🙂"], ["llo"], ["🙂 st", "zzz"], ["end."]])
+def test_text_stream_is_incremental_never_splits_characters_nor_leaks_stops(tok, stop):
+    from qwen3lab.generate import TextStream
+
+    text = "héllo 世界 🙂 stop, ünïcödé 🎉🎉 and the end. " * 40
+    ids = tok.encode(text)
+
+    class Counting:  # the tokenizer, counting how many ids it is asked to decode
+        decoded = 0
+
+        def decode(self, part):
+            Counting.decoded += len(part)
+            return tok.decode(part)
+
+    s = TextStream(Counting(), stop)
+    pieces, stopped = [], False
+    for t in ids:
+        piece, stopped = s.add(t)
+        pieces.append(piece)
+        if stopped:
+            break
+    if not stopped:
+        pieces.append(s.flush())
+    cut = min((text.find(x) for x in stop if x in text), default=len(text))
+    assert "".join(pieces) == text[:cut]
+    assert not any("\ufffd" in p for p in pieces)
+    assert Counting.decoded <= 8 * len(ids)  # O(1) per token: never the whole list again

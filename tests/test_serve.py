@@ -113,3 +113,33 @@ def test_32_concurrent_clients(client):
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         assert all(pool.map(ask, range(32)))
+
+
+def test_usage_counts_generated_ids(client, server, tok):
+    from qwen3lab.generate import generate
+
+    r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=4, temperature=0)
+    want = generate(server[1], tok, "Once upon a time", max_new_tokens=4)
+    assert r.usage.completion_tokens == len(want.ids) <= 4
+    assert r.choices[0].text == want.text
+
+
+def test_short_request_is_not_blocked_by_a_long_one(client):
+    """Head-of-line: a 4-token request sent while a 1,500-token one runs takes at most 3x its time alone."""
+
+    def short():
+        t0 = time.perf_counter()
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=4, temperature=0)
+        return time.perf_counter() - t0
+
+    alone = min(short() for _ in range(3))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long = pool.submit(
+            client.completions.create, model="tiny", prompt="Tell a long story", max_tokens=1500, temperature=0
+        )
+        time.sleep(0.5)
+        during = short()
+        assert not long.done()  # the long request really was running
+        print(f"short request alone {alone * 1e3:.0f} ms, beside a long one {during * 1e3:.0f} ms")
+        assert during <= 3 * alone, (during, alone)
+        long.result()

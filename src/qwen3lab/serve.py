@@ -1,8 +1,8 @@
 """`qwen3lab serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for any Qwen3 folder.
 
-One worker thread owns the model. Requests wait in a queue; each round the worker takes every waiting request (up
-to --max-batch) and decodes them together as one batch, each with its own sampling settings, so concurrent clients
-share the CPU's matrix work instead of queueing behind a lock one by one.
+HTTP over engine.Engine: one thread owns the model and batches requests continuously — a request joins the running
+batch at the next decode step, each with its own sampling settings, and leaves it the step it ends (stop id, stop
+string, max_tokens, or its client gone), so a short request never waits for a long one to finish.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import queue
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,83 +21,64 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from .chat import ChatError, parse_assistant
-from .generate import SamplingParams, TextStream, generate_ids
+from .engine import Engine
+from .generate import SamplingParams, TextStream
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("qwen3lab")
 
 
-# ---- the batching engine ----
+# ---- requests on the engine ----
 
 
 class _Job:
-    def __init__(self, ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
-        self.ids, self.params, self.loop = ids, params, loop
-        self.events: asyncio.Queue = asyncio.Queue()
+    """One request's events, pushed by the engine's thread into this event loop: ("token", id), ("end", reason),
+    ("error", message)."""
 
-    def push(self, item) -> None:  # from the worker thread
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.events, self.request, self.tokens = loop, asyncio.Queue(), None, 0
+
+    def push(self, kind: str, value) -> None:  # from the engine's thread
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def cancel(self) -> None:
+        if self.request is not None:
+            self.request.cancel()
 
 
-class Engine:
-    def __init__(self, model, tok: Tokenizer, max_batch: int = 16):
-        self.model, self.tok, self.max_batch = model, tok, max_batch
-        self.jobs: queue.Queue[_Job] = queue.Queue()
-        threading.Thread(target=self._work, name="qwen3lab-engine", daemon=True).start()
+def _submit(engine: Engine, ids: list[int], params: SamplingParams) -> _Job:
+    job = _Job(asyncio.get_running_loop())
+    try:
+        job.request = engine.submit(ids, params, job.push)
+    except ValueError as e:
+        raise APIError(str(e), "max_tokens") from None
+    return job
 
-    def submit(self, ids: list[int], params: SamplingParams) -> _Job:
-        job = _Job(ids, params, asyncio.get_running_loop())
-        self.jobs.put(job)
-        return job
 
-    def _work(self) -> None:
+async def _texts(tok: Tokenizer, job: _Job, stop: list[str]):
+    """Async stream of (text piece, finish_reason or None) for one job (see generate.TextStream). The row leaves the
+    engine as soon as this stream ends: at a stop string, or when its client goes away."""
+    text = TextStream(tok, stop)
+    try:
         while True:
-            batch = [self.jobs.get()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.jobs.get_nowait())
-                except queue.Empty:
-                    break
-            finished = [False] * len(batch)
-            try:
-                for step in generate_ids(self.model, [j.ids for j in batch], [j.params for j in batch]):
-                    for i, (job, token) in enumerate(zip(batch, step, strict=True)):
-                        if token is None or finished[i]:
-                            continue
-                        if token == -1:
-                            job.push(("end", "stop"))
-                            finished[i] = True
-                        else:
-                            job.push(("token", token))
-                for i, job in enumerate(batch):
-                    if not finished[i]:
-                        job.push(("end", "length"))
-            except Exception as e:  # a failure ends these requests with an error, never the server
-                log.exception("generation failed")
-                for i, job in enumerate(batch):
-                    if not finished[i]:
-                        job.push(("error", f"{type(e).__name__}: {e}"))
-
-
-async def _texts(engine: Engine, job: _Job, stop: list[str]):
-    """Async stream of (text piece, finish_reason or None) for one job (see generate.TextStream)."""
-    text = TextStream(engine.tok, stop)
-    while True:
-        kind, value = await job.events.get()
-        if kind == "error":
-            raise RuntimeError(value)
-        if kind == "end":
-            tail = text.flush()
-            if tail:
-                yield tail, None
-            yield "", value
-            return
-        piece, stopped = text.add(value)
-        if piece:
-            yield piece, None
-        if stopped:
-            yield "", "stop"
-            return
+            kind, value = await job.events.get()
+            if kind == "error":
+                raise RuntimeError(value)
+            if kind == "end":
+                tail = text.flush()
+                if tail:
+                    yield tail, None
+                yield "", value
+                return
+            job.tokens += 1
+            piece, stopped = text.add(value)
+            if piece:
+                yield piece, None
+            if stopped:
+                yield "", "stop"
+                return
+    finally:
+        job.cancel()
 
 
 # ---- request bodies (OpenAI's names) ----
@@ -162,7 +141,7 @@ def _stops(stop) -> list[str]:
 
 def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: int = 16) -> FastAPI:
     app = FastAPI(title="qwen3lab")
-    engine = Engine(model, tok, max_batch)
+    engine = Engine(model, max_batch).start()
     max_context = model.config.max_position_embeddings
 
     @app.exception_handler(RequestValidationError)
@@ -214,7 +193,7 @@ def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: i
         except ChatError as e:
             raise APIError(f"messages: {e}", "messages") from None
         params = params_for(body, len(ids), body.max_completion_tokens or body.max_tokens)
-        job = engine.submit(ids, params)
+        job = _submit(engine, ids, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": model_name}
         if body.stream:
@@ -232,11 +211,10 @@ def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: i
 
     async def _collect(job, params):
         parts, reason = [], "length"
-        async for piece, finish in _texts(engine, job, params.stop):
+        async for piece, finish in _texts(tok, job, params.stop):
             parts.append(piece)
             reason = finish or reason
-        text = "".join(parts)
-        return text, reason, len(tok.encode(text))
+        return "".join(parts), reason, job.tokens  # usage counts generated ids
 
     async def _chat_stream(job, params, head, prompt_tokens):
         def chunk(delta, finish=None):
@@ -250,7 +228,7 @@ def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: i
         text, streamed, in_think = "", 0, False
         reason = "length"
         try:
-            async for piece, finish in _texts(engine, job, params.stop):
+            async for piece, finish in _texts(tok, job, params.stop):
                 text += piece
                 reason = finish or reason
                 # Reasoning goes out as reasoning_content, as vLLM's Qwen3 parser does; tool-call markup is held
@@ -295,7 +273,7 @@ def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: i
                 reason = "tool_calls"
             elif text[streamed:]:
                 yield chunk({"content": text[streamed:]})
-        n_out = len(tok.encode(text))
+        n_out = job.tokens
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "total_tokens": prompt_tokens + n_out}
         yield chunk({}, reason)
         yield f"data: {json.dumps(head | {'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
@@ -307,12 +285,12 @@ def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: i
         if not ids:
             raise APIError("prompt: empty", "prompt")
         params = params_for(body, len(ids), body.max_tokens)
-        job = engine.submit(ids, params)
+        job = _submit(engine, ids, params)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
 
             async def events():
-                async for piece, finish in _texts(engine, job, params.stop):
+                async for piece, finish in _texts(tok, job, params.stop):
                     choice = {"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}
                     yield f"data: {json.dumps(head | {'object': 'text_completion', 'choices': [choice]})}\n\n"
                 yield "data: [DONE]\n\n"

@@ -1,0 +1,114 @@
+"""Continuous batching: rows joining and leaving a running batch give what each request gives alone."""
+
+import time
+
+import pytest
+import torch
+from conftest import hf_tiny
+
+import qwen3lab
+from qwen3lab.engine import Engine
+from qwen3lab.generate import SamplingParams, generate
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """Random weights larger than init, so greedy continuations vary."""
+    folder = tmp_path_factory.mktemp("engine")
+    hf_tiny(vocab=151936, hidden=64, heads=4, kv_heads=2, head_dim=16, initializer_range=0.3).save_pretrained(folder)
+    return qwen3lab.load_model(folder, dtype="float32", device="cpu")
+
+
+class Collect:
+    def __init__(self):
+        self.ids, self.end = [], None
+
+    def __call__(self, kind, value):
+        if kind == "token":
+            self.ids.append(value)
+        elif kind == "end":
+            self.end = value
+        else:
+            raise AssertionError(value)
+
+
+PROMPTS = [
+    "Hello there, how are you",
+    "Hi",
+    "A much longer prompt goes right here, with some more words, and more, and more, " * 6,
+    "Numbers: 1 2 3",
+]
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "top_k": 50, "seed": 11}], ids=["greedy", "seeded"])
+def test_rows_joining_and_leaving_equal_each_request_alone(model, tok, sampling):
+    budgets = [24, 5, 17, 30]
+    engine = Engine(model, max_batch=3, capacity=16)  # fewer slots than requests, and a cache that must grow
+    results, requests = [Collect() for _ in PROMPTS], []
+    for i, (prompt, budget) in enumerate(zip(PROMPTS, budgets, strict=True)):
+        params = SamplingParams(max_new_tokens=budget, stop_ids=[], **sampling)
+        requests.append(engine.submit(tok.encode(prompt), params, results[i]))
+        for _ in range(i + 2):  # later requests arrive while earlier ones are decoding
+            engine.step()
+    engine.run_until_idle()
+    for prompt, budget, got in zip(PROMPTS, budgets, results, strict=True):
+        alone = generate(model, tok, prompt, max_new_tokens=budget, stop_ids=[], **sampling)
+        assert got.ids == alone.ids, prompt
+        assert got.end == "length" and len(got.ids) == budget
+    assert engine.capacity > 16 and engine.running == []
+
+
+def test_stop_id_ends_the_row(model, tok):
+    alone = generate(model, tok, PROMPTS[0], max_new_tokens=12, stop_ids=[])
+    stop = alone.ids[5]
+    engine = Engine(model)
+    got = Collect()
+    engine.submit(tok.encode(PROMPTS[0]), SamplingParams(max_new_tokens=12, stop_ids=[stop]), got)
+    engine.run_until_idle()
+    assert got.ids == alone.ids[: alone.ids.index(stop)] and got.end == "stop"
+
+
+def test_cancelled_row_leaves_the_batch(model, tok):
+    engine = Engine(model)
+    a, b = Collect(), Collect()
+    params = SamplingParams(max_new_tokens=50, stop_ids=[])
+    ra = engine.submit(tok.encode(PROMPTS[0]), params, a)
+    engine.submit(tok.encode(PROMPTS[1]), params, b)
+    engine.step()
+    assert len(engine.running) == 2
+    ra.cancel()
+    engine.step()
+    assert len(engine.running) == 1 and a.end is None
+    engine.run_until_idle()
+    assert len(b.ids) == 50 and b.ids == generate(model, tok, PROMPTS[1], max_new_tokens=50, stop_ids=[]).ids
+
+
+def test_short_request_does_not_wait_for_a_long_one(model, tok):
+    """The head-of-line case: a 4-token request arriving while a long generation runs finishes in about its own
+    time, not after the long one (engine steps counted, not seconds)."""
+    engine = Engine(model)
+    long, short = Collect(), Collect()
+    engine.submit(tok.encode(PROMPTS[2]), SamplingParams(max_new_tokens=400, stop_ids=[]), long)
+    for _ in range(20):
+        engine.step()
+    engine.submit(tok.encode(PROMPTS[1]), SamplingParams(max_new_tokens=4, stop_ids=[]), short)
+    steps = 0
+    while short.end is None:
+        engine.step()
+        steps += 1
+    assert steps <= 4 and long.end is None  # joined at once, left after its 4 tokens, the long one still running
+    engine.run_until_idle()
+    assert len(long.ids) == 400
+
+
+def test_engine_thread_serves_concurrent_requests(model, tok):
+    engine = Engine(model, max_batch=4).start()
+    results = [Collect() for _ in range(8)]
+    for i, r in enumerate(results):
+        engine.submit(tok.encode(PROMPTS[i % 4]), SamplingParams(max_new_tokens=3 + i, stop_ids=[]), r)
+    deadline = time.time() + 60
+    while any(r.end is None for r in results) and time.time() < deadline:
+        time.sleep(0.01)
+    assert [len(r.ids) for r in results] == [3 + i for i in range(8)]
+    with torch.inference_mode():
+        assert engine.running == []
