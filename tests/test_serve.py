@@ -104,15 +104,56 @@ def test_malformed_requests_get_openai_errors_and_server_keeps_serving(server, c
     assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices
 
 
-def test_32_concurrent_clients(client):
-    def ask(i):
-        r = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"Count to {i}"}], max_tokens=6, temperature=0
-        )
-        return r.choices[0].message.content is not None
+def test_64_concurrent_clients_with_mixed_lengths_all_complete(client, server, tok):
+    from qwen3lab.generate import generate
 
-    with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        assert all(pool.map(ask, range(32)))
+    def ask(i):
+        r = client.completions.create(model="tiny", prompt=f"Count to {i}", max_tokens=1 + i % 13, temperature=0)
+        return i, r.choices[0].text, r.usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(ask, range(64)))
+    assert [i for i, _, _ in answers] == list(range(64))
+    for i, text, used in answers[::9]:  # each answer is the one it gets alone
+        alone = generate(server[1], tok, f"Count to {i}", max_new_tokens=1 + i % 13)
+        assert text == alone.text and used == len(alone.ids) <= 1 + i % 13
+
+
+def _metric(url, name):
+    lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
+    return float(next(ln.split()[1] for ln in lines if ln.startswith(name + " ")))
+
+
+def test_a_client_that_disconnects_frees_its_row(server):
+    url = server[0]
+    body = {"model": "tiny", "prompt": "Tell a long story", "max_tokens": 3000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        chunks = r.iter_lines()
+        for _ in range(3):
+            next(chunks)
+        assert _metric(url, "qwen3lab_requests_running") == 1
+    for _ in range(100):  # the response is closed: the row leaves at the engine's next step
+        if _metric(url, "qwen3lab_requests_running") == 0:
+            break
+        time.sleep(0.05)
+    assert _metric(url, "qwen3lab_requests_running") == 0
+    assert _metric(url, "qwen3lab_generated_tokens_total") < 3000
+
+
+def test_full_queue_is_503_with_retry_after_and_timeouts_are_504(server, tok):
+    from fastapi.testclient import TestClient
+
+    from qwen3lab.serve import create_app
+
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 5}
+    with TestClient(create_app(server[1], tok, "tiny", max_batch=1, max_queue=0)) as busy:
+        r = busy.post("/v1/completions", json=body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "server busy" in r.json()["error"]["message"]
+        assert busy.get("/health").status_code == 200
+    with TestClient(create_app(server[1], tok, "tiny", request_timeout=0.01)) as slow:
+        r = slow.post("/v1/completions", json=body | {"max_tokens": 3000})
+        assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
 
 
 def test_usage_counts_generated_ids(client, server, tok):

@@ -181,7 +181,16 @@ def cmd_serve(args) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from .serve import serve
 
-    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, dtype=args.dtype, compile=args.compile)
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        dtype=args.dtype,
+        compile=args.compile,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+    )
 
 
 def cmd_demo(args) -> None:
@@ -293,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 503 + Retry-After")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take at most")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=cmd_serve)

@@ -14,9 +14,11 @@ and no mask. The capacity grows (doubling, up to the model's context) as rows ge
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,9 +75,15 @@ class _DecodeLayer:
         return self.k[:n, :, : self.width], self.v[:n, :, : self.width]
 
 
+class EngineFull(RuntimeError):
+    """The waiting queue is at its bound: try again shortly (the server answers 503 with Retry-After)."""
+
+
 class Engine:
-    def __init__(self, model, max_batch: int = 16, prefill_chunk: int = 2048, capacity: int = 256):
-        self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+    def __init__(
+        self, model, max_batch: int = 16, prefill_chunk: int = 2048, capacity: int = 256, max_waiting: int = 256
+    ):
+        self.model, self.max_batch, self.prefill_chunk, self.max_waiting = model, max_batch, prefill_chunk, max_waiting
         cfg = model.config
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         self.max_context = cfg.max_position_embeddings
@@ -87,6 +95,9 @@ class Engine:
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.running: list[Request] = []
         self._thread = None
+        self.generated_total = 0  # tokens handed out since start
+        self._recent: collections.deque[float] = collections.deque()  # when each token of the last minute came
+        self._lock = threading.Lock()  # _recent is written by the engine's thread, read by the server's
 
     # ---- the public side ----
 
@@ -98,6 +109,8 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
                 f"max_position_embeddings={self.max_context}"
             )
+        if self.waiting.qsize() >= self.max_waiting:
+            raise EngineFull(f"{self.waiting.qsize()} requests are waiting already (the bound is {self.max_waiting})")
         request = Request(list(ids), params, emit)
         self.waiting.put(request)
         return request
@@ -116,10 +129,17 @@ class Engine:
         while self.running or not self.waiting.empty():
             self.step(block=False)
 
-    @property
-    def load(self) -> tuple[int, int]:
-        """(rows running, requests waiting)."""
-        return len(self.running), self.waiting.qsize()
+    def metrics(self, window: float = 10.0) -> dict:
+        """Rows running, requests waiting, tokens generated in all and per second over the last `window` seconds."""
+        with self._lock:
+            since = time.monotonic() - window
+            recent = sum(1 for t in self._recent if t > since)
+        return {
+            "running": len(self.running),
+            "waiting": self.waiting.qsize(),
+            "generated_tokens_total": self.generated_total,
+            "tokens_per_second": recent / window,
+        }
 
     # ---- one engine step: admit waiting rows, then decode every running row by one token ----
 
@@ -204,6 +224,12 @@ class Engine:
             return
         request.emit("token", token)
         request.generated += 1
+        self.generated_total += 1
+        with self._lock:
+            now = time.monotonic()
+            self._recent.append(now)
+            while self._recent[0] < now - 60:
+                self._recent.popleft()
         if request.generated >= request.params.max_new_tokens:
             request.emit("end", "length")
             self._remove(request)

@@ -17,11 +17,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from .chat import ChatError, parse_assistant
-from .engine import Engine
+from .engine import Engine, EngineFull
 from .generate import SamplingParams, TextStream
 from .tokenizer import Tokenizer
 
@@ -39,6 +39,9 @@ class _Job:
         self.loop, self.events, self.request, self.tokens = loop, asyncio.Queue(), None, 0
 
     def push(self, kind: str, value) -> None:  # from the engine's thread
+        if self.loop.is_closed():  # the server is gone: nobody is listening, the row can go too
+            self.cancel()
+            return
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
     def cancel(self) -> None:
@@ -50,18 +53,28 @@ def _submit(engine: Engine, ids: list[int], params: SamplingParams) -> _Job:
     job = _Job(asyncio.get_running_loop())
     try:
         job.request = engine.submit(ids, params, job.push)
+    except EngineFull as e:
+        raise APIError(f"server busy: {e}; retry shortly", status=503) from None
     except ValueError as e:
         raise APIError(str(e), "max_tokens") from None
     return job
 
 
-async def _texts(tok: Tokenizer, job: _Job, stop: list[str]):
+class _Timeout(RuntimeError):
+    pass
+
+
+async def _texts(tok: Tokenizer, job: _Job, stop: list[str], timeout: float):
     """Async stream of (text piece, finish_reason or None) for one job (see generate.TextStream). The row leaves the
-    engine as soon as this stream ends: at a stop string, or when its client goes away."""
+    engine as soon as this stream ends: at a stop string, when its client goes away, or after `timeout` seconds."""
     text = TextStream(tok, stop)
+    deadline = time.monotonic() + timeout
     try:
         while True:
-            kind, value = await job.events.get()
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                raise _Timeout(f"request timed out after {timeout:g} s (--request-timeout)") from None
             if kind == "error":
                 raise RuntimeError(value)
             if kind == "end":
@@ -121,7 +134,8 @@ class APIError(Exception):
 
 def _error(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status, headers)
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -139,9 +153,16 @@ def _stops(stop) -> list[str]:
 # ---- the app ----
 
 
-def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: int = 16) -> FastAPI:
+def create_app(
+    model,
+    tok: Tokenizer,
+    model_name: str = "qwen3lab",
+    max_batch: int = 16,
+    max_queue: int = 256,
+    request_timeout: float = 600.0,
+) -> FastAPI:
     app = FastAPI(title="qwen3lab")
-    engine = Engine(model, max_batch).start()
+    engine = Engine(model, max_batch, max_waiting=max_queue).start()
     max_context = model.config.max_position_embeddings
 
     @app.exception_handler(RequestValidationError)
@@ -155,8 +176,24 @@ def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: i
         return _error(exc.message, exc.status, exc.param)
 
     @app.get("/health")
-    async def health():
+    async def health():  # answered by the event loop alone: fast however busy the engine is
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus text: rows running, requests waiting, tokens generated, tokens/s over the last 10 s."""
+        m = engine.metrics()
+        lines = [
+            "# TYPE qwen3lab_requests_running gauge",
+            f"qwen3lab_requests_running {m['running']}",
+            "# TYPE qwen3lab_requests_waiting gauge",
+            f"qwen3lab_requests_waiting {m['waiting']}",
+            "# TYPE qwen3lab_generated_tokens_total counter",
+            f"qwen3lab_generated_tokens_total {m['generated_tokens_total']}",
+            "# TYPE qwen3lab_generation_tokens_per_second gauge",
+            f"qwen3lab_generation_tokens_per_second {m['tokens_per_second']:.3f}",
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n")
 
     @app.get("/v1/models")
     async def models():
@@ -211,9 +248,12 @@ def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: i
 
     async def _collect(job, params):
         parts, reason = [], "length"
-        async for piece, finish in _texts(tok, job, params.stop):
-            parts.append(piece)
-            reason = finish or reason
+        try:
+            async for piece, finish in _texts(tok, job, params.stop, request_timeout):
+                parts.append(piece)
+                reason = finish or reason
+        except RuntimeError as e:
+            raise APIError(str(e), status=504 if isinstance(e, _Timeout) else 500) from None
         return "".join(parts), reason, job.tokens  # usage counts generated ids
 
     async def _chat_stream(job, params, head, prompt_tokens):
@@ -228,7 +268,7 @@ def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: i
         text, streamed, in_think = "", 0, False
         reason = "length"
         try:
-            async for piece, finish in _texts(tok, job, params.stop):
+            async for piece, finish in _texts(tok, job, params.stop, request_timeout):
                 text += piece
                 reason = finish or reason
                 # Reasoning goes out as reasoning_content, as vLLM's Qwen3 parser does; tool-call markup is held
@@ -290,7 +330,7 @@ def create_app(model, tok: Tokenizer, model_name: str = "qwen3lab", max_batch: i
         if body.stream:
 
             async def events():
-                async for piece, finish in _texts(tok, job, params.stop):
+                async for piece, finish in _texts(tok, job, params.stop, request_timeout):
                     choice = {"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}
                     yield f"data: {json.dumps(head | {'object': 'text_completion', 'choices': [choice]})}\n\n"
                 yield "data: [DONE]\n\n"
@@ -313,6 +353,8 @@ def serve(
     max_batch: int = 16,
     dtype: str = "auto",
     compile: bool = False,
+    max_queue: int = 256,
+    request_timeout: float = 600.0,
 ):
     import uvicorn
 
@@ -323,5 +365,5 @@ def serve(
     model = load_model(model_dir, dtype=dtype)
     prepare_for_inference(model, compile)
     tok = load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else load_tokenizer()
-    app = create_app(model, tok, model_name=Path(model_dir).name, max_batch=max_batch)
+    app = create_app(model, tok, Path(model_dir).name, max_batch, max_queue, request_timeout)
     uvicorn.run(app, host=host, port=port, log_level="info")
