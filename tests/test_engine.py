@@ -112,3 +112,32 @@ def test_engine_thread_serves_concurrent_requests(model, tok):
     assert [len(r.ids) for r in results] == [3 + i for i in range(8)]
     with torch.inference_mode():
         assert engine.running == []
+
+
+def test_completions_of_one_prompt_share_one_prefill(model, tok):
+    """n > 1 / GRPO's G rollouts: one prefill forward for the group, each completion as if sampled alone."""
+    engine = Engine(model, max_batch=4)
+    prefills = []
+    forward = model.forward
+
+    def counting(ids, *args, **kw):
+        if ids.shape[1] > 1:
+            prefills.append(ids.shape[1])
+        return forward(ids, *args, **kw)
+
+    model.forward = counting
+    try:
+        params = [SamplingParams(max_new_tokens=10, temperature=1.0, seed=s, stop_ids=[]) for s in range(4)]
+        results = [Collect() for _ in params]
+        engine.submit_group(tok.encode(PROMPTS[2]), params, results)
+        engine.submit(tok.encode(PROMPTS[0]), SamplingParams(max_new_tokens=3, stop_ids=[]), Collect())  # waits
+        engine.run_until_idle()
+    finally:
+        del model.forward
+    assert prefills == [len(tok.encode(PROMPTS[2])), len(tok.encode(PROMPTS[0]))]
+    for p, got in zip(params, results, strict=True):
+        alone = generate(model, tok, PROMPTS[2], max_new_tokens=10, temperature=1.0, seed=p.seed, stop_ids=[])
+        assert got.ids == alone.ids
+    assert len({tuple(r.ids) for r in results}) > 1  # the seeds really differ
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        engine.submit_group([1, 2], params * 2, [Collect()] * 8)

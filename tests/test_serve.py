@@ -91,7 +91,8 @@ def test_seeded_sampling_is_reproducible(client):
         ({"messages": "hi"}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "unknown role 'wizard'"),
         ({"messages": MESSAGES, "temperature": 9}, "temperature"),
-        ({"messages": MESSAGES, "n": 2}, "only n=1"),
+        ({"messages": MESSAGES, "n": 2, "stream": True}, "n > 1 with stream"),
+        ({"messages": MESSAGES, "n": 99}, "at most 16 rows"),
         ({"messages": MESSAGES, "max_tokens": 10**7}, "exceeds the context"),
         ({}, "messages"),
     ],
@@ -184,3 +185,24 @@ def test_short_request_is_not_blocked_by_a_long_one(client):
         print(f"short request alone {alone * 1e3:.0f} ms, beside a long one {during * 1e3:.0f} ms")
         assert during <= 3 * alone, (during, alone)
         long.result()
+
+
+def test_n_completions_share_one_prompt_and_follow_their_seeds(client, server, tok):
+    from qwen3lab.generate import generate
+
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, n=3, max_tokens=6, temperature=1.0, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for i, choice in enumerate(r.choices):
+        alone = generate(server[1], tok, MESSAGES, max_new_tokens=6, temperature=1.0, seed=5 + i)
+        assert choice.message.content == parse(alone.text)
+    assert r.usage.completion_tokens == sum(
+        len(generate(server[1], tok, MESSAGES, max_new_tokens=6, temperature=1.0, seed=5 + i).ids) for i in range(3)
+    )
+    c = client.completions.create(model="tiny", prompt="Once", n=2, max_tokens=4, temperature=0)
+    assert len(c.choices) == 2 and c.choices[0].text == c.choices[1].text  # greedy: the same twice
+
+
+def parse(text):
+    from qwen3lab.chat import parse_assistant
+
+    return parse_assistant(text)["content"]

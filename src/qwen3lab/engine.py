@@ -92,7 +92,8 @@ class Engine:
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros_like(self.k)
         self.default_stops = default_stop_ids(model)
-        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.waiting: queue.Queue[list[Request]] = queue.Queue()  # groups: one prompt, one or more completions
+        self._held: list[Request] | None = None  # a group waiting for enough free rows
         self.running: list[Request] = []
         self._thread = None
         self.generated_total = 0  # tokens handed out since start
@@ -102,18 +103,26 @@ class Engine:
     # ---- the public side ----
 
     def submit(self, ids: list[int], params: SamplingParams, emit: Callable[[str, Any], None]) -> Request:
+        return self.submit_group(ids, [params], [emit])[0]
+
+    def submit_group(self, ids: list[int], params: list[SamplingParams], emits: list) -> list[Request]:
+        """Several completions of one prompt (n > 1, GRPO's G rollouts): the prompt is prefilled once and its cache
+        copied to each row; each row samples with its own params (and seed)."""
+        if len(params) > self.max_batch:
+            raise ValueError(f"{len(params)} completions of one prompt, but at most {self.max_batch} rows run at once")
         if not ids:
             raise ValueError("empty prompt: give at least one token")
-        if len(ids) + params.max_new_tokens > self.max_context:
+        longest = max(p.max_new_tokens for p in params)
+        if len(ids) + longest > self.max_context:
             raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({longest}) exceeds the model's "
                 f"max_position_embeddings={self.max_context}"
             )
         if self.waiting.qsize() >= self.max_waiting:
             raise EngineFull(f"{self.waiting.qsize()} requests are waiting already (the bound is {self.max_waiting})")
-        request = Request(list(ids), params, emit)
-        self.waiting.put(request)
-        return request
+        group = [Request(list(ids), p, emit) for p, emit in zip(params, emits, strict=True)]
+        self.waiting.put(group)
+        return group
 
     def start(self) -> Engine:
         """Run the loop in a daemon thread (the server's way); `run_until_idle` drives it in the caller instead."""
@@ -126,7 +135,7 @@ class Engine:
             self.step(block=True)
 
     def run_until_idle(self) -> None:
-        while self.running or not self.waiting.empty():
+        while self.running or self._held or not self.waiting.empty():
             self.step(block=False)
 
     def metrics(self, window: float = 10.0) -> dict:
@@ -157,39 +166,53 @@ class Engine:
             self.running.clear()
 
     def _admit(self, block: bool) -> None:
-        while len(self.running) < self.max_batch:
-            try:
-                request = self.waiting.get(block=block)
-            except queue.Empty:
-                return
+        while True:
+            group = self._held
+            if group is None:
+                try:
+                    group = self.waiting.get(block=block)
+                except queue.Empty:
+                    return
             block = False
-            if request.cancelled:
+            group = [r for r in group if not r.cancelled]
+            if len(self.running) + len(group) > self.max_batch:
+                self._held = group  # admitted whole once enough rows have left
+                return
+            self._held = None
+            if not group:
                 continue
             try:
-                self._prefill(request)
+                self._prefill(group)
             except Exception as e:
                 log.exception("prefill failed")
-                request.emit("error", f"{type(e).__name__}: {e}")
+                for request in group:
+                    request.emit("error", f"{type(e).__name__}: {e}")
 
-    def _prefill(self, request: Request) -> None:
-        p = request.params
-        request.stops = set(p.stop_ids if p.stop_ids is not None else self.default_stops)
-        if p.seed is not None:
-            request.generator = torch.Generator(self.device).manual_seed(p.seed)
-        ids = torch.tensor(request.ids, device=self.device)
-        if p.repetition_penalty != 1.0:
-            request.history = ids[None]
-        self._grow(len(request.ids) + 1)
+    def _prefill(self, group: list[Request]) -> None:
+        ids = torch.tensor(group[0].ids, device=self.device)
+        for request in group:
+            p = request.params
+            request.stops = set(p.stop_ids if p.stop_ids is not None else self.default_stops)
+            if p.seed is not None:
+                request.generator = torch.Generator(self.device).manual_seed(p.seed)
+            if p.repetition_penalty != 1.0:
+                request.history = ids[None]
+        self._grow(len(ids) + 1)
         slot = len(self.running)
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = ids[start : start + self.prefill_chunk][None]
             positions = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
             layers = [_PrefillLayer(self.k[i], self.v[i], slot, start) for i in range(len(self.k))]
             hidden = self.model(chunk, positions, return_hidden=True, kv_cache=layers)
-        request.length = len(request.ids)
-        self.running.append(request)
         logits = self.model.lm_head(hidden[:, -1]).float()  # [1, V]
-        self._take(request, self._sample(request, logits))
+        for i, request in enumerate(group):
+            if i:  # the prompt's cache, copied to this completion's row
+                self.k[:, slot + i, :, : len(ids)] = self.k[:, slot, :, : len(ids)]
+                self.v[:, slot + i, :, : len(ids)] = self.v[:, slot, :, : len(ids)]
+            request.length = len(ids)
+            self.running.append(request)
+        for request in group:
+            self._take(request, self._sample(request, logits))
 
     def _decode(self) -> None:
         n = len(self.running)

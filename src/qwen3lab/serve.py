@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +50,20 @@ class _Job:
             self.request.cancel()
 
 
-def _submit(engine: Engine, ids: list[int], params: SamplingParams) -> _Job:
-    job = _Job(asyncio.get_running_loop())
+def _submit(engine: Engine, ids: list[int], params: SamplingParams, n: int = 1) -> list[_Job]:
+    """n completions of one prompt (prefilled once); with a seed, completion i samples with seed + i."""
+    loop = asyncio.get_running_loop()
+    jobs = [_Job(loop) for _ in range(n)]
+    each = [params if i == 0 or params.seed is None else replace(params, seed=params.seed + i) for i in range(n)]
     try:
-        job.request = engine.submit(ids, params, job.push)
+        requests = engine.submit_group(ids, each, [job.push for job in jobs])
     except EngineFull as e:
         raise APIError(f"server busy: {e}; retry shortly", status=503) from None
     except ValueError as e:
-        raise APIError(str(e), "max_tokens") from None
-    return job
+        raise APIError(str(e), "n" if n > engine.max_batch else "max_tokens") from None
+    for job, request in zip(jobs, requests, strict=True):
+        job.request = request
+    return jobs
 
 
 class _Timeout(RuntimeError):
@@ -110,7 +116,7 @@ class ChatBody(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)
     stream: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -123,7 +129,7 @@ class CompletionBody(BaseModel):
     max_tokens: int = Field(16, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)
     stream: bool = False
 
 
@@ -200,8 +206,8 @@ def create_app(
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "qwen3lab"}]}
 
     def params_for(body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
-        if body.n != 1:
-            raise APIError("n: only n=1 is supported", "n")
+        if body.n > 1 and body.stream:
+            raise APIError("n: n > 1 with stream: true is not supported yet; stream one completion at a time", "n")
         if max_tokens is None:
             max_tokens = max_context - prompt_len
         if prompt_len + max_tokens > max_context:
@@ -230,19 +236,22 @@ def create_app(
         except ChatError as e:
             raise APIError(f"messages: {e}", "messages") from None
         params = params_for(body, len(ids), body.max_completion_tokens or body.max_tokens)
-        job = _submit(engine, ids, params)
+        jobs = _submit(engine, ids, params, body.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": model_name}
         if body.stream:
-            return StreamingResponse(_chat_stream(job, params, head, len(ids)), media_type="text/event-stream")
-        text, reason, n_out = await _collect(job, params)
-        message = parse_assistant(text)
-        if message["tool_calls"]:
-            reason = "tool_calls"
-        message.pop("malformed_tool_calls", None)
+            return StreamingResponse(_chat_stream(jobs[0], params, head, len(ids)), media_type="text/event-stream")
+        choices, n_out = [], 0
+        for index, (text, reason, tokens) in enumerate(await asyncio.gather(*(_collect(j, params) for j in jobs))):
+            message = parse_assistant(text)
+            if message["tool_calls"]:
+                reason = "tool_calls"
+            message.pop("malformed_tool_calls", None)
+            choices.append({"index": index, "message": message, "finish_reason": reason, "logprobs": None})
+            n_out += tokens
         return head | {
             "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
+            "choices": choices,
             "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out},
         }
 
@@ -325,7 +334,8 @@ def create_app(
         if not ids:
             raise APIError("prompt: empty", "prompt")
         params = params_for(body, len(ids), body.max_tokens)
-        job = _submit(engine, ids, params)
+        jobs = _submit(engine, ids, params, body.n)
+        job = jobs[0]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
 
@@ -336,10 +346,14 @@ def create_app(
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        text, reason, n_out = await _collect(job, params)
+        done = await asyncio.gather(*(_collect(j, params) for j in jobs))
+        n_out = sum(tokens for _, _, tokens in done)
         return head | {
             "object": "text_completion",
-            "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
+            "choices": [
+                {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+                for i, (text, reason, _) in enumerate(done)
+            ],
             "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out},
         }
 
