@@ -7,6 +7,18 @@ import time
 
 import torch
 
+# The benches' small Qwen3: the real 151,936 vocabulary (so the lm_head costs what it costs in Qwen3), hidden 256,
+# 4 / 2 heads of head_dim 64, tied embeddings; `num_hidden_layers` set by each bench.
+SMALL_QWEN3 = dict(
+    vocab_size=151936,
+    hidden_size=256,
+    intermediate_size=768,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    tie_word_embeddings=True,
+)
+
 
 def hf_from_qwen3lab(model):
     """A transformers Qwen3ForCausalLM holding exactly the weights of a qwen3lab model."""

@@ -20,19 +20,9 @@ import sys
 import time
 
 import torch
-from common import machine
+from common import SMALL_QWEN3, machine
 
-SHAPE = dict(
-    vocab_size=151936,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=8,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    tie_word_embeddings=True,
-    max_position_embeddings=32768,
-)
+SHAPE = SMALL_QWEN3 | {"num_hidden_layers": 8, "max_position_embeddings": 32768}
 
 
 def one(path: str, T: int, doc: int, steps: int) -> dict:

@@ -17,18 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, matmul_peak_flops, synthetic_conversations
+from common import SMALL_QWEN3, machine, matmul_peak_flops, synthetic_conversations
 
-SHAPE = dict(
-    vocab_size=151936,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    tie_word_embeddings=True,
-)
+SHAPE = SMALL_QWEN3 | {"num_hidden_layers": 4}
 
 
 def prepare(folder: Path, n_conversations: int) -> None:

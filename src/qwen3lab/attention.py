@@ -87,11 +87,13 @@ class Documents:
 
 @functools.cache
 def _varlen_attn():
+    """torch's varlen kernel with causality set (window_size in newer torch, is_causal in older), or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    causal = "window_size" in inspect.signature(varlen_attn).parameters
+    return functools.partial(varlen_attn, **({"window_size": (-1, 0)} if causal else {"is_causal": True}))
 
 
 @functools.cache
@@ -196,11 +198,8 @@ def _varlen(q, k, v, docs: Documents, gqa: bool) -> torch.Tensor:
     def tokens_major(x):  # [B, h, T, D] -> [B*T, h, D]
         return x.transpose(1, 2).reshape(B * T, x.shape[1], D)
 
-    causal = (
-        {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters else {"is_causal": True}
-    )
     cu, n = docs.cu_seqlens, docs.max_len
-    y = varlen_attn(tokens_major(q), tokens_major(k), tokens_major(v), cu, cu, n, n, enable_gqa=gqa, **causal)
+    y = varlen_attn(tokens_major(q), tokens_major(k), tokens_major(v), cu, cu, n, n, enable_gqa=gqa)
     return y.view(B, T, H * D)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .attention import cu_seqlens_from_position_ids
 from .chat import ChatError
 from .loss import IGNORE
 from .tokenizer import Tokenizer
@@ -362,10 +363,8 @@ def collate(data: TokenizedData, rows: list[list[int]], pad_id: int) -> dict[str
         labels[r, :n] = torch.from_numpy(lab.astype(np.int64))
         position_ids[r, :n] = torch.from_numpy(pos)
         position_ids[r, n:] = torch.arange(T - n)  # padding: one more "document" that nothing attends to
-    # document boundaries over the flattened B*T tokens, for attention.py (a row's padding is one more document)
-    starts = [r * T + s for r, (_, _, pos) in enumerate(built) for s in np.flatnonzero(pos == 0).tolist()]
-    starts += [r * T + len(b[0]) for r, b in enumerate(built) if len(b[0]) < T]
-    cu_seqlens = torch.tensor(sorted(starts) + [B * T], dtype=torch.int32)
+    # document boundaries over the flattened B*T tokens, once per batch, for attention.py (padding is a document too)
+    cu_seqlens = cu_seqlens_from_position_ids(position_ids)
     num_tokens = torch.tensor(sum(len(b[0]) for b in built))  # real (non-pad) tokens
     return {
         "input_ids": input_ids,

@@ -215,10 +215,10 @@ class Engine:
             self._take(request, self._sample(request, logits))
 
     def _decode(self) -> None:
-        n = len(self.running)
-        self._grow(max(r.length for r in self.running) + 1)
-        lengths = torch.tensor([r.length for r in self.running], device=self.device)
-        width = int(lengths.max()) + 1
+        n, host_lengths = len(self.running), [r.length for r in self.running]
+        width = max(host_lengths) + 1  # the keys a row can see this step, at most
+        self._grow(width)
+        lengths = torch.tensor(host_lengths, device=self.device)
         rows = torch.arange(n, device=self.device)
         x = torch.tensor([[r.next_token] for r in self.running], device=self.device)  # [n, 1]
         # [n, 1, 1, width]: each row sees its own filled slots and this step's token
