@@ -92,3 +92,24 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[list[dict]]:
             conv.append({"role": "assistant", "content": text(80), "reasoning_content": text(30)})
         convs.append(conv)
     return convs
+
+
+def token_times(model, prompts: list[list[int]], new_tokens: int, sync=lambda: None) -> tuple[float, float]:
+    """One engine run (what generate() does) over these prompts: seconds to the first token, then seconds per
+    decode step, as seen by the first row."""
+    from qwen3lab.engine import Engine, SamplingParams
+
+    engine = Engine(model, len(prompts), capacity=max(map(len, prompts)) + new_tokens)
+    stamps = []
+
+    def first_row(kind, value):
+        if kind == "token":
+            sync()
+            stamps.append(time.perf_counter())
+
+    params = SamplingParams(max_new_tokens=new_tokens, stop_ids=[])
+    t0 = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        engine.submit(ids, params, first_row if i == 0 else lambda kind, value: None)
+    engine.run_until_idle()
+    return stamps[0] - t0, (stamps[-1] - stamps[0]) / (len(stamps) - 1)

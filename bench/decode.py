@@ -14,10 +14,9 @@ import argparse
 import time
 
 import torch
-from common import hf_from_qwen3lab, machine
+from common import hf_from_qwen3lab, machine, token_times
 
 import qwen3lab
-from qwen3lab.generate import SamplingParams, generate_ids
 from qwen3lab.parallel import apply_compile
 
 
@@ -56,13 +55,7 @@ def main():
     apply_compile(compiled, dynamic=True)
 
     def ours(batch=1, model=model):
-        params = SamplingParams(max_new_tokens=n, stop_ids=[])
-        t0 = time.perf_counter()
-        steps = generate_ids(model, [prompt[0].tolist()] * batch, params)
-        next(steps)  # prefill + first token
-        t1 = time.perf_counter()
-        out = sum(1 for _ in steps)
-        return t1 - t0, (time.perf_counter() - t1) / out
+        return token_times(model, [prompt[0].tolist()] * batch, n)
 
     def theirs():
         with torch.inference_mode():

@@ -21,12 +21,11 @@ import resource
 import time
 
 import torch
-from common import machine
+from common import machine, token_times
 
 import qwen3lab
 from qwen3lab.attention import BACKENDS, Documents, attend, resolve_backend
 from qwen3lab.config import OptimConfig
-from qwen3lab.generate import SamplingParams, generate_ids
 from qwen3lab.lora import apply_lora
 from qwen3lab.optim import build_optimizer
 from qwen3lab.parallel import apply_activation_checkpointing
@@ -169,12 +168,7 @@ def decode(cfg, device, dtype, new_tokens: int) -> None:
     reset_peak(device)
     model = qwen3lab.new_model(cfg, device=device, dtype=dtype, seed=0).eval()
     prompt = torch.randint(0, cfg.vocab_size, (32,)).tolist()
-    params = SamplingParams(max_new_tokens=new_tokens, stop_ids=[])
-    stamps = []
-    for _ in generate_ids(model, [prompt], params):
-        sync(device)
-        stamps.append(time.perf_counter())
-    per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    _, per_token = token_times(model, [prompt], new_tokens, sync=lambda: sync(device))
     weight_bytes = (cfg.num_parameters(embedding=False) + cfg.vocab_size * cfg.hidden_size) * dtype.itemsize
     bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**27)
     bound = bandwidth / weight_bytes

@@ -1,11 +1,12 @@
 """Serving under load: continuous batching (qwen3lab's engine) vs the static batcher it replaced vs transformers'.
 
-    python bench/serve_load.py [--shape qwen3-0.6b] [--clients 16,64] [--max-batch 16]
+    python bench/serve_load.py [--shape qwen3-0.6b] [--clients 16,64] [--max-batch 16] [--shared-prefix 0]
 
 N clients arrive staggered (one every --gap seconds) with mixed prompt lengths (16-256 tokens) and completion lengths
 (8-128 tokens, greedy, no stop id). The same load, weights and prompts go to:
   qwen3lab   engine.Engine (what `qwen3lab serve` runs), rows joining and leaving every step
-  static     the batcher `qwen3lab serve` had before: all waiting requests as one batch, run until its last row ends
+  static     the batcher `qwen3lab serve` had before: waiting requests join only an empty batch
+  no-prefix-cache  the engine without its prefix cache (with --shared-prefix: what reusing a system prompt saves)
   hf-cb      transformers' continuous batching (ContinuousBatchingManager, streaming), on the same weights
 Measured at the engine level (HTTP adds the same ~1-2 ms per request to every system): time to first token and
 latency (p50 / p99 over requests), and generated tokens per second over the whole run. fp32 on the CPU.
@@ -14,7 +15,6 @@ latency (p50 / p99 over requests), and generated tokens per second over the whol
 from __future__ import annotations
 
 import argparse
-import queue
 import random
 import threading
 import time
@@ -24,15 +24,17 @@ from common import hf_from_qwen3lab, machine
 
 import qwen3lab
 from qwen3lab.engine import Engine
-from qwen3lab.generate import SamplingParams, generate_ids
+from qwen3lab.generate import SamplingParams
 
 
-def workload(n: int, gap: float, vocab: int, seed: int = 0) -> list[dict]:
+def workload(n: int, gap: float, vocab: int, shared: int = 0, seed: int = 0) -> list[dict]:
+    """n requests, one every `gap` seconds; each prompt begins with the same `shared` tokens (a system prompt)."""
     rng = random.Random(seed)
+    system = [rng.randrange(1000, vocab - 1000) for _ in range(shared)]
     return [
         {
             "at": i * gap,
-            "ids": [rng.randrange(1000, vocab - 1000) for _ in range(rng.randint(16, 256))],
+            "ids": system + [rng.randrange(1000, vocab - 1000) for _ in range(rng.randint(16, 256))],
             "new": rng.randint(8, 128),
         }
         for i in range(n)
@@ -96,8 +98,8 @@ def drive(load: list[dict], submit) -> dict:
     return times.summary(t0, max(times.last))
 
 
-def run_qwen3lab(model, load, max_batch) -> dict:
-    engine = Engine(model, max_batch=max_batch).start()
+def run_engine(model, load, max_batch, cls=Engine, prefix_cache_tokens=8192) -> dict:
+    engine = cls(model, max_batch=max_batch, prefix_cache_tokens=prefix_cache_tokens).start()
 
     def submit(i, r, times):
         def emit(kind, value):
@@ -111,28 +113,21 @@ def run_qwen3lab(model, load, max_batch) -> dict:
     return drive(load, submit)
 
 
-def run_static(model, load, max_batch) -> dict:
-    """The batcher `qwen3lab serve` used before engine.py: take every waiting request (up to max_batch), decode
-    them as one left-padded batch until the last one ends, then look at the queue again."""
-    waiting: queue.Queue = queue.Queue()
+class StaticEngine(Engine):
+    """How `qwen3lab serve` batched before the continuous engine: waiting requests are taken only when no row is
+    running, so a batch runs until its last row ends (rows that finish leave early here, which the old padded batch
+    did not do: a slightly stronger baseline than it was)."""
 
-    def work():
-        while True:
-            batch = [waiting.get()]
-            while len(batch) < max_batch and not waiting.empty():
-                batch.append(waiting.get_nowait())
-            params = [SamplingParams(max_new_tokens=r["new"], stop_ids=[]) for _, r, _ in batch]
-            ended = [False] * len(batch)
-            for step in generate_ids(model, [r["ids"] for _, r, _ in batch], params):
-                for k, ((i, _, times), token) in enumerate(zip(batch, step, strict=True)):
-                    if token is not None and token >= 0:
-                        times.token(i)
-                    if token is not None and not ended[k] and times.tokens[i] >= batch[k][1]["new"]:
-                        ended[k] = True
-                        times.end(i)
+    def _admit(self, block: bool) -> None:
+        if not self.running:
+            super()._admit(block)
 
-    threading.Thread(target=work, daemon=True).start()
-    return drive(load, lambda i, r, times: waiting.put((i, r, times)))
+
+RUNNERS = {
+    "qwen3lab": run_engine,  # as `qwen3lab serve` runs it (prefix cache of 8192 tokens)
+    "no-prefix-cache": lambda model, load, max_batch: run_engine(model, load, max_batch, prefix_cache_tokens=0),
+    "static": lambda model, load, max_batch: run_engine(model, load, max_batch, StaticEngine, prefix_cache_tokens=0),
+}
 
 
 def run_transformers(model, load, max_batch) -> dict:
@@ -169,15 +164,19 @@ def main():
     ap.add_argument("--clients", default="16,64")
     ap.add_argument("--gap", type=float, default=0.25, help="seconds between arrivals")
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--systems", default="qwen3lab,static,hf-cb")
+    ap.add_argument("--systems", default="qwen3lab,static,hf-cb", help=f"of {', '.join(RUNNERS)}, hf-cb")
+    ap.add_argument("--shared-prefix", type=int, default=0, help="tokens of system prompt every request begins with")
     args = ap.parse_args()
     print(machine())
     torch.manual_seed(0)
     model = qwen3lab.new_model(qwen3lab.preset(args.shape), seed=0).eval()
-    print(f"{args.shape}, fp32, max batch {args.max_batch}, one arrival every {args.gap} s")
-    runners = {"qwen3lab": run_qwen3lab, "static": run_static, "hf-cb": run_transformers}
+    print(
+        f"{args.shape}, fp32, max batch {args.max_batch}, one arrival every {args.gap} s, "
+        f"shared prompt prefix {args.shared_prefix} tokens"
+    )
+    runners = RUNNERS | {"hf-cb": run_transformers}
     for n in (int(x) for x in args.clients.split(",")):
-        load = workload(n, args.gap, model.config.vocab_size)
+        load = workload(n, args.gap, model.config.vocab_size, args.shared_prefix)
         results = {}
         for name in args.systems.split(","):
             r = results[name] = runners[name](model, load, args.max_batch)
@@ -188,7 +187,7 @@ def main():
                 flush=True,
             )
         ours = results.get("qwen3lab")
-        for other in ("hf-cb", "static"):
+        for other in ("hf-cb", "static", "no-prefix-cache"):
             if ours and other in results:
                 o = results[other]
                 print(

@@ -1,3 +1,8 @@
+import contextlib
+import socket
+import threading
+import time
+
 import pytest
 import torch
 
@@ -52,3 +57,32 @@ def hf_tok(tok, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
     tok.save(folder)
     return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """uvicorn serving `app` from a thread on a free loopback port; yields the base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(5)
+
+
+def tiny_server_model(folder):
+    """The servers' test model: random weights larger than init (varied greedy text), the real vocabulary."""
+    hf_tiny(vocab=151936, hidden=64, heads=4, kv_heads=2, head_dim=16, initializer_range=0.3).save_pretrained(folder)
+    return qwen3lab.load_model(folder, dtype="float32", device="cpu")
+

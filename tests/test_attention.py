@@ -123,13 +123,15 @@ def test_backend_selection():
 
 def test_chunked_prefill_after_cache_is_causal(model):
     """A chunk of several tokens after cached keys (the causal mask aligned to the end of the keys)."""
-    from qwen3lab.generate import KVCache
+    from qwen3lab.engine import _PrefillLayer
 
     ids = torch.randint(0, 512, (1, 30))
+    cfg = model.config
+    k = torch.zeros(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 30, cfg.head_dim)
+    v = torch.zeros_like(k)
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache(model.config, 1, 30, "cpu", torch.float32)
-        first = model(ids[:, :18], kv_cache=cache)
-        cache.length = 18
-        second = model(ids[:, 18:], torch.arange(18, 30)[None], kv_cache=cache)
+        layers = list(zip(k, v, strict=True))
+        first = model(ids[:, :18], kv_cache=[_PrefillLayer(a[:, :, :18], b[:, :, :18]) for a, b in layers])
+        second = model(ids[:, 18:], torch.arange(18, 30)[None], kv_cache=[_PrefillLayer(a, b) for a, b in layers])
     torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=1e-5)

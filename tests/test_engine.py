@@ -141,3 +141,32 @@ def test_completions_of_one_prompt_share_one_prefill(model, tok):
     assert len({tuple(r.ids) for r in results}) > 1  # the seeds really differ
     with pytest.raises(ValueError, match="at most 4 rows"):
         engine.submit_group([1, 2], params * 2, [Collect()] * 8)
+
+
+def test_prefix_cache_reuses_a_shared_system_prompt(model, tok):
+    """Requests sharing a system prompt copy its cache instead of computing it: fewer prompt tokens computed, the
+    same tokens as each request alone (greedy and seeded), and the cache stays within its token budget."""
+    system = {"role": "system", "content": "You are a careful assistant who answers in one short line. " * 4}
+    questions = ["What is two plus two?", "Name a colour.", "Say hello.", "Count to three."]
+    prompts = [tok.encode_chat([system, {"role": "user", "content": q}], add_generation_prompt=True,
+                               assistant_mask=False).input_ids for q in questions]  # fmt: skip
+    shared = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[1], strict=False)) if a != b)
+    budget = 2 * max(map(len, prompts))
+    engine = Engine(model, max_batch=2, prefix_cache_tokens=budget)
+    results = [Collect() for _ in prompts]
+    sampling = [{}, {"temperature": 1.0, "seed": 3}] * 2
+    for ids, got, kw in zip(prompts, results, sampling, strict=True):
+        engine.submit(ids, SamplingParams(max_new_tokens=8, stop_ids=[], **kw), got)
+        engine.step()  # arriving one after another: each finds the earlier prompts kept
+    engine.run_until_idle()
+    for ids, got, kw in zip(prompts, results, sampling, strict=True):
+        assert got.ids == generate(model, tok, ids, max_new_tokens=8, stop_ids=[], **kw).ids
+    m = engine.metrics()
+    assert m["prefix_cache_hit_tokens_total"] >= 3 * shared  # the three later prompts copied the system prompt
+    assert m["prompt_tokens_total"] == sum(map(len, prompts))
+    assert sum(len(key) for key in engine.prefixes) <= budget
+    without = Engine(model, max_batch=2)
+    for ids in prompts:
+        without.submit(ids, SamplingParams(max_new_tokens=8, stop_ids=[]), Collect())
+    without.run_until_idle()
+    assert without.metrics()["prefix_cache_hit_tokens_total"] == 0

@@ -5,7 +5,7 @@ import torch
 from conftest import hf_tiny
 
 import qwen3lab
-from qwen3lab.generate import SamplingParams, generate, generate_ids, process_logits, stream
+from qwen3lab.generate import SamplingParams, generate, process_logits, stream
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +101,12 @@ def test_process_logits_filters():
     assert out[0, 0] == 2.0 and out[0, 1] == 3.0
 
 
-def test_prompt_too_long_or_empty(models):
+def test_prompt_too_long_or_empty(models, tok):
     _, ours = models
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        next(generate_ids(ours, [[1] * 10], SamplingParams(max_new_tokens=10**6)))
+        generate(ours, tok, [1] * 10, max_new_tokens=10**6)
     with pytest.raises(ValueError, match="empty prompt"):
-        next(generate_ids(ours, [[]], SamplingParams()))
+        generate(ours, tok, [[]])
 
 
 def test_compiled_decode_equals_eager(tmp_path, tok):

@@ -1,12 +1,10 @@
 """The OpenAI-compatible server through the official `openai` client, on loopback."""
 
 import concurrent.futures
-import socket
-import threading
 import time
 
 import pytest
-from conftest import hf_tiny
+from conftest import serving, tiny_server_model
 
 import qwen3lab
 
@@ -19,23 +17,9 @@ uvicorn = pytest.importorskip("uvicorn")
 def server(tmp_path_factory, tok):
     from qwen3lab.serve import create_app
 
-    folder = tmp_path_factory.mktemp("srv")
-    hf_tiny(vocab=151936, hidden=64, heads=4, kv_heads=2, head_dim=16, initializer_range=0.3).save_pretrained(folder)
-    model = qwen3lab.load_model(folder, dtype="float32", device="cpu")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(model, tok, "tiny"), host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", model
-    srv.should_exit = True
-    thread.join(5)
+    model = tiny_server_model(tmp_path_factory.mktemp("srv"))
+    with serving(create_app(model, tok, "tiny")) as url:
+        yield url, model
 
 
 @pytest.fixture

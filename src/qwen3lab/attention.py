@@ -139,14 +139,20 @@ def attend(q, k, v, mask: torch.Tensor | None = None, docs: Documents | None = N
     every cached key).
     """
     B, H, T, D = q.shape
-    gqa = k.shape[1] != H
+    # branches, not expressions: under dynamic shapes (a compiled block) SDPA needs Python bools, not SymBools
+    gqa = False
+    if k.shape[1] != H:
+        gqa = True
     if docs is not None:
         return _attend_packed(q, k, v, docs, gqa)
     S = k.shape[2]
     if mask is None and 1 < T < S:  # a chunk after cached keys: causal from its own offset
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     # without a mask is_causal lets SDPA pick its flash kernel (and T == 1 needs no mask at all)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa)
+    causal = False
+    if mask is None and T > 1:
+        causal = True
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     return y.transpose(1, 2).reshape(B, T, H * D)  # [B, H, T, D] -> [B, T, H*D]
 
 

@@ -190,6 +190,7 @@ def cmd_serve(args) -> None:
         compile=args.compile,
         max_queue=args.max_queue,
         request_timeout=args.request_timeout,
+        prefix_cache_tokens=args.prefix_cache_tokens,
     )
 
 
@@ -304,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 503 + Retry-After")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take at most")
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=8192,
+        help="prompt tokens whose cache is kept for later requests that begin the same way (0: off)",
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=cmd_serve)

@@ -1,61 +1,19 @@
-"""Generation over a preallocated KV cache: prefill, then one token at a time; sampling; stop ids and strings.
+"""Generation for one prompt or a batch, and streamed text: the user's side of engine.Engine.
 
-Batches of prompts with different lengths are left-padded into one cache: every row writes the same cache slots,
-and each row's positions start at its first real token, with a mask that hides its padding.
+generate(model, tok, "Once upon a time", max_new_tokens=32)      # -> Generation(ids, text, finish_reason)
+generate(model, tok, [messages, "text", [1, 2, 3]], temperature=0.7, seed=0)
+for piece in stream(model, tok, messages): print(piece, end="")
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
-
+from .engine import Engine, SamplingParams, default_stop_ids, process_logits, sample  # noqa: F401 (re-exported)
 from .tokenizer import Tokenizer
 
-IM_END, ENDOFTEXT = 151645, 151643
-
-
-class KVCache:
-    """Keys and values of every layer, [layers, B, kv_heads, max_len, head_dim], filled from slot 0 on."""
-
-    def __init__(self, cfg, batch: int, max_len: int, device, dtype):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # slots filled by earlier forwards
-        # each layer's own views, made once; not its index: a compiled block then sees tensors, not a constant per layer
-        self.layers = [_LayerCache(self, self.k[i], self.v[i]) for i in range(cfg.num_hidden_layers)]
-
-    def __getitem__(self, layer: int) -> _LayerCache:
-        return self.layers[layer]
-
-
-@dataclass
-class _LayerCache:
-    cache: KVCache
-    k: torch.Tensor  # [B, kv_heads, max_len, head_dim]
-    v: torch.Tensor
-
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        """Write this forward's keys/values [B, kv_heads, T, D] after the filled slots; return all filled slots."""
-        start, T = self.cache.length, k.shape[2]
-        self.k[:, :, start : start + T] = k
-        self.v[:, :, start : start + T] = v
-        return self.k[:, :, : start + T], self.v[:, :, : start + T]
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)  # stop strings, cut from the text
-    stop_ids: list[int] | None = None  # None: the model's eos ids plus <|im_end|> and <|endoftext|>
+MAX_ROWS = 64  # rows decoded together by generate() at most; more prompts wait for a free row
 
 
 @dataclass
@@ -64,16 +22,6 @@ class Generation:
     text: str
     finish_reason: str  # "stop" (eos id or stop string) or "length"
     prompt_tokens: int = 0
-
-
-def default_stop_ids(model) -> list[int]:
-    """The eos ids of config and generation_config, and always both chat ends: base checkpoints list only
-    <|endoftext|>, and a chat-tuned model that ends its turn with <|im_end|> would otherwise never stop."""
-    ids = []
-    for source in (model.config.eos_token_id, getattr(model, "generation_config", {}).get("eos_token_id")):
-        ids += source if isinstance(source, list) else [source]
-    ids += [IM_END, ENDOFTEXT]
-    return sorted({i for i in ids if i is not None and i < model.config.vocab_size})
 
 
 def prepare_for_inference(model, compile: bool) -> None:
@@ -88,39 +36,7 @@ def prepare_for_inference(model, compile: bool) -> None:
         apply_compile(model, dynamic=True)
 
 
-# ---- sampling ----
-
-
-def process_logits(logits: torch.Tensor, generated: torch.Tensor | None, p: SamplingParams) -> torch.Tensor:
-    """logits [B, V] fp32 -> the logits to sample from, after penalty, temperature, top-k, top-p and min-p."""
-    if p.repetition_penalty != 1.0 and generated is not None and generated.numel():
-        seen = torch.gather(logits, 1, generated)
-        seen = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
-        logits = logits.scatter(1, generated, seen)
-    if p.temperature <= 0:
-        return logits
-    logits = logits / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > p.top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    if p.min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-    return logits
-
-
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    if p.temperature <= 0:
-        return logits.argmax(-1)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-# ---- the loop ----
+# ---- the user's side ----
 
 
 def _as_ids(tok: Tokenizer, prompt) -> list[int]:
@@ -131,116 +47,62 @@ def _as_ids(tok: Tokenizer, prompt) -> list[int]:
     return list(prompt)
 
 
-@torch.inference_mode()
-def generate_ids(model, prompts: list[list[int]], params) -> Iterator[list[int | None]]:
-    """Yield, per decode step, each row's new token: an id, -1 when the row just stopped, None once it is done.
+class _Collect:
+    """One request's tokens as the engine emits them; a stop string ends the request (cancelled at once)."""
 
-    `params` is one SamplingParams for all rows or a list with one per row (a server batches unrelated requests).
-    """
-    device = model.lm_head.weight.device
-    B = len(prompts)
-    per_row = list(params) if isinstance(params, (list, tuple)) else [params] * B
-    lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise ValueError("empty prompt: give at least one token")
-    T = max(lengths)
-    max_new = max(p.max_new_tokens for p in per_row)
-    max_len = T + max_new
-    if max_len > model.config.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({T} tokens) + max_new_tokens ({max_new}) exceeds the model's "
-            f"max_position_embeddings={model.config.max_position_embeddings}"
-        )
-    pad = torch.tensor([T - n for n in lengths], device=device)  # left padding per row
-    padded = min(lengths) < T
-    ids = torch.zeros(B, T, dtype=torch.long, device=device)
-    for r, p in enumerate(prompts):
-        ids[r, T - len(p) :] = torch.tensor(p, device=device)
-    default_stops = default_stop_ids(model)
-    stops = [set(p.stop_ids if p.stop_ids is not None else default_stops) for p in per_row]
-    budget = [p.max_new_tokens for p in per_row]
-    shared = all(p == per_row[0] for p in per_row)  # one vectorised sampling call for the whole batch
-    generators = [torch.Generator(device).manual_seed(p.seed) if p.seed is not None else None for p in per_row]
-    cache = KVCache(model.config, B, max_len, device, model.lm_head.weight.dtype)
-    slots = torch.arange(max_len, device=device)
-    history = ids if any(p.repetition_penalty != 1.0 for p in per_row) else None
-    done = [False] * B
+    def __init__(self, tok: Tokenizer, stop: list[str]):
+        self.text = TextStream(tok, stop)
+        self.ids: list[int] = []
+        self.pieces: list[str] = []  # text not yet given out (stream)
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.request, self.prompt_tokens = None, 0
 
-    x, start = ids, 0
-    for step in range(max_new):
-        n = x.shape[1]
-        q_slots = slots[start : start + n]
-        positions = (q_slots[None, :] - pad[:, None]).clamp(min=0)  # [B, n]
-        k_slots = slots[: start + n]
-        mask = None  # no padding: the causal kernel, no [n, S] mask (a 32k-token prompt would need GiBs)
-        if padded:  # [B, 1, n, S]: causal over slots, and never a row's own left padding
-            mask = (k_slots[None, None, None, :] <= q_slots[None, None, :, None]) & (
-                k_slots[None, None, None, :] >= pad[:, None, None, None]
-            )
-        hidden = model(x, positions, mask, return_hidden=True, kv_cache=cache)
-        cache.length = start + n
-        logits = model.lm_head(hidden[:, -1]).float()  # [B, V]
-        if shared:
-            token = sample(process_logits(logits, history, per_row[0]), per_row[0], generators[0])
-        else:
-            token = torch.stack(
-                [
-                    sample(process_logits(logits[r : r + 1], None if history is None else history[r : r + 1], p), p, g)[
-                        0
-                    ]  # fmt: skip
-                    for r, (p, g) in enumerate(zip(per_row, generators, strict=True))
-                ]
-            )
-        out = []
-        for r, t in enumerate(token.tolist()):
-            if done[r]:
-                out.append(None)
-            elif t in stops[r]:
-                out.append(-1)
-                done[r] = True
-            else:
-                out.append(t)
-                if step + 1 >= budget[r]:
-                    done[r] = True
-        yield out
-        if all(done):
+    def __call__(self, kind: str, value) -> None:
+        if self.finish_reason is not None:  # ended at a stop string: the budget's "end" may still come
             return
-        if history is not None:
-            history = torch.cat([history, token[:, None]], 1)
-        x, start = token[:, None], start + n
+        if kind == "token":
+            self.ids.append(value)
+            piece, stopped = self.text.add(value)
+            self.pieces.append(piece)
+            if stopped:
+                self.finish_reason = "stop"
+                self.request.cancel()
+        elif kind == "end":
+            self.pieces.append(self.text.flush())
+            self.finish_reason = value
+        else:
+            self.error = value
+
+
+def _submit(model, tok: Tokenizer, prompts: list, params: SamplingParams) -> tuple[Engine, list[_Collect]]:
+    ids = [_as_ids(tok, p) for p in prompts]
+    longest = max((len(x) for x in ids), default=0) + params.max_new_tokens
+    engine = Engine(model, min(len(ids), MAX_ROWS), capacity=longest, max_waiting=len(ids))
+    outs = [_Collect(tok, params.stop) for _ in ids]
+    for x, out in zip(ids, outs, strict=True):
+        out.request = engine.submit(x, params, out)
+        out.prompt_tokens = len(x)
+    return engine, outs
+
+
+def _check(out: _Collect) -> None:
+    if out.error is not None:
+        raise RuntimeError(f"generation failed: {out.error}")
 
 
 def generate(model, tok: Tokenizer, prompts, params: SamplingParams | None = None, **kw) -> list[Generation]:
     """Generate for one prompt or a batch. A prompt is text, token ids, or a list of chat messages (rendered with
-    the generation prompt). Returns one Generation per prompt."""
+    the generation prompt). Returns one Generation per prompt (a list for a batch)."""
     params = params or SamplingParams(**kw)
     # one prompt: text, ids [int, ...] or messages [{...}, ...]; a batch: a list of those
     single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], (int, dict)))
-    batch = [prompts] if single else list(prompts)
-    ids = [_as_ids(tok, p) for p in batch]
-    outs: list[list[int]] = [[] for _ in batch]
-    reasons = ["length"] * len(batch)
-    texts = [""] * len(batch)
-    active = [True] * len(batch)
-    for step in generate_ids(model, ids, params):
-        for r, t in enumerate(step):
-            if t is None or not active[r]:
-                continue
-            if t == -1:
-                reasons[r], active[r] = "stop", False
-                continue
-            outs[r].append(t)
-            if params.stop:
-                text = tok.decode(outs[r])
-                cut = _find_stop(text, params.stop)
-                if cut is not None:
-                    texts[r], reasons[r], active[r] = text[:cut], "stop", False
-        if not any(active):
-            break
+    engine, outs = _submit(model, tok, [prompts] if single else list(prompts), params)
+    engine.run_until_idle()
     results = []
-    for r in range(len(batch)):
-        text = texts[r] if reasons[r] == "stop" and params.stop and texts[r] else tok.decode(outs[r])
-        results.append(Generation(outs[r], text, reasons[r], len(ids[r])))
+    for out in outs:
+        _check(out)
+        results.append(Generation(out.ids, "".join(out.pieces), out.finish_reason, out.prompt_tokens))
     return results[0] if single else results
 
 
@@ -301,15 +163,9 @@ class TextStream:
 def stream(model, tok: Tokenizer, prompt, params: SamplingParams | None = None, **kw) -> Iterator[str]:
     """Text pieces of one generation as they come (see TextStream)."""
     params = params or SamplingParams(**kw)
-    text = TextStream(tok, params.stop)
-    for step in generate_ids(model, [_as_ids(tok, prompt)], params):
-        if step[0] is None or step[0] == -1:
-            break
-        piece, stopped = text.add(step[0])
-        if piece:
-            yield piece
-        if stopped:
-            return
-    tail = text.flush()
-    if tail:
-        yield tail
+    engine, (out,) = _submit(model, tok, [prompt], params)
+    while out.finish_reason is None and out.error is None:
+        engine.step()
+        _check(out)
+        yield from (piece for piece in out.pieces if piece)
+        out.pieces.clear()

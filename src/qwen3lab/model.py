@@ -205,7 +205,7 @@ class Qwen3(nn.Module):
         """input_ids [B, T] -> logits [B, T, vocab] (or final hidden states [B, T, hidden] with return_hidden).
 
         position_ids [B, T] default to 0..T-1. mask is an SDPA mask ([B, 1, T, S] bool, True = attend); without one
-        attention is plainly causal; for packed rows, use `forward_packed`. kv_cache (generate.KVCache) appends this
+        attention is plainly causal; for packed rows, use `forward_packed`. kv_cache (per layer, engine.py) appends this
         forward's keys and values. inputs_embeds [B, T, hidden] replaces the embedding lookup (e.g. with some
         embedding rows being trained apart). docs (attention.Documents) marks packed documents instead of a mask.
         """

@@ -166,9 +166,14 @@ def create_app(
     max_batch: int = 16,
     max_queue: int = 256,
     request_timeout: float = 600.0,
+    prefix_cache_tokens: int = 8192,
 ) -> FastAPI:
     app = FastAPI(title="qwen3lab")
-    engine = Engine(model, max_batch, max_waiting=max_queue).start()
+    engine = Engine(model, max_batch, max_waiting=max_queue, prefix_cache_tokens=prefix_cache_tokens).start()
+    per_token = 2 * engine.k[:, 0, :, 0].numel() * engine.k.element_size()  # keys and values, every layer
+    log.info(
+        "prefix cache: up to %d prompt tokens (%.0f MiB)", prefix_cache_tokens, prefix_cache_tokens * per_token / 2**20
+    )
     max_context = model.config.max_position_embeddings
 
     @app.exception_handler(RequestValidationError)
@@ -187,7 +192,8 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics():
-        """Prometheus text: rows running, requests waiting, tokens generated, tokens/s over the last 10 s."""
+        """Prometheus text: rows running, requests waiting, tokens generated, tokens/s over the last 10 s, prompt tokens
+        and those of them taken from the prefix cache."""
         m = engine.metrics()
         lines = [
             "# TYPE qwen3lab_requests_running gauge",
@@ -198,6 +204,10 @@ def create_app(
             f"qwen3lab_generated_tokens_total {m['generated_tokens_total']}",
             "# TYPE qwen3lab_generation_tokens_per_second gauge",
             f"qwen3lab_generation_tokens_per_second {m['tokens_per_second']:.3f}",
+            "# TYPE qwen3lab_prompt_tokens_total counter",
+            f"qwen3lab_prompt_tokens_total {m['prompt_tokens_total']}",
+            "# TYPE qwen3lab_prefix_cache_hit_tokens_total counter",
+            f"qwen3lab_prefix_cache_hit_tokens_total {m['prefix_cache_hit_tokens_total']}",
         ]
         return PlainTextResponse("\n".join(lines) + "\n")
 
@@ -369,6 +379,7 @@ def serve(
     compile: bool = False,
     max_queue: int = 256,
     request_timeout: float = 600.0,
+    prefix_cache_tokens: int = 8192,
 ):
     import uvicorn
 
@@ -379,5 +390,5 @@ def serve(
     model = load_model(model_dir, dtype=dtype)
     prepare_for_inference(model, compile)
     tok = load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else load_tokenizer()
-    app = create_app(model, tok, Path(model_dir).name, max_batch, max_queue, request_timeout)
+    app = create_app(model, tok, Path(model_dir).name, max_batch, max_queue, request_timeout, prefix_cache_tokens)
     uvicorn.run(app, host=host, port=port, log_level="info")
