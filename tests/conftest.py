@@ -85,4 +85,3 @@ def tiny_server_model(folder):
     """The servers' test model: random weights larger than init (varied greedy text), the real vocabulary."""
     hf_tiny(vocab=151936, hidden=64, heads=4, kv_heads=2, head_dim=16, initializer_range=0.3).save_pretrained(folder)
     return qwen3lab.load_model(folder, dtype="float32", device="cpu")
-

@@ -8,8 +8,11 @@ string, max_tokens, or its client gone), so a short request never waits for a lo
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import replace
@@ -18,7 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from .chat import ChatError, parse_assistant
@@ -98,6 +101,22 @@ async def _texts(tok: Tokenizer, job: _Job, stop: list[str], timeout: float):
                 return
     finally:
         job.cancel()
+
+
+def _chat_page() -> tuple[str, str]:
+    """The page and its Content-Security-Policy: only its own inline script and style run (pinned by hash), it
+    connects only to this server, and loads no images — model output is only ever text, and this backs that up."""
+    page = (Path(__file__).parent / "static" / "chat.html").read_text(encoding="utf-8")
+
+    def digest(tag: str) -> str:
+        body = re.search(rf"<{tag}>(.*?)</{tag}>", page, re.S).group(1)
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    csp = (
+        f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return page, csp
 
 
 # ---- request bodies (OpenAI's names) ----
@@ -185,6 +204,12 @@ def create_app(
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return _error(exc.message, exc.status, exc.param)
+
+    page, csp = _chat_page()
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():  # the browser chat (static/chat.html), talking to /v1/chat/completions
+        return HTMLResponse(page, headers={"Content-Security-Policy": csp})
 
     @app.get("/health")
     async def health():  # answered by the event loop alone: fast however busy the engine is
