@@ -248,10 +248,20 @@ class OptimConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 0.1
+    # the reference model: auto (LoRA: the same model with its adapters off; full: a frozen copy), model (a frozen
+    # copy), precompute (every pair's reference log-probs computed once before training, kept in the run folder)
+    ref: str = "auto"
+
+
+@dataclass
 class TrainConfig:
     model: str = ""  # HF model folder, or a preset name (random init) such as tiny
     out: str = "runs/sft"
+    objective: str = "sft"  # sft | dpo (preference pairs: prompt + chosen / rejected)
     data: DataConfig = field(default_factory=DataConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 0  # optimizer steps; 0: `epochs` passes over the data

@@ -291,6 +291,98 @@ def load_tokenized(path: str | os.PathLike, tok: Tokenizer, max_length: int, cac
     return data
 
 
+# ---- preference pairs (DPO) ----
+
+
+def preference_parts(row, where: str):
+    """A preference row -> (prompt, chosen, rejected, tools): trl's explicit form (`prompt` + `chosen` /
+    `rejected`, messages or strings) or its implicit one (two whole conversations; the prompt is the messages they
+    share)."""
+    if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise DataError(f"{where}: a preference row needs 'chosen' and 'rejected' (and 'prompt'), got {keys}")
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    tools = row.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    if prompt is None:
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise DataError(f"{where}: without 'prompt', 'chosen' and 'rejected' must be whole conversations")
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    kinds = {type(x) for x in (prompt, chosen, rejected)}
+    if kinds not in ({list}, {str}):
+        raise DataError(f"{where}: prompt, chosen and rejected must all be message lists or all be strings")
+    if not prompt or not chosen or not rejected:
+        raise DataError(f"{where}: empty prompt, chosen or rejected")
+    return prompt, chosen, rejected, tools
+
+
+def tokenize_preference(tok: Tokenizer, row: dict, where: str):
+    """(ids, mask) of the chosen and of the rejected sequence. As trl takes them: each is the whole rendered
+    prompt + completion, and the completion is every token after the longest prefix both share with the rendered
+    prompt (with Qwen3's template: the think block, the answer, <|im_end|> and the newline after it)."""
+    prompt, chosen, rejected, tools = preference_parts(row, where)
+    try:
+        if isinstance(prompt, list):
+            prompt_ids = tok.encode_chat(prompt, tools=tools, add_generation_prompt=True, assistant_mask=False)
+            prompt_ids = prompt_ids.input_ids
+            sides = [
+                tok.encode_chat(prompt + c, tools=tools, assistant_mask=False).input_ids for c in (chosen, rejected)
+            ]
+        else:
+            eos = tok.eos_token
+            prompt_ids = tok.encode(prompt)
+            sides = [tok.encode(prompt + (c if c.endswith(eos) else c + eos)) for c in (chosen, rejected)]
+    except ChatError as e:
+        raise DataError(f"{where}: {e}") from None
+    start = min(_common_prefix(prompt_ids, ids) for ids in sides)
+    return [(ids, [0] * start + [1] * (len(ids) - start)) for ids in sides]
+
+
+def load_preferences(path: str | os.PathLike, tok: Tokenizer, max_length: int) -> TokenizedData:
+    """Preference pairs as examples 2i (chosen) and 2i + 1 (rejected), each cut to max_length (keeping the start,
+    as trl does); a pair with a side left without completion tokens is dropped."""
+    ids_out, labels_out, lengths, dropped = [], [], [], 0
+    for where, row in read_rows(path):
+        pair = []
+        for ids, mask in tokenize_preference(tok, row, where):
+            ids, mask = ids[:max_length], mask[:max_length]
+            pair.append((ids, [t if m else IGNORE for t, m in zip(ids[1:], mask[1:], strict=True)] + [IGNORE]))
+        if any(all(label == IGNORE for label in labels) for _, labels in pair):
+            dropped += 1
+            continue
+        for ids, labels in pair:
+            ids_out.extend(ids)
+            labels_out.extend(labels)
+            lengths.append(len(ids))
+    if not lengths:
+        raise DataError(f"{path}: no preference pairs with completion tokens within max_length={max_length}")
+    if dropped:
+        log.warning("data: %s — dropped %d pairs left without completion tokens at max_length=%d", path, dropped,
+                    max_length)  # fmt: skip
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+    return TokenizedData(np.asarray(ids_out, np.int32), np.asarray(labels_out, np.int32), offsets, dropped)
+
+
+def collate_pairs(data: TokenizedData, pairs: list[int], pad_id: int, ref_logps=None) -> dict[str, torch.Tensor]:
+    """Pairs -> one packed row each (chosen, then rejected: no attention between them), plus sequence_ids [B, T]
+    (2r for row r's chosen tokens, 2r + 1 for its rejected ones, -1 on padding), num_items (pairs) and, when
+    precomputed, ref_logps [2B]."""
+    batch = collate(data, [[2 * p, 2 * p + 1] for p in pairs], pad_id)
+    sequence_ids = torch.full_like(batch["input_ids"], -1)
+    lengths = data.lengths()
+    for r, p in enumerate(pairs):
+        c, j = int(lengths[2 * p]), int(lengths[2 * p + 1])
+        sequence_ids[r, :c], sequence_ids[r, c : c + j] = 2 * r, 2 * r + 1
+    batch["sequence_ids"] = sequence_ids
+    batch["num_items"] = torch.tensor(len(pairs))
+    if ref_logps is not None:
+        batch["ref_logps"] = torch.from_numpy(np.stack([ref_logps[[2 * p, 2 * p + 1]] for p in pairs]).reshape(-1))
+    return batch
+
+
 # ---- packing and batching ----
 
 

@@ -6,6 +6,7 @@ folder; the adapters add `lora_A.weight` / `lora_B.weight` beside it, the names 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, **kw)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.enabled = True  # off: the base layer alone (the reference model of DPO / GRPO, see lora_disabled)
         self.reset_lora()
 
     def reset_lora(self):
@@ -48,6 +50,8 @@ class LoRALinear(nn.Module):
             # a bf16 frozen base computed in fp32 (a CPU that multiplies fp32 faster): converted for this call only
             weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
         out = F.linear(x, weight, bias)
+        if not self.enabled:
+            return out
         x_lora = x if autocast else x.to(self.lora_A.weight.dtype)  # the fp32 adapters of a bf16 model
         return out + (self.lora_B(self.lora_A(self.lora_dropout(x_lora))) * self.scaling).to(out.dtype)
 
@@ -61,6 +65,19 @@ class LoRALinear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight, linear.bias = self.weight, self.bias
         return linear
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """The base model, adapters switched off, for the block: the reference of DPO and GRPO without a second copy."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, targets=TARGETS) -> list[str]:

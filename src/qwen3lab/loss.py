@@ -15,9 +15,10 @@ IGNORE = -100
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, extra_ids, extra_delta):
+    def forward(ctx, hidden, weight, targets, chunk_size, extra_ids, extra_delta, token_weights):
         # hidden [N, H], weight [V, H], targets [N] -> summed loss (fp32 scalar). extra_delta [k, H] is added to the
         # rows extra_ids [k] of weight (trained token rows of a frozen tied embedding) without copying weight.
+        # token_weights [N] (or None: all 1) weigh each position's cross-entropy in the sum.
         need_h, need_w, need_d = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None  # [V, H] fp32, made by the first chunk's product (not zero-filled, then added to)
@@ -28,10 +29,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # logits in the compute dtype, then fp32 as transformers does; log_softmax is one fused row-wise kernel,
             # where logsumexp + sub + exp would stream the [n, vocab] block through memory several times
             logp = torch.log_softmax(_logits(h, weight, extra_ids, extra_delta).float(), dim=-1)  # [n, V]
-            loss -= logp.gather(1, t[:, None]).sum()
+            w = None if token_weights is None else token_weights[start : start + chunk_size, None].float()
+            target_logp = logp.gather(1, t[:, None])
+            loss -= (target_logp if w is None else target_logp * w).sum()
             if need_h or need_w or need_d:
                 grad_logits = logp.exp_()  # softmax, in place
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1
+                if w is not None:
+                    grad_logits *= w
                 grad_logits = grad_logits.to(weight.dtype)
                 if need_h:
                     grad_h[start : start + chunk_size] = grad_logits @ weight
@@ -59,7 +64,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_h.mul_(grad_loss) if grad_h is not None else None
         grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
         grad_d = grad_d.mul_(grad_loss).to(ctx.delta_dtype) if grad_d is not None else None
-        return grad_h, grad_w, None, None, None, grad_d
+        return grad_h, grad_w, None, None, None, grad_d, None
 
 
 def _logits(h, weight, extra_ids, extra_delta):
@@ -69,28 +74,58 @@ def _logits(h, weight, extra_ids, extra_delta):
     return logits
 
 
+def _supervised(hidden, weight, labels):
+    """hidden [B, T, H], labels [B, T] -> hidden [N, H] and targets [N] of the supervised positions, and the
+    weight to multiply them with (a bf16-stored frozen base computed in fp32: converted once per call)."""
+    keep = labels.reshape(-1) != IGNORE
+    h = hidden.reshape(-1, hidden.shape[-1])[keep]
+    if weight.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+        weight = weight.to(h.dtype)
+    return h, labels.reshape(-1)[keep], weight
+
+
 def lm_loss_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024, extra_rows=None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    extra_rows=None,
+    token_weights: torch.Tensor | None = None,
 ):
     """Summed cross-entropy of lm_head(hidden) against labels, over positions whose label is not -100.
 
     hidden [B, T, H] final hidden states; weight [V, H] lm_head weight; labels [B, T] already shifted (label t is the
     token after position t). extra_rows: (token_ids [k], delta [k, H]) added to those rows of weight, for trained
-    token rows of a tied embedding. Returns (loss_sum, number of supervised tokens).
+    token rows of a tied embedding. token_weights [N]: one weight per supervised position, in order (objectives.py).
+    Returns (loss_sum, number of supervised tokens).
     """
-    keep = labels.reshape(-1) != IGNORE
-    h = hidden.reshape(-1, hidden.shape[-1])[keep]  # [N, H]
-    targets = labels.reshape(-1)[keep]
+    h, targets, weight = _supervised(hidden, weight, labels)
     if h.shape[0] == 0:
         return hidden.sum() * 0.0, 0
-    if weight.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
-        weight = weight.to(h.dtype)  # a bf16-stored frozen base computed in fp32: converted once per call
     extra_ids, extra_delta = extra_rows if extra_rows is not None else (None, None)
     if torch.is_grad_enabled():
-        loss = _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size, extra_ids, extra_delta)
+        loss = _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size, extra_ids, extra_delta, token_weights)
         return loss, int(targets.numel())
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], chunk_size):
         logits = _logits(h[start : start + chunk_size], weight, extra_ids, extra_delta).float()
-        loss += torch.nn.functional.cross_entropy(logits, targets[start : start + chunk_size], reduction="sum")
+        ce = torch.nn.functional.cross_entropy(logits, targets[start : start + chunk_size], reduction="none")
+        loss += (ce if token_weights is None else ce * token_weights[start : start + chunk_size]).sum()
     return loss, int(targets.numel())
+
+
+@torch.no_grad()
+def token_logprobs(hidden, weight, labels, chunk_size: int = 1024, extra_rows=None, entropy: bool = False):
+    """Log-probabilities [N] (fp32) of the supervised targets, chunk by chunk through lm_head, and with entropy=True
+    the entropy [N] of each of those positions' distributions too."""
+    h, targets, weight = _supervised(hidden, weight, labels)
+    extra_ids, extra_delta = extra_rows if extra_rows is not None else (None, None)
+    logps, entropies = [], []
+    for start in range(0, h.shape[0], chunk_size):
+        logp = torch.log_softmax(_logits(h[start : start + chunk_size], weight, extra_ids, extra_delta).float(), -1)
+        logps.append(logp.gather(1, targets[start : start + chunk_size, None])[:, 0])
+        if entropy:
+            entropies.append(-(logp.exp() * logp).sum(-1))
+    empty = h.new_zeros(0, dtype=torch.float32)
+    logps = torch.cat(logps) if logps else empty
+    return (logps, torch.cat(entropies) if entropies else empty) if entropy else logps

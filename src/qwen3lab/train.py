@@ -47,8 +47,9 @@ from .config import (
     preset,
     train_config_dict,
 )
-from .lora import apply_lora, lora_modules, merge_lora, save_peft_adapter
+from .lora import apply_lora, lora_disabled, lora_modules, merge_lora, save_peft_adapter
 from .loss import IGNORE, lm_loss_sum
+from .objectives import OBJECTIVES, dpo_loss, reference_logps
 from .optim import build_optimizer
 from .parallel import (
     Dist,
@@ -157,10 +158,10 @@ class TrainableTokens(torch.nn.Module):
 # ---- the step ----
 
 
-def micro_batch_loss(model, batch, packing: bool, chunk: int, extra_tokens: TrainableTokens | None, upcast=False):
-    """Summed loss and supervised-token count of one micro-batch. upcast: the embedding is a bf16 frozen base and
-    the compute is fp32 (see use_bf16_compute)."""
-    ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+def hidden_states(model, batch, packing: bool, extra_tokens: TrainableTokens | None, upcast=False):
+    """Final hidden states [B, T, H] of a micro-batch, and the trained token rows to add to lm_head (or None).
+    upcast: the embedding is a bf16 frozen base and the compute is fp32 (see use_bf16_compute)."""
+    ids, pos = batch["input_ids"], batch["position_ids"]
     embedding, extra_rows = model.model.embed_tokens, None
     if extra_tokens is not None:
         embeds = extra_tokens.embed(embedding.weight, ids)
@@ -171,59 +172,107 @@ def micro_batch_loss(model, batch, packing: bool, chunk: int, extra_tokens: Trai
     if upcast:
         embeds = embeds.float()
     if packing:
-        hidden = model.forward_packed(ids, pos, True, embeds, batch["cu_seqlens"])
-    else:
-        hidden = model(ids, pos, return_hidden=True, inputs_embeds=embeds)
-    return lm_loss_sum(hidden, model.lm_head.weight, labels, chunk, extra_rows)
+        return model.forward_packed(ids, pos, True, embeds, batch["cu_seqlens"]), extra_rows
+    return model(ids, pos, return_hidden=True, inputs_embeds=embeds), extra_rows
+
+
+def micro_batch_loss(model, batch, packing: bool, chunk: int, extra_tokens: TrainableTokens | None, upcast=False):
+    """Summed loss and supervised-token count of one SFT micro-batch."""
+    hidden, extra_rows = hidden_states(model, batch, packing, extra_tokens, upcast)
+    return lm_loss_sum(hidden, model.lm_head.weight, batch["labels"], chunk, extra_rows)
 
 
 class WithLoss(torch.nn.Module):
     """The model and its loss as one module, so FSDP2 (which gathers a module's parameters only while its forward
-    runs) has the tied embedding / lm_head gathered for the chunked loss too; and the trained token rows, if any."""
+    runs) has the tied embedding / lm_head gathered for the chunked loss too; and the trained token rows, if any.
 
-    def __init__(self, model, extra_tokens: TrainableTokens | None, packing: bool, chunk: int, upcast=False):
+    forward(batch) -> (summed loss, summed metrics). The objective is SFT's cross-entropy, or DPO's loss against a
+    reference: log-probs precomputed in the batch, a frozen copy (`ref_model`), or this model with its adapters off.
+    """
+
+    def __init__(self, model, extra_tokens: TrainableTokens | None, packing: bool, chunk: int, upcast=False,
+                 objective: str = "sft", beta: float = 0.1, ref_model=None):  # fmt: skip
         super().__init__()
         self.model, self.extra_tokens, self.packing, self.chunk = model, extra_tokens, packing, chunk
-        self.upcast = upcast
+        self.upcast, self.objective, self.beta = upcast, objective, beta
+        self.__dict__["ref_model"] = ref_model  # not a submodule: never trained, saved or sharded
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return micro_batch_loss(self.model, batch, self.packing, self.chunk, self.extra_tokens, self.upcast)[0]
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.objective == "sft":
+            return micro_batch_loss(self.model, batch, self.packing, self.chunk, self.extra_tokens, self.upcast)[0], {}
+        ref = batch.get("ref_logps")
+        if ref is None:
+            ref = self.reference_logps(batch)
+        hidden, extra_rows = hidden_states(self.model, batch, True, self.extra_tokens, self.upcast)
+        return dpo_loss(hidden, self.model.lm_head.weight, batch, ref, self.beta, self.chunk, extra_rows)
+
+    @torch.no_grad()
+    def reference_logps(self, batch) -> torch.Tensor:
+        """Summed completion log-probs [2 * pairs] under the reference: the frozen copy, else the base model (LoRA
+        adapters and trained token rows off)."""
+        if self.ref_model is not None:
+            hidden, _ = hidden_states(self.ref_model, batch, True, None)
+            return reference_logps(hidden, self.ref_model.lm_head.weight, batch, self.chunk)
+        with lora_disabled(self.model):
+            hidden, _ = hidden_states(self.model, batch, True, None, self.upcast)
+        return reference_logps(hidden, self.model.lm_head.weight, batch, self.chunk)
 
 
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def rank_batch(data, rows: list[list[int]], d: Dist, pad_id: int) -> dict[str, torch.Tensor]:
-    """This rank's share of a global batch: rows rank, rank + world, ... A rank left with none gets one padding
-    token with no label, since every rank must run each forward and backward for FSDP's collectives."""
+def rank_batch(data, rows: list, d: Dist, pad_id: int, pairs: bool = False, ref_logps=None) -> dict:
+    """This rank's share of a global batch: rows rank, rank + world, ... (with pairs, each row is a preference
+    pair's index). A rank left with none gets one padding token with no label, since every rank must run each
+    forward and backward for FSDP's collectives."""
     mine = rows[d.rank :: d.world]
     if mine:
-        return D.collate(data, mine, pad_id)
+        return D.collate_pairs(data, mine, pad_id, ref_logps) if pairs else D.collate(data, mine, pad_id)
     none = torch.zeros(1, 1, dtype=torch.long)
     cu_seqlens = torch.tensor([0, 1], dtype=torch.int32)
-    return {
+    batch = {
         "input_ids": none + pad_id,
         "labels": none + IGNORE,
         "position_ids": none,
         "cu_seqlens": cu_seqlens,
         "num_tokens": none.sum(),
     }
+    return batch | ({"sequence_ids": none - 1, "num_items": none.sum()} if pairs else {})
+
+
+def units(batch) -> int:
+    """What a step's loss is averaged over: supervised tokens (SFT), or pairs (DPO)."""
+    return int(batch["num_items"]) if "num_items" in batch else int((batch["labels"] != IGNORE).sum())
 
 
 @torch.no_grad()
-def evaluate(net, data, rows, cfg, d: Dist, device, pad_id, autocast) -> float:
+def evaluate(net, batches, d: Dist, device, autocast) -> float:
     net.eval()
     total, count = 0.0, 0
-    step = cfg.batch_size * d.world
-    for start in range(0, len(rows), step):
-        batch = to_device(rank_batch(data, rows[start : start + step], d, pad_id), device)
+    for batch in batches:
+        batch = to_device(batch, device)
         with autocast():
-            total += float(net(batch))
-        count += int((batch["labels"] != IGNORE).sum())
+            total += float(net(batch)[0])
+        count += units(batch)
     net.train()
     total, count = d.all_sum(total, count)
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def precompute_reference(net, data, pair_ids: list[int], batch_size: int, device, autocast, pad_id) -> np.ndarray:
+    """Summed completion log-probs of every sequence of these pairs under the reference (the model as it is before
+    training, adapters off), [2 * len(data) // 2] fp32, indexed like the examples."""
+    out = np.zeros(len(data), dtype=np.float32)
+    for start in range(0, len(pair_ids), batch_size):
+        chunk = pair_ids[start : start + batch_size]
+        batch = to_device(D.collate_pairs(data, chunk, pad_id), device)
+        with autocast():
+            logps = net.reference_logps(batch).float().cpu().numpy()
+        for r, p in enumerate(chunk):
+            out[2 * p], out[2 * p + 1] = logps[2 * r], logps[2 * r + 1]
+    return out
 
 
 # ---- reporting ----
@@ -388,38 +437,80 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         apply_activation_checkpointing(model)
     if cfg.compile:
         apply_compile(model)
-    net = WithLoss(model, extra_tokens, cfg.data.packing, cfg.loss_chunk, upcast)
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"objective {cfg.objective!r}: use one of {', '.join(OBJECTIVES)}")
+    dpo = cfg.objective == "dpo"
+    ref_mode = cfg.dpo.ref if cfg.dpo.ref != "auto" else ("adapters" if cfg.lora.rank > 0 else "model")
+    if dpo and ref_mode not in ("adapters", "model", "precompute"):
+        raise ValueError(f"dpo.ref {cfg.dpo.ref!r}: use auto, model or precompute")
+    if dpo and ref_mode == "adapters" and cfg.lora.rank == 0:
+        raise ValueError("dpo.ref: the adapters-off reference needs lora.rank > 0; use model or precompute")
+    if dpo and d.world > 1:
+        raise ValueError("objective dpo runs on one process for now; run it without torchrun")
+    ref_model = None
+    if dpo and ref_mode == "model":  # a frozen copy of the starting weights
+        ref_model = build_model(cfg, device, d.world)[0].eval().requires_grad_(False)
+        ref_model.attn_implementation = cfg.attention
+        if upcast:  # a bf16 base computed in fp32
+            ref_model.float()
+    net = WithLoss(model, extra_tokens, cfg.data.packing, cfg.loss_chunk, upcast, cfg.objective, cfg.dpo.beta,
+                   ref_model)  # fmt: skip
     if d.world > 1:
         apply_fsdp(net, model.model.layers, bf16=use_bf16)
     net.train()
 
     # data
     cache_dir = Path(os.environ.get("QWEN3LAB_CACHE", "~/.cache/qwen3lab")).expanduser() / "data"
-    data = D.load_tokenized(cfg.data.train, tok, cfg.data.max_length, cache_dir)
-    eval_data = None
-    if cfg.data.eval:
-        eval_data = D.load_tokenized(cfg.data.eval, tok, cfg.data.max_length, cache_dir)
+    if dpo:  # examples 2i / 2i + 1 are pair i's chosen / rejected sides; a row is a pair's index
+        data = D.load_preferences(cfg.data.train, tok, cfg.data.max_length)
+        rows = list(range(len(data) // 2))
+        eval_data, eval_rows = data, []
+        if cfg.data.eval:
+            eval_data = D.load_preferences(cfg.data.eval, tok, cfg.data.max_length)
+            eval_rows = list(range(len(eval_data) // 2))
+        elif cfg.data.eval_fraction > 0:
+            random.Random(cfg.seed).shuffle(rows)
+            n_eval = max(1, int(len(rows) * cfg.data.eval_fraction))
+            rows, eval_rows = sorted(rows[n_eval:]), sorted(rows[:n_eval])
     else:
-        data, eval_data = D.split_eval(data, cfg.data.eval_fraction, cfg.seed)
-    if not cfg.data.assistant_only:
-        data = data.all_tokens_supervised()
-        eval_data = eval_data.all_tokens_supervised() if eval_data else None
-    rows = D.make_rows(data, cfg.data.max_length, cfg.data.packing, cfg.data.pack_order, cfg.seed)
-    eval_rows = D.make_rows(eval_data, cfg.data.max_length, cfg.data.packing) if eval_data else []
+        data = D.load_tokenized(cfg.data.train, tok, cfg.data.max_length, cache_dir)
+        eval_data = None
+        if cfg.data.eval:
+            eval_data = D.load_tokenized(cfg.data.eval, tok, cfg.data.max_length, cache_dir)
+        else:
+            data, eval_data = D.split_eval(data, cfg.data.eval_fraction, cfg.seed)
+        if not cfg.data.assistant_only:
+            data = data.all_tokens_supervised()
+            eval_data = eval_data.all_tokens_supervised() if eval_data else None
+        rows = D.make_rows(data, cfg.data.max_length, cfg.data.packing, cfg.data.pack_order, cfg.seed)
+        eval_rows = D.make_rows(eval_data, cfg.data.max_length, cfg.data.packing) if eval_data else []
     global_rows = cfg.batch_size * d.world  # rows of one micro-batch over all ranks
     batches_per_epoch = math.ceil(len(rows) / global_rows)
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
     log.info(
-        "data: %d examples (%d supervised tokens) in %d rows%s; %d steps of %d x %d rows x %d ranks",
-        len(data),
+        "data: %d %s (%d supervised tokens) in %d rows%s; %d steps of %d x %d rows x %d ranks",
+        len(rows) if dpo else len(data),
+        "pairs" if dpo else "examples",
         data.supervised_tokens(),
         len(rows),
-        " packed" if cfg.data.packing else "",
+        " packed" if cfg.data.packing or dpo else "",
         total_steps,
         cfg.grad_accum,
         cfg.batch_size,
         d.world,
     )
+    ref_logps = eval_ref_logps = None
+    if dpo and ref_mode == "precompute":  # from the starting weights, kept in the run folder for a resume
+        ref_logps = _precomputed(out / "ref_logps.npy", net, data, device, autocast, tok.pad_token_id, cfg)
+        eval_ref_logps = ref_logps
+        if cfg.data.eval:
+            eval_ref_logps = _precomputed(out / "ref_logps_eval.npy", net, eval_data, device, autocast,
+                                          tok.pad_token_id, cfg)  # fmt: skip
+
+    def eval_batches():
+        step = cfg.batch_size * d.world
+        for start in range(0, len(eval_rows), step):
+            yield rank_batch(eval_data, eval_rows[start : start + step], d, tok.pad_token_id, dpo, eval_ref_logps)
 
     # optimizer
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -441,7 +532,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
             epoch, k = divmod(m, batches_per_epoch)
             order = D.epoch_order(len(rows), epoch, cfg.seed, cfg.data.shuffle)
             chosen = order[k * global_rows : (k + 1) * global_rows]
-            yield rank_batch(data, [rows[i] for i in chosen], d, tok.pad_token_id)
+            yield rank_batch(data, [rows[i] for i in chosen], d, tok.pad_token_id, dpo, ref_logps)
             m += 1
 
     stream = micro_batches(step)
@@ -449,17 +540,19 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     t_start, tokens_seen = time.perf_counter(), 0
     while step < total_steps:
         batches = [next(stream) for _ in range(cfg.grad_accum)]
-        # the loss is the sum over every supervised token of the step on all ranks, over their global count;
-        # FSDP averages gradients over ranks, hence the factor world
-        (n_supervised,) = d.all_sum(sum(int((b["labels"] != IGNORE).sum()) for b in batches))
-        loss_total, step_tokens = 0.0, 0
+        # the loss is the sum over every supervised token (DPO: pair) of the step on all ranks, over their global
+        # count; FSDP averages gradients over ranks, hence the factor world
+        (n_units,) = d.all_sum(sum(units(b) for b in batches))
+        loss_total, step_tokens, sums = 0.0, 0, {}
         for b in batches:
             b = to_device(b, device)
             with autocast():
-                loss_sum = net(b)
-            (loss_sum * (d.world / n_supervised)).backward()
+                loss_sum, batch_metrics = net(b)
+            (loss_sum * (d.world / n_units)).backward()
             loss_total += float(loss_sum.detach())
             step_tokens += int(b["num_tokens"])
+            for k, v in batch_metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
         grad_norm = None
         if cfg.optim.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
@@ -469,21 +562,22 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_total, step_tokens = d.all_sum(loss_total, step_tokens)
+        loss_total, step_tokens, *summed = d.all_sum(loss_total, step_tokens, *sums.values())
         tokens_seen += int(step_tokens)
         elapsed = time.perf_counter() - t_start
         metrics = {
             "step": step,
-            "loss": loss_total / n_supervised,
+            "loss": loss_total / n_units,
             "lr": lr,
             "tokens": tokens_seen,
             "elapsed": elapsed,
             "tokens_per_s": tokens_seen / elapsed,
         }
+        metrics |= {k: v / n_units for k, v in zip(sums, summed, strict=True)}  # means over the step's pairs
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-            metrics["eval_loss"] = evaluate(net, eval_data, eval_rows, cfg, d, device, tok.pad_token_id, autocast)
+            metrics["eval_loss"] = evaluate(net, eval_batches(), d, device, autocast)
         if reporter and (step % cfg.log_every == 0 or step == total_steps or "eval_loss" in metrics):
             reporter.log(metrics)
         if bar is not None:
@@ -500,6 +594,20 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         log.info("run folder %s: model/ (HF format), metrics.jsonl, loss.png", out)
     d.barrier()
     return out
+
+
+def _precomputed(path: Path, net, data, device, autocast, pad_id, cfg) -> np.ndarray:
+    """DPO's reference log-probs: read back on a resume (the model has moved since), else computed and written."""
+    if path.is_file():
+        return np.load(path)
+    if list_checkpoints(path.parent):
+        raise ValueError(f"{path}: missing, and the run has checkpoints: the reference can no longer be computed")
+    log.info("dpo: reference log-probs of %d sequences, computed once", len(data))
+    ref = precompute_reference(net, data, list(range(len(data) // 2)), cfg.batch_size, device, autocast, pad_id)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, ref)
+    os.replace(tmp, path)
+    return ref
 
 
 def consolidate(net, cfg: TrainConfig, d: Dist):
