@@ -256,12 +256,32 @@ class DPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    num_generations: int = 8  # G completions per prompt; the prompt is prefilled once for all of them
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # reward functions: built-in names (exact_match, think_format, tool_call_json) or "module:function" with trl's
+    # signature (prompts, completions, **columns) -> list of float | None; weighted by reward_weights (default 1)
+    rewards: list = field(default_factory=lambda: ["exact_match"])
+    reward_weights: list = field(default_factory=list)
+    scale_rewards: str = "group"  # group | batch | none: advantages (r - group mean) / (std + 1e-4), or unscaled
+    loss_type: str = "dapo"  # dapo | grpo | dr_grpo | bnpo, as trl normalises them
+    epsilon: float = 0.2
+    epsilon_high: float = 0.0  # 0: epsilon
+    beta: float = 0.0  # k3 KL to the reference (as in DPO: adapters off for LoRA, else a frozen copy)
+    use_bias_correction_kl: bool = True  # the KL term times the importance ratio (trl's default since 1.x)
+    num_iterations: int = 1  # updates per generation batch, against its stored old log-probs
+
+
+@dataclass
 class TrainConfig:
     model: str = ""  # HF model folder, or a preset name (random init) such as tiny
     out: str = "runs/sft"
-    objective: str = "sft"  # sft | dpo (preference pairs: prompt + chosen / rejected)
+    objective: str = "sft"  # sft | dpo (preference pairs: prompt + chosen / rejected) | grpo (prompts + rewards)
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 0  # optimizer steps; 0: `epochs` passes over the data

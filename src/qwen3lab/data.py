@@ -205,6 +205,17 @@ class TokenizedData:
     offsets: np.ndarray  # int64 [examples + 1]
     dropped: int = 0  # rows left with no supervised token after truncation
 
+    @classmethod
+    def from_examples(cls, examples, dropped: int = 0) -> TokenizedData:
+        """[(ids, mask)] -> examples whose labels are the next token where its mask is 1."""
+        ids_out, labels_out, lengths = [], [], []
+        for ids, mask in examples:
+            ids_out.extend(ids)
+            labels_out.extend([t if m else IGNORE for t, m in zip(ids[1:], mask[1:], strict=True)] + [IGNORE])
+            lengths.append(len(ids))
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        return cls(np.asarray(ids_out, np.int32), np.asarray(labels_out, np.int32), offsets, dropped)
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
@@ -234,19 +245,15 @@ class TokenizedData:
 
 
 def tokenize_rows(tok: Tokenizer, rows, max_length: int) -> TokenizedData:
-    ids_out, labels_out, lengths, dropped = [], [], [], 0
+    examples, dropped = [], 0
     for where, row in rows:
         ids, mask = tokenize_row(tok, row, where)
         ids, mask = ids[:max_length], mask[:max_length]  # keep the start, as trl does
-        labels = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:], strict=True)] + [IGNORE]
-        if all(label == IGNORE for label in labels):
+        if not any(mask[1:]):  # no supervised token left
             dropped += 1
             continue
-        ids_out.extend(ids)
-        labels_out.extend(labels)
-        lengths.append(len(ids))
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
-    return TokenizedData(np.asarray(ids_out, np.int32), np.asarray(labels_out, np.int32), offsets, dropped)
+        examples.append((ids, mask))
+    return TokenizedData.from_examples(examples, dropped)
 
 
 def _cache_key(path: Path, tok: Tokenizer, max_length: int) -> str:
@@ -344,39 +351,40 @@ def tokenize_preference(tok: Tokenizer, row: dict, where: str):
 def load_preferences(path: str | os.PathLike, tok: Tokenizer, max_length: int) -> TokenizedData:
     """Preference pairs as examples 2i (chosen) and 2i + 1 (rejected), each cut to max_length (keeping the start,
     as trl does); a pair with a side left without completion tokens is dropped."""
-    ids_out, labels_out, lengths, dropped = [], [], [], 0
+    examples, dropped = [], 0
     for where, row in read_rows(path):
-        pair = []
-        for ids, mask in tokenize_preference(tok, row, where):
-            ids, mask = ids[:max_length], mask[:max_length]
-            pair.append((ids, [t if m else IGNORE for t, m in zip(ids[1:], mask[1:], strict=True)] + [IGNORE]))
-        if any(all(label == IGNORE for label in labels) for _, labels in pair):
+        pair = [(ids[:max_length], mask[:max_length]) for ids, mask in tokenize_preference(tok, row, where)]
+        if not all(any(mask[1:]) for _, mask in pair):
             dropped += 1
             continue
-        for ids, labels in pair:
-            ids_out.extend(ids)
-            labels_out.extend(labels)
-            lengths.append(len(ids))
-    if not lengths:
+        examples += pair
+    if not examples:
         raise DataError(f"{path}: no preference pairs with completion tokens within max_length={max_length}")
     if dropped:
         log.warning("data: %s — dropped %d pairs left without completion tokens at max_length=%d", path, dropped,
                     max_length)  # fmt: skip
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
-    return TokenizedData(np.asarray(ids_out, np.int32), np.asarray(labels_out, np.int32), offsets, dropped)
+    return TokenizedData.from_examples(examples, dropped)
+
+
+def collate_sequences(data: TokenizedData, rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """collate's batch plus sequence_ids [B, T]: the examples numbered 0, 1, ... in the order they appear, row by
+    row (-1 on padding), for objectives summing log-probs per sequence."""
+    batch = collate(data, rows, pad_id)
+    sequence_ids = torch.full_like(batch["input_ids"], -1)
+    lengths, n = data.lengths(), 0
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            sequence_ids[r, at : at + lengths[i]] = n
+            at, n = at + int(lengths[i]), n + 1
+    batch["sequence_ids"] = sequence_ids
+    return batch
 
 
 def collate_pairs(data: TokenizedData, pairs: list[int], pad_id: int, ref_logps=None) -> dict[str, torch.Tensor]:
-    """Pairs -> one packed row each (chosen, then rejected: no attention between them), plus sequence_ids [B, T]
-    (2r for row r's chosen tokens, 2r + 1 for its rejected ones, -1 on padding), num_items (pairs) and, when
-    precomputed, ref_logps [2B]."""
-    batch = collate(data, [[2 * p, 2 * p + 1] for p in pairs], pad_id)
-    sequence_ids = torch.full_like(batch["input_ids"], -1)
-    lengths = data.lengths()
-    for r, p in enumerate(pairs):
-        c, j = int(lengths[2 * p]), int(lengths[2 * p + 1])
-        sequence_ids[r, :c], sequence_ids[r, c : c + j] = 2 * r, 2 * r + 1
-    batch["sequence_ids"] = sequence_ids
+    """Pairs -> one packed row each (chosen, then rejected: no attention between them; sequences 2r and 2r + 1),
+    num_items (pairs) and, when precomputed, ref_logps [2B]."""
+    batch = collate_sequences(data, [[2 * p, 2 * p + 1] for p in pairs], pad_id)
     batch["num_items"] = torch.tensor(len(pairs))
     if ref_logps is not None:
         batch["ref_logps"] = torch.from_numpy(np.stack([ref_logps[[2 * p, 2 * p + 1]] for p in pairs]).reshape(-1))
