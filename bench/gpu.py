@@ -144,7 +144,7 @@ def train_steps(cfg, batch, device, lora: bool, steps: int, peak: float) -> None
         sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = net(batch)
+            loss, _ = net(batch)
         (loss / n_supervised).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -85,3 +85,23 @@ def tiny_server_model(folder):
     """The servers' test model: random weights larger than init (varied greedy text), the real vocabulary."""
     hf_tiny(vocab=151936, hidden=64, heads=4, kv_heads=2, head_dim=16, initializer_range=0.3).save_pretrained(folder)
     return qwen3lab.load_model(folder, dtype="float32", device="cpu")
+
+
+@contextlib.contextmanager
+def crash_after_step(monkeypatch, step: int):
+    """The training run in the block stops as a crash would, right after it logs `step`."""
+    from qwen3lab.train import Reporter
+
+    original = Reporter.log
+
+    def log(self, metrics):
+        original(self, metrics)
+        if metrics["step"] == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Reporter, "log", log)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(Reporter, "log", original)

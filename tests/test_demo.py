@@ -62,3 +62,17 @@ def test_held_out_answers_use_only_tokens_seen_in_training(tok):
         }
 
     assert targets(held_out) <= {t for e in train for t in tok.encode_chat(e.messages, tools=e.tools).input_ids}
+
+
+def test_rl_demo_stage_runs_end_to_end(tmp_path):
+    """`qwen3lab demo --rl` shortened to a few steps (its learning is measured in the README, a few minutes): the
+    SFT stage, GRPO on the task's prompts from the SFT model, results, reward curve and model saved."""
+    from qwen3lab.demo import run_rl_demo
+
+    out = tmp_path / "rl"
+    results = run_rl_demo(out=str(out), sft_steps=4, rl_steps=2, n_train=200, n_eval=4, log=lambda *_: None)
+    assert 0 <= results["before"] <= 1 and 0 <= results["after"] <= 1
+    rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("reward" in r for r in rows)
+    assert (out / "rl.png").is_file() and (out / "grpo" / "model" / "config.json").is_file()
+    assert json.loads((out / "rl_results.json").read_text())["task"] == "sort"

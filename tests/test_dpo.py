@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import crash_after_step
 
 import qwen3lab
 from qwen3lab import data as D
@@ -162,19 +163,8 @@ def test_dpo_runs_learn_and_every_reference_agrees(tmp_path, tok, lora, monkeypa
     assert [m["loss"] for m in pre] == pytest.approx([m["loss"] for m in live], abs=1e-5)
     assert (tmp_path / "pre" / "ref_logps.npy").is_file()
 
-    from qwen3lab.train import Reporter
-
-    original_log = Reporter.log
-
-    def crash_after_step_4(self, metrics):
-        original_log(self, metrics)
-        if metrics["step"] == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Reporter, "log", crash_after_step_4)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_step(monkeypatch, 4):
         run(tmp_path / "base", pairs, tmp_path / "resumed", dpo={"ref": "precompute"}, save_every=3, **keys)
-    monkeypatch.setattr(Reporter, "log", original_log)
     resumed = run(tmp_path / "base", pairs, tmp_path / "resumed", dpo={"ref": "precompute"}, save_every=3, **keys)
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in pre], abs=1e-6)
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "live" / "model")

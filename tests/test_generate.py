@@ -168,3 +168,18 @@ def test_text_stream_is_incremental_never_splits_characters_nor_leaks_stops(tok,
     assert "".join(pieces) == text[:cut]
     assert not any("\ufffd" in p for p in pieces)
     assert Counting.decoded <= 8 * len(ids)  # O(1) per token: never the whole list again
+
+
+def test_sampling_draws_each_token_with_its_probability():
+    """The engine's sampler (inverse CDF, one uniform per row): frequencies follow the probabilities, a token of
+    probability 0 is never drawn, and a seeded generator repeats itself."""
+    from qwen3lab.engine import sample
+
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0]])
+    logits = probs.log().expand(40_000, -1)
+    params = SamplingParams(temperature=1.0)
+    picks = sample(logits, params, torch.Generator().manual_seed(0))
+    freq = torch.bincount(picks, minlength=4) / len(picks)
+    assert freq[3] == 0
+    torch.testing.assert_close(freq[:3], probs[0, :3], atol=0.01, rtol=0)
+    assert torch.equal(picks, sample(logits, params, torch.Generator().manual_seed(0)))

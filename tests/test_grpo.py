@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import crash_after_step
 
 import qwen3lab
 from qwen3lab import data as D
@@ -51,10 +52,20 @@ def test_grpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, beta):
     trainer = trl.GRPOTrainer(
         model=str(tmp_path / "m"),  # by path: trl loads its reference copy from there
         reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-        args=trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2 * G, num_generations=G,
-                            max_completion_length=MAX_COMPLETION, temperature=cfg.temperature, loss_type=loss_type,
-                            epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=beta, use_cpu=True, bf16=False,
-                            report_to=[]),  # fmt: skip
+        args=trl.GRPOConfig(
+            output_dir=str(tmp_path / "trl"),
+            per_device_train_batch_size=2 * G,
+            num_generations=G,
+            max_completion_length=MAX_COMPLETION,
+            temperature=cfg.temperature,
+            loss_type=loss_type,
+            epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
+            beta=beta,
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+        ),  # fmt: skip
         train_dataset=datasets.Dataset.from_list([{"prompt": "hi"}] * 4),
         processing_class=transformers.AutoTokenizer.from_pretrained(tmp_path / "m"),
     )
@@ -101,3 +112,65 @@ def test_grpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, beta):
     for name, p in ours.named_parameters():
         ref_grad = dict(hf.named_parameters())[name].grad
         assert float((p.grad - ref_grad).norm() / ref_grad.norm()) < 1e-5, name
+
+
+def even_ids(prompts, completions, completion_ids, **_):
+    """A reward for the tests: the share of even token ids (varies between completions, so advantages do)."""
+    return [sum(i % 2 == 0 for i in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def test_builtin_rewards_and_advantages():
+    from qwen3lab.rewards import exact_match, load_reward, think_format, tool_call_json
+    from qwen3lab.rollouts import advantages
+
+    chat = [[{"role": "assistant", "content": c}] for c in ("<think>\nhm\n</think>\n\n42", " 42 ", "41", "<think>x")]
+    assert exact_match(None, chat, answer=["42", 42, "42", "42"]) == [1.0, 1.0, 0.0, 0.0]
+    assert think_format(None, chat) == [1.0, 0.0, 0.0, 0.0]
+    calls = ['<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', "<tool_call>{oops}</tool_call>", "no"]
+    assert tool_call_json(None, calls) == [1.0, 0.0, None]
+    assert load_reward("test_grpo:even_ids") is even_ids
+    with pytest.raises(ValueError, match="module:function"):
+        load_reward("exactmatch")
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    group = advantages(r, 2, "group")  # trl: (r - group mean) / (group std (Bessel) + 1e-4)
+    torch.testing.assert_close(group[:4], (r[:4] - 0.5) / (r[:4].std() + 1e-4))
+    assert group[4:].abs().max() == 0  # a group that agrees teaches nothing
+    torch.testing.assert_close(advantages(r, 2, "batch")[:4], (r[:4] - 0.5) / (r.std() + 1e-4))
+    torch.testing.assert_close(advantages(r, 2, "none")[:4], r[:4] - 0.5)
+
+
+def test_grpo_run_rolls_out_scores_and_resumes_exactly(tmp_path, tok, monkeypatch):
+    """Through the training loop: G completions per prompt from the engine (one prefill each), rewards from a
+    `module:function`, sample completions written; a crash and resume gives the uninterrupted run's losses (the
+    rollouts are seeded by step)."""
+    import json
+
+    from qwen3lab import train
+
+    hf_model().save_pretrained(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"Reverse {n}"}], "answer": str(n)[::-1]} for n in range(10, 18)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(out, **keys):
+        cfg = {"model": str(tmp_path / "m"), "out": str(out), "objective": "grpo", "data": {"train": str(prompts)},
+               "steps": 4, "batch_size": 2, "grad_accum": 2, "progress": False, "optim": {"lr": 1e-3},
+               "grpo": {"num_generations": 4, "max_completion_length": 8, "rewards": ["test_grpo:even_ids",
+                        "exact_match"], "reward_weights": [1.0, 2.0], "beta": 0.04}} | keys  # fmt: skip
+        train(cfg)
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    straight = run(tmp_path / "a")
+    # (at step 1 the loss is 0: ratios are 1, KL 0, and advantages sum to 0 over equal-length completions; not
+    # its gradient)
+    assert all(m["grad_norm"] > 0 and "kl" in m and "rewards/test_grpo:even_ids" in m for m in straight)
+    assert all(m["loss"] != 0 and m["kl"] > 0 for m in straight[1:])
+    samples = [json.loads(line) for line in (tmp_path / "a" / "completions.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 * 2 * 4 and samples[0]["step"] == 1  # G samples of a prompt per micro-batch
+
+    with crash_after_step(monkeypatch, 3):
+        run(tmp_path / "b", save_every=2)
+    resumed = run(tmp_path / "b", save_every=2)
+    assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], abs=1e-6)
+    assert [m["reward"] for m in resumed] == pytest.approx([m["reward"] for m in straight], abs=1e-6)

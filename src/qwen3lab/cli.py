@@ -202,6 +202,11 @@ def cmd_demo(args) -> None:
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise SystemExit(f"qwen3lab demo: unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
+    if args.rl:
+        from .demo import run_rl_demo
+
+        run_rl_demo(out=args.out if args.out != "runs/demo" else "runs/demo-rl", seed=args.seed)
+        return
     run_demo(out=args.out, steps=args.steps, tasks=tasks, model_dir=args.model, seed=args.seed)
 
 
@@ -291,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default=None, help="fine-tune this HF folder instead of a small model from scratch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rl", action="store_true", help="the RL stage: a short SFT, then GRPO lifting a held-out task")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("compare", help=cmd_compare.__doc__)

@@ -89,7 +89,12 @@ def process_logits(logits: torch.Tensor, generated: torch.Tensor | None, p: Samp
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     if p.temperature <= 0:
         return logits.argmax(-1)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # Inverse CDF: one uniform per row, found in the cumulative probabilities (the first index whose cumulative sum
+    # exceeds it, so a token of probability 0 is never picked). torch.multinomial took 3.7 ms per row of 151,936
+    # here, and drawing one exponential per token (the "exponential race") 3.5 ms: GRPO's 64 rows, 0.24 s a step.
+    cdf = logits.softmax(-1).cumsum(-1)  # [B, V]
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 # ---- requests and the cache as the model sees it ----
@@ -105,6 +110,7 @@ class Request:
     length: int = 0  # cache slots filled
     next_token: int | None = None  # sampled, not yet in the cache
     generated: int = 0
+    stop_token: int | None = None  # the stop id that ended it (not emitted as a token)
     stops: set = field(default_factory=set)
     generator: torch.Generator | None = None
     history: torch.Tensor | None = None  # [1, tokens] for the repetition penalty
@@ -168,6 +174,7 @@ class Engine:
         prefix_cache_tokens: int = 0,
         min_prefix: int = 16,
         prefill_batch_tokens: int = 2048,
+        seed: int | None = None,
     ):
         self.model, self.max_batch, self.prefill_chunk, self.max_waiting = model, max_batch, prefill_chunk, max_waiting
         # Prompts are prefilled together up to this many padded tokens: fuller matmuls and one forward's fixed cost
@@ -183,6 +190,9 @@ class Engine:
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros_like(self.k)
         self.default_stops = default_stop_ids(model)
+        # rows sampling with one SamplingParams object and no seed of their own draw from this generator together,
+        # in one call per step (GRPO's rollouts: a seeded engine, reproducible for the same submissions)
+        self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         self.waiting: queue.Queue[list[Request]] = queue.Queue()  # groups: one prompt, one or more completions
         self._held: list[Request] | None = None  # a group waiting for enough free rows
         self.running: list[Request] = []
@@ -357,8 +367,9 @@ class Engine:
             if p.repetition_penalty != 1.0:
                 request.history = ids[r : r + 1, : lengths[r]]
             self.running.append(request)
-        for request, r in rows:
-            self._take(request, self._sample(request, logits[r : r + 1]))
+        tokens = self._sample([request for request, _ in rows], logits[[r for _, r in rows]])
+        for (request, _), token in zip(rows, tokens, strict=True):
+            self._take(request, token)
 
     def _keep_prefix(self, ids: list[int], slot: int) -> None:
         if self.prefix_cache_tokens < max(len(ids), self.min_prefix):
@@ -388,19 +399,33 @@ class Engine:
         running = list(self.running)  # _take may remove rows as it goes
         for request in running:
             request.length += 1
-        for i, request in enumerate(running):
-            self._take(request, self._sample(request, logits[i : i + 1]))
+        for request, token in zip(running, self._sample(running, logits), strict=True):
+            self._take(request, token)
 
-    def _sample(self, request: Request, logits: torch.Tensor) -> int:
-        p = request.params
-        token = int(sample(process_logits(logits, request.history, p), p, request.generator)[0])
-        if request.history is not None:
-            request.history = torch.cat([request.history, torch.tensor([[token]], device=self.device)], 1)
-        return token
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        """One token per request from its row of logits [n, V]. Rows that share a SamplingParams object and have
+        no generator or history of their own are sampled together; the others one by one."""
+        tokens: list[int | None] = [None] * len(requests)
+        shared: dict[int, list[int]] = {}
+        for i, request in enumerate(requests):
+            if request.generator is None and request.history is None:
+                shared.setdefault(id(request.params), []).append(i)
+                continue
+            p = request.params
+            tokens[i] = int(sample(process_logits(logits[i : i + 1], request.history, p), p, request.generator)[0])
+            if request.history is not None:
+                request.history = torch.cat([request.history, torch.tensor([[tokens[i]]], device=self.device)], 1)
+        for rows in shared.values():
+            p = requests[rows[0]].params
+            picked = sample(process_logits(logits[rows], None, p), p, self.generator).tolist()
+            for i, token in zip(rows, picked, strict=True):
+                tokens[i] = token
+        return tokens
 
     def _take(self, request: Request, token: int) -> None:
         """Hand a sampled token to its request, or end the request (stop id, token budget)."""
         if token in request.stops:
+            request.stop_token = token
             request.emit("end", "stop")
             self._remove(request)
             return

@@ -45,11 +45,6 @@ def sequence_logps(logps: torch.Tensor, batch: dict) -> torch.Tensor:
     return torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, token_sequences(batch), logps)
 
 
-@torch.no_grad()
-def reference_logps(hidden, weight, batch, chunk: int) -> torch.Tensor:
-    return sequence_logps(token_logprobs(hidden, weight, batch["labels"], chunk), batch)
-
-
 def dpo_loss(hidden, weight, batch, ref: torch.Tensor, beta: float, chunk: int, extra_rows=None):
     """Sigmoid DPO summed over the batch's pairs: -logsigmoid(beta * ((pc - rc) - (pr - rr))), with p the policy's
     and r the reference's summed completion log-probs. Returns (loss sum, metric sums over pairs)."""
@@ -116,4 +111,3 @@ def grpo_loss(hidden, weight, batch, cfg, chunk: int, extra_rows=None):
     if kl is not None:
         metrics["kl"] = float(kl.sum()) * share
     return loss, metrics
-

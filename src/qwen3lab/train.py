@@ -9,6 +9,7 @@ number (not a mean of per-batch means), so it equals trl's first-step loss on th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,8 +49,8 @@ from .config import (
     train_config_dict,
 )
 from .lora import apply_lora, lora_disabled, lora_modules, merge_lora, save_peft_adapter
-from .loss import IGNORE, lm_loss_sum
-from .objectives import OBJECTIVES, dpo_loss, reference_logps
+from .loss import IGNORE, lm_loss_sum, token_logprobs
+from .objectives import OBJECTIVES, dpo_loss, grpo_loss, sequence_logps
 from .optim import build_optimizer
 from .parallel import (
     Dist,
@@ -59,6 +60,7 @@ from .parallel import (
     init_distributed,
     unwrap_activation_checkpointing,
 )
+from .rollouts import Rollouts, load_prompts
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("qwen3lab")
@@ -191,31 +193,37 @@ class WithLoss(torch.nn.Module):
     """
 
     def __init__(self, model, extra_tokens: TrainableTokens | None, packing: bool, chunk: int, upcast=False,
-                 objective: str = "sft", beta: float = 0.1, ref_model=None):  # fmt: skip
+                 objective: str = "sft", beta: float = 0.1, ref_model=None, grpo=None):  # fmt: skip
         super().__init__()
         self.model, self.extra_tokens, self.packing, self.chunk = model, extra_tokens, packing, chunk
-        self.upcast, self.objective, self.beta = upcast, objective, beta
+        self.upcast, self.objective, self.beta, self.grpo = upcast, objective, beta, grpo
         self.__dict__["ref_model"] = ref_model  # not a submodule: never trained, saved or sharded
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         if self.objective == "sft":
             return micro_batch_loss(self.model, batch, self.packing, self.chunk, self.extra_tokens, self.upcast)[0], {}
         ref = batch.get("ref_logps")
-        if ref is None:
-            ref = self.reference_logps(batch)
+        if self.objective == "dpo" and ref is None:
+            ref = sequence_logps(self.token_logps(batch, reference=True), batch)
         hidden, extra_rows = hidden_states(self.model, batch, True, self.extra_tokens, self.upcast)
-        return dpo_loss(hidden, self.model.lm_head.weight, batch, ref, self.beta, self.chunk, extra_rows)
+        weight = self.model.lm_head.weight
+        if self.objective == "grpo":
+            return grpo_loss(hidden, weight, batch, self.grpo, self.chunk, extra_rows)
+        return dpo_loss(hidden, weight, batch, ref, self.beta, self.chunk, extra_rows)
 
     @torch.no_grad()
-    def reference_logps(self, batch) -> torch.Tensor:
-        """Summed completion log-probs [2 * pairs] under the reference: the frozen copy, else the base model (LoRA
-        adapters and trained token rows off)."""
-        if self.ref_model is not None:
-            hidden, _ = hidden_states(self.ref_model, batch, True, None)
-            return reference_logps(hidden, self.ref_model.lm_head.weight, batch, self.chunk)
-        with lora_disabled(self.model):
-            hidden, _ = hidden_states(self.model, batch, True, None, self.upcast)
-        return reference_logps(hidden, self.model.lm_head.weight, batch, self.chunk)
+    def token_logps(self, batch, reference: bool = False, temperature: float = 1.0) -> torch.Tensor:
+        """Log-probs [N] of the batch's supervised tokens under this model, or under the reference: the frozen copy,
+        else the base model (LoRA adapters and trained token rows off)."""
+        if reference and self.ref_model is not None:
+            model, extra_tokens, context = self.ref_model, None, contextlib.nullcontext()
+        elif reference:
+            model, extra_tokens, context = self.model, None, lora_disabled(self.model)
+        else:
+            model, extra_tokens, context = self.model, self.extra_tokens, contextlib.nullcontext()
+        with context:
+            hidden, extra_rows = hidden_states(model, batch, True, extra_tokens, self.upcast and model is self.model)
+        return token_logprobs(hidden / temperature, model.lm_head.weight, batch["labels"], self.chunk, extra_rows)
 
 
 def to_device(batch, device):
@@ -269,7 +277,7 @@ def precompute_reference(net, data, pair_ids: list[int], batch_size: int, device
         chunk = pair_ids[start : start + batch_size]
         batch = to_device(D.collate_pairs(data, chunk, pad_id), device)
         with autocast():
-            logps = net.reference_logps(batch).float().cpu().numpy()
+            logps = sequence_logps(net.token_logps(batch, reference=True), batch).float().cpu().numpy()
         for r, p in enumerate(chunk):
             out[2 * p], out[2 * p + 1] = logps[2 * r], logps[2 * r + 1]
     return out
@@ -439,22 +447,23 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         apply_compile(model)
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective {cfg.objective!r}: use one of {', '.join(OBJECTIVES)}")
-    dpo = cfg.objective == "dpo"
+    dpo, grpo = cfg.objective == "dpo", cfg.objective == "grpo"
     ref_mode = cfg.dpo.ref if cfg.dpo.ref != "auto" else ("adapters" if cfg.lora.rank > 0 else "model")
     if dpo and ref_mode not in ("adapters", "model", "precompute"):
         raise ValueError(f"dpo.ref {cfg.dpo.ref!r}: use auto, model or precompute")
     if dpo and ref_mode == "adapters" and cfg.lora.rank == 0:
         raise ValueError("dpo.ref: the adapters-off reference needs lora.rank > 0; use model or precompute")
-    if dpo and d.world > 1:
-        raise ValueError("objective dpo runs on one process for now; run it without torchrun")
+    if (dpo or grpo) and d.world > 1:
+        raise ValueError(f"objective {cfg.objective} runs on one process for now; run it without torchrun")
     ref_model = None
-    if dpo and ref_mode == "model":  # a frozen copy of the starting weights
+    needs_copy = (dpo and ref_mode == "model") or (grpo and cfg.grpo.beta != 0 and cfg.lora.rank == 0)
+    if needs_copy:  # a frozen copy of the starting weights
         ref_model = build_model(cfg, device, d.world)[0].eval().requires_grad_(False)
         ref_model.attn_implementation = cfg.attention
         if upcast:  # a bf16 base computed in fp32
             ref_model.float()
     net = WithLoss(model, extra_tokens, cfg.data.packing, cfg.loss_chunk, upcast, cfg.objective, cfg.dpo.beta,
-                   ref_model)  # fmt: skip
+                   ref_model, cfg.grpo)  # fmt: skip
     if d.world > 1:
         apply_fsdp(net, model.model.layers, bf16=use_bf16)
     net.train()
@@ -472,6 +481,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
             random.Random(cfg.seed).shuffle(rows)
             n_eval = max(1, int(len(rows) * cfg.data.eval_fraction))
             rows, eval_rows = sorted(rows[n_eval:]), sorted(rows[:n_eval])
+    elif grpo:  # a row is a prompt's index; its micro-batch is made by rollouts at the step that uses it
+        prompts = load_prompts(cfg.data.train, tok)
+        rows, eval_rows = list(range(len(prompts))), []
+        rollouts = Rollouts(cfg, tok, prompts, net, autocast, out if d.main else None)
     else:
         data = D.load_tokenized(cfg.data.train, tok, cfg.data.max_length, cache_dir)
         eval_data = None
@@ -486,19 +499,24 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         eval_rows = D.make_rows(eval_data, cfg.data.max_length, cfg.data.packing) if eval_data else []
     global_rows = cfg.batch_size * d.world  # rows of one micro-batch over all ranks
     batches_per_epoch = math.ceil(len(rows) / global_rows)
-    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
-    log.info(
-        "data: %d %s (%d supervised tokens) in %d rows%s; %d steps of %d x %d rows x %d ranks",
-        len(rows) if dpo else len(data),
-        "pairs" if dpo else "examples",
-        data.supervised_tokens(),
-        len(rows),
-        " packed" if cfg.data.packing or dpo else "",
-        total_steps,
-        cfg.grad_accum,
-        cfg.batch_size,
-        d.world,
-    )
+    iterations = cfg.grpo.num_iterations if grpo else 1  # optimizer steps per batch of rollouts
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum) * iterations)
+    if grpo:
+        log.info("data: %d prompts; %d steps of %d x %d prompts x %d completions", len(rows), total_steps,
+                 cfg.grad_accum, cfg.batch_size, cfg.grpo.num_generations)  # fmt: skip
+    else:
+        log.info(
+            "data: %d %s (%d supervised tokens) in %d rows%s; %d steps of %d x %d rows x %d ranks",
+            len(rows) if dpo else len(data),
+            "pairs" if dpo else "examples",
+            data.supervised_tokens(),
+            len(rows),
+            " packed" if cfg.data.packing or dpo else "",
+            total_steps,
+            cfg.grad_accum,
+            cfg.batch_size,
+            d.world,
+        )
     ref_logps = eval_ref_logps = None
     if dpo and ref_mode == "precompute":  # from the starting weights, kept in the run folder for a resume
         ref_logps = _precomputed(out / "ref_logps.npy", net, data, device, autocast, tok.pad_token_id, cfg)
@@ -525,17 +543,32 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         log.info("resumed from %s (step %d)", latest, step)
     reporter = Reporter(out, cfg, step) if d.main else None
 
+    def chosen_rows(m: int) -> list:
+        """The rows of global micro-batch m; the order depends on (seed, epoch, world size) alone."""
+        epoch, k = divmod(m, batches_per_epoch)
+        order = D.epoch_order(len(rows), epoch, cfg.seed, cfg.data.shuffle)
+        return [rows[i] for i in order[k * global_rows : (k + 1) * global_rows]]
+
     def micro_batches(start_step: int):
-        """This rank's micro-batches from `start_step` on; the order depends on (seed, epoch, world size) alone."""
+        """This rank's micro-batches from `start_step` on."""
         m = start_step * cfg.grad_accum
         while True:
-            epoch, k = divmod(m, batches_per_epoch)
-            order = D.epoch_order(len(rows), epoch, cfg.seed, cfg.data.shuffle)
-            chosen = order[k * global_rows : (k + 1) * global_rows]
-            yield rank_batch(data, [rows[i] for i in chosen], d, tok.pad_token_id, dpo, ref_logps)
+            yield rank_batch(data, chosen_rows(m), d, tok.pad_token_id, dpo, ref_logps)
             m += 1
 
-    stream = micro_batches(step)
+    def rollout_batches(start_step: int):
+        """GRPO: each round of grad_accum micro-batches is rolled out with the weights of its first step, then
+        trained on for num_iterations steps. A resume inside a round rolls it out again with the resumed weights."""
+        step = start_step
+        while True:
+            round_, done = divmod(step, iterations)
+            batches = [rollouts.batch(chosen_rows(round_ * cfg.grad_accum + j), round_ * iterations + 1, j)
+                       for j in range(cfg.grad_accum)]  # fmt: skip
+            for _ in range(iterations - done):
+                yield from batches
+                step += 1
+
+    stream = rollout_batches(step) if grpo else micro_batches(step)
     bar = Progress(total_steps, step) if cfg.progress and d.main else None
     t_start, tokens_seen = time.perf_counter(), 0
     while step < total_steps:
@@ -573,7 +606,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
             "elapsed": elapsed,
             "tokens_per_s": tokens_seen / elapsed,
         }
-        metrics |= {k: v / n_units for k, v in zip(sums, summed, strict=True)}  # means over the step's pairs
+        metrics |= {k: v / n_units for k, v in zip(sums, summed, strict=True)}  # means over the step's units
+        if grpo:
+            metrics |= rollouts.pop_metrics()
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):

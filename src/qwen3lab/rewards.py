@@ -1,0 +1,89 @@
+"""Scorers of completions: GRPO's reward functions (and, later, evaluation metrics), with trl's signature
+
+    reward(prompts, completions, completion_ids, **columns) -> list[float | None]
+
+completions are strings for text prompts and [{"role": "assistant", "content": ...}] for chat prompts, as trl passes
+them; columns are the data row's other fields (a list per field, one entry per completion). None means "does not
+apply to this completion" and counts as nothing in the weighted sum. Built-ins by name; others as "module:function".
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Callable
+
+_THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(.*)$", re.S)
+_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+
+
+def text_of(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def final_answer(completion) -> str:
+    """The completion without its think block, stripped."""
+    text = text_of(completion)
+    m = _THINK.match(text)
+    return (m.group(2) if m else text).strip()
+
+
+def exact_match(prompts, completions, answer=None, **_) -> list[float | None]:
+    """1 where the answer after the think block equals the row's `answer` column (stripped), else 0."""
+    if answer is None:
+        raise ValueError("reward exact_match needs an 'answer' column in the data")
+    return [
+        None if a is None else float(final_answer(c) == str(a).strip())
+        for c, a in zip(completions, answer, strict=True)
+    ]
+
+
+def think_format(prompts, completions, **_) -> list[float]:
+    """1 for a closed <think>...</think> block followed by a non-empty answer, else 0."""
+    scores = []
+    for c in completions:
+        m = _THINK.match(text_of(c))
+        scores.append(float(bool(m and m.group(2).strip())))
+    return scores
+
+
+def tool_call_json(prompts, completions, **_) -> list[float | None]:
+    """For completions that call tools: 1 when every <tool_call> holds JSON with a string "name" and object
+    "arguments", else 0; None for completions with no tool call."""
+    scores = []
+    for c in completions:
+        calls = _TOOL_CALL.findall(text_of(c))
+        if not calls:
+            scores.append(None)
+            continue
+        ok = True
+        for call in calls:
+            try:
+                body = json.loads(call)
+            except json.JSONDecodeError:
+                ok = False
+                break
+            ok = ok and isinstance(body, dict) and isinstance(body.get("name"), str)
+            ok = ok and isinstance(body.get("arguments", {}), dict)
+        scores.append(float(ok))
+    return scores
+
+
+BUILTIN = {"exact_match": exact_match, "think_format": think_format, "tool_call_json": tool_call_json}
+
+
+def load_reward(spec: str) -> Callable:
+    """A built-in name or "package.module:function"."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    module, sep, name = spec.partition(":")
+    if not sep:
+        raise ValueError(f"reward {spec!r}: use a built-in ({', '.join(BUILTIN)}) or 'module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward {spec!r}: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r} is not callable")
+    return fn

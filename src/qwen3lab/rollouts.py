@@ -1,0 +1,174 @@
+"""GRPO's rollouts: prompts -> G sampled completions each -> rewards -> advantages -> one packed training micro-batch.
+
+Completions come from the generation engine with the model as it is at that step: `Engine.submit_group` prefills
+each prompt once and copies its cache to its G rows. The engine samples every row of a step in one call, from a
+generator seeded by (run seed, step, micro-batch), so a resumed run makes the rollouts an uninterrupted one makes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as D
+from .engine import Engine, SamplingParams
+from .rewards import load_reward
+
+
+def load_prompts(path, tok) -> list[dict]:
+    """Rows with `prompt` (messages, + `tools`, or a string) and any other columns, passed to the rewards."""
+    prompts = []
+    for where, row in D.read_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), (list, str)) or not row["prompt"]:
+            raise D.DataError(f"{where}: a GRPO row needs 'prompt': a list of messages or a string")
+        prompt, tools = row["prompt"], row.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        try:
+            if isinstance(prompt, list):
+                ids = tok.encode_chat(prompt, tools=tools, add_generation_prompt=True, assistant_mask=False).input_ids
+            else:
+                ids = tok.encode(prompt)
+        except D.ChatError as e:
+            raise D.DataError(f"{where}: {e}") from None
+        prompts.append({"ids": ids, "prompt": prompt, "columns": {k: v for k, v in row.items() if k != "prompt"}})
+    if not prompts:
+        raise D.DataError(f"{path}: no prompts")
+    return prompts
+
+
+def advantages(rewards: torch.Tensor, groups: int, scale: str) -> torch.Tensor:
+    """(r - group mean), divided by (std + 1e-4) of the group or of the batch (Bessel's std, as trl), or not."""
+    grouped = rewards.view(groups, -1)
+    centred = (grouped - grouped.mean(1, keepdim=True)).reshape(-1)
+    if scale == "none":
+        return centred
+    std = grouped.std(1).repeat_interleave(grouped.shape[1]) if scale == "group" else rewards.std().expand_as(rewards)
+    return centred / (std + 1e-4)
+
+
+class Rollouts:
+    """Makes GRPO micro-batches for the training loop (`batch`) and keeps what it saw for the step's metrics."""
+
+    def __init__(self, cfg, tok, prompts: list[dict], net, autocast, out: Path | None):
+        g = cfg.grpo
+        if g.loss_type not in ("dapo", "grpo", "dr_grpo", "bnpo"):
+            raise ValueError(f"grpo.loss_type {g.loss_type!r}: use dapo, grpo, dr_grpo or bnpo")
+        if g.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"grpo.scale_rewards {g.scale_rewards!r}: use group, batch or none")
+        if g.num_generations < 2:
+            raise ValueError("grpo.num_generations: at least 2 completions per prompt (advantages compare them)")
+        self.cfg, self.g, self.tok, self.prompts, self.net, self.autocast = cfg, g, tok, prompts, net, autocast
+        self.rewards = {spec: load_reward(spec) for spec in g.rewards}
+        self.weights = list(g.reward_weights) or [1.0] * len(self.rewards)
+        if len(self.weights) != len(self.rewards):
+            raise ValueError(f"grpo.reward_weights: {len(self.weights)} weights for {len(self.rewards)} rewards")
+        self.samples = None if out is None else out / "completions.jsonl"
+        self._metrics: dict[str, list[float]] = {}
+
+    def seed(self, *where: int) -> int:
+        return hash((self.cfg.seed, *where)) % 2**62  # ints hash the same in every process
+
+    @torch.no_grad()
+    def batch(self, items: list[int], step: int, micro: int) -> dict:
+        """Rollouts of these prompts with the model as it is now, as a micro-batch: `step` is the first training step
+        that uses it, `micro` its index within the step (both seed the sampling)."""
+        g, G = self.g, self.g.num_generations
+        model = self.net.model
+        rows = [self.prompts[i] for i in items]
+        longest = max(len(r["ids"]) for r in rows) + g.max_completion_length
+        # one seeded generator for the micro-batch and one SamplingParams object: every decode step samples all
+        # rows in one call, and the same submissions give the same completions (a resumed run's rollouts)
+        engine = Engine(model, len(rows) * G, capacity=longest, max_waiting=len(rows), seed=self.seed(step, micro))
+        params = SamplingParams(max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p)
+        events: list[list] = [[] for _ in range(len(rows) * G)]  # what the engine emitted for each completion
+        requests = []
+        for k, row in enumerate(rows):
+            emits = [events[k * G + c].append for c in range(G)]
+            requests += engine.submit_group(
+                row["ids"], [params] * G, [lambda kind, v, e=e: e((kind, v)) for e in emits]
+            )
+        training = model.training
+        model.eval()
+        with self.autocast():
+            engine.run_until_idle()
+        model.train(training)
+
+        # completions: the generated ids, and the stop id that ended them (the model learns to stop)
+        completion_ids, texts = [], []
+        for request, emitted in zip(requests, events, strict=True):
+            ids = [v for kind, v in emitted if kind == "token"]
+            errors = [v for kind, v in emitted if kind == "error"]
+            if errors:
+                raise RuntimeError(f"rollout failed: {errors[0]}")
+            texts.append(self.tok.decode(ids))
+            completion_ids.append(ids + ([request.stop_token] if request.stop_token is not None else []))
+        rewards = self.score(rows, completion_ids, texts)  # [n * G]
+        adv = advantages(rewards, len(rows), g.scale_rewards)
+
+        # the training micro-batch: prompt + completion per sequence, learned on the completion, packed
+        examples = [(rows[j // G]["ids"] + ids, [0] * len(rows[j // G]["ids"]) + [1] * len(ids))
+                    for j, ids in enumerate(completion_ids)]  # fmt: skip
+        keep = [j for j, (_, mask) in enumerate(examples) if any(mask[1:])]  # an empty completion teaches nothing
+        data = D.TokenizedData.from_examples([examples[j] for j in keep])
+        packed = D.pack_best_fit(data.lengths(), max(int(data.lengths().max()), longest))
+        batch = D.collate_sequences(data, packed, self.tok.pad_token_id)
+        order = [keep[i] for row in packed for i in row]  # sequence s of the batch is completion order[s]
+        batch["advantages"] = adv[order]
+        n_tokens = int((batch["labels"] != D.IGNORE).sum())
+        batch["num_items"] = torch.tensor({"dapo": n_tokens, "bnpo": 1}.get(g.loss_type, len(order)))
+        device = model.lm_head.weight.device
+        if g.beta != 0.0 or g.num_iterations > 1:
+            on_device = {k: v.to(device) for k, v in batch.items()}
+            with self.autocast():
+                if g.beta != 0.0:
+                    batch["ref_logps"] = self.net.token_logps(on_device, True, g.temperature).cpu()
+                if g.num_iterations > 1:  # the policy that sampled, for every update of this batch
+                    batch["old_logps"] = self.net.token_logps(on_device, False, g.temperature).cpu()
+        lengths = torch.tensor([len(ids) for ids in completion_ids], dtype=torch.float32)
+        self._note("reward", rewards.tolist())
+        self._note("completion_length", lengths.tolist())
+        self._write_samples(step, rows[0], texts[:G], rewards[:G])
+        return batch
+
+    def score(self, rows, completion_ids, texts) -> torch.Tensor:
+        """Weighted sum of the reward functions per completion; None counts as nothing (trl's nansum)."""
+        G = self.g.num_generations
+        chat = isinstance(rows[0]["prompt"], list)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
+        prompts = [rows[j // G]["prompt"] for j in range(len(texts))]
+        columns = {key: [rows[j // G]["columns"].get(key) for j in range(len(texts))]
+                   for key in {k for r in rows for k in r["columns"]}}  # fmt: skip
+        total = np.zeros(len(texts))
+        for (spec, fn), w in zip(self.rewards.items(), self.weights, strict=True):
+            scores = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+            if len(scores) != len(texts):
+                raise ValueError(f"reward {spec}: {len(scores)} scores for {len(texts)} completions")
+            values = np.array([np.nan if s is None else float(s) for s in scores])
+            self._note(f"rewards/{spec}", values[~np.isnan(values)].tolist())
+            total += w * np.nan_to_num(values)
+        return torch.tensor(total, dtype=torch.float32)
+
+    def _note(self, key: str, values: list[float]) -> None:
+        self._metrics.setdefault(key, []).extend(values)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Means (and the reward's std) over the completions since the last call."""
+        out = {}
+        for key, values in self._metrics.items():
+            if values:
+                out[key] = float(np.mean(values))
+                if key == "reward":
+                    out["reward_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        self._metrics = {}
+        return out
+
+    def _write_samples(self, step: int, row: dict, texts: list[str], rewards: torch.Tensor) -> None:
+        if self.samples is None:
+            return
+        with self.samples.open("a", encoding="utf-8") as f:
+            for text, reward in zip(texts, rewards.tolist(), strict=True):
+                line = {"step": step, "prompt": row["prompt"], "completion": text, "reward": reward}
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
