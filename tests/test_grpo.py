@@ -109,6 +109,12 @@ def test_grpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, beta):
     loss.backward()
     assert float(loss) == pytest.approx(float(want), rel=1e-5, abs=1e-7)
     assert 0 < metrics["clip_ratio"] / float(batch["num_items"]) < 1  # some tokens clipped, not all
+    with torch.no_grad():  # the entropy metric: the mean entropy of the completion positions' distributions
+        logp = (hf(torch.cat([prompts, completions], 1)).logits[:, PROMPT_LEN - 1 : -1] / cfg.temperature).log_softmax(
+            -1
+        )
+        want_entropy = float(-(logp.exp() * logp).sum(-1)[keep].mean())
+    assert metrics["entropy"] / float(batch["num_items"]) == pytest.approx(want_entropy, rel=1e-4)
     for name, p in ours.named_parameters():
         ref_grad = dict(hf.named_parameters())[name].grad
         assert float((p.grad - ref_grad).norm() / ref_grad.norm()) < 1e-5, name
@@ -164,7 +170,9 @@ def test_grpo_run_rolls_out_scores_and_resumes_exactly(tmp_path, tok, monkeypatc
     straight = run(tmp_path / "a")
     # (at step 1 the loss is 0: ratios are 1, KL 0, and advantages sum to 0 over equal-length completions; not
     # its gradient)
-    assert all(m["grad_norm"] > 0 and "kl" in m and "rewards/test_grpo:even_ids" in m for m in straight)
+    assert all(
+        m["grad_norm"] > 0 and "kl" in m and "entropy" in m and "rewards/test_grpo:even_ids" in m for m in straight
+    )
     assert all(m["loss"] != 0 and m["kl"] > 0 for m in straight[1:])
     samples = [json.loads(line) for line in (tmp_path / "a" / "completions.jsonl").read_text().splitlines()]
     assert len(samples) == 4 * 2 * 4 and samples[0]["step"] == 1  # G samples of a prompt per micro-batch

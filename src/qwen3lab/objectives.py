@@ -20,18 +20,20 @@ OBJECTIVES = ("sft", "dpo", "grpo")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 
 
-def logprob_loss(hidden, weight, labels, objective: Callable, chunk: int, extra_rows=None):
+def logprob_loss(hidden, weight, labels, objective: Callable, chunk: int, extra_rows=None, entropy: bool = False):
     """objective(logps [N]) -> (loss, aux), N the supervised positions of labels in order. Returns the loss's value
-    carrying its gradient through hidden (and weight / extra rows), and aux."""
-    logps = token_logprobs(hidden.detach(), weight, labels, chunk, extra_rows)
+    carrying its gradient through hidden (and weight / extra rows), aux, and with entropy=True each position's
+    entropy [N] (taken in the same pass as the log-probs), else None."""
+    logps = token_logprobs(hidden.detach(), weight, labels, chunk, extra_rows, entropy)
+    logps, entropies = logps if entropy else (logps, None)
     with torch.enable_grad():
         leaf = logps.requires_grad_()
         loss, aux = objective(leaf)
         if not hidden.requires_grad:  # evaluation
-            return loss.detach(), aux
+            return loss.detach(), aux, entropies
         (grad,) = torch.autograd.grad(loss, leaf)
     surrogate, _ = lm_loss_sum(hidden, weight, labels, chunk, extra_rows, token_weights=-grad)
-    return loss.detach() + (surrogate - surrogate.detach()), aux  # its value is the loss, its gradient the loss's
+    return loss.detach() + (surrogate - surrogate.detach()), aux, entropies  # valued as the loss, its gradient too
 
 
 def token_sequences(batch: dict) -> torch.Tensor:
@@ -54,7 +56,7 @@ def dpo_loss(hidden, weight, batch, ref: torch.Tensor, beta: float, chunk: int, 
         chosen, rejected = beta * (sums[0::2] - ref[0::2]), beta * (sums[1::2] - ref[1::2])  # implicit rewards
         return -F.logsigmoid(chosen - rejected).sum(), (chosen.detach(), rejected.detach(), sums.detach())
 
-    loss, (chosen, rejected, sums) = logprob_loss(hidden, weight, batch["labels"], objective, chunk, extra_rows)
+    loss, (chosen, rejected, sums), _ = logprob_loss(hidden, weight, batch["labels"], objective, chunk, extra_rows)
     metrics = {
         "rewards/chosen": chosen.sum(),
         "rewards/rejected": rejected.sum(),
@@ -105,9 +107,10 @@ def grpo_loss(hidden, weight, batch, cfg, chunk: int, extra_rows=None):
         high = (ratio > 1 + eps_high) & (advantages > 0)
         return loss, (low | high, None if kl is None else kl.detach())
 
-    loss, (clipped, kl) = logprob_loss(hidden, weight, batch["labels"], objective, chunk, extra_rows)
+    labels = batch["labels"]
+    loss, (clipped, kl), entropies = logprob_loss(hidden, weight, labels, objective, chunk, extra_rows, entropy=True)
     share = float(batch["num_items"]) / max(len(seq), 1)  # token means, weighted like the loss over the step
-    metrics = {"clip_ratio": float(clipped.float().sum()) * share}
+    metrics = {"clip_ratio": float(clipped.float().sum()) * share, "entropy": float(entropies.sum()) * share}
     if kl is not None:
         metrics["kl"] = float(kl.sum()) * share
     return loss, metrics

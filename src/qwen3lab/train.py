@@ -1,10 +1,12 @@
-"""One readable training loop for supervised fine-tuning: full or LoRA, packed or padded, resumable.
+"""One readable training loop: full or LoRA, packed or padded, resumable; SFT, DPO or GRPO (`objective`).
 
     run = qwen3lab.train("configs/demo.yaml")            # or a TrainConfig, or a dict of keys
     qwen3lab train configs/demo.yaml --optim.lr 1e-4     # the same from the command line
+    qwen3lab train cfg.yaml --objective dpo              # preference pairs; grpo: prompts, rollouts and rewards
 
-The loss of a step is the summed cross-entropy of every supervised token in all its micro-batches divided by their
-number (not a mean of per-batch means), so it equals trl's first-step loss on the same batch.
+The loss of a step is the summed loss of all its micro-batches divided by their units — supervised tokens for SFT
+(not a mean of per-batch means, so it equals trl's first-step loss on the same batch), pairs for DPO, and for GRPO
+what its loss type normalises by. DPO and GRPO losses live in objectives.py, GRPO's rollouts in rollouts.py.
 """
 
 from __future__ import annotations
