@@ -37,6 +37,15 @@ def hf_tiny(vocab=512, hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2
     return model
 
 
+def hf_small():
+    """The objectives' test model (DPO, GRPO): a random Qwen3 at transformers' init with the real vocabulary."""
+    cfg = transformers.Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                                   bos_token_id=None, eos_token_id=151645)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Qwen3ForCausalLM(cfg).float()
+
+
 @pytest.fixture
 def hf_model_dir(tmp_path):
     """Folder written by transformers' save_pretrained with tiny shards, so the index path is exercised."""

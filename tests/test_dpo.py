@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import crash_after_step
+from conftest import crash_after_step, hf_small
 
 import qwen3lab
 from qwen3lab import data as D
@@ -47,14 +47,6 @@ TRL_PAIRS = [
     for p in PAIRS
 ]
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-
-
-def hf_model(seed=0):
-    cfg = transformers.Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-                                   bos_token_id=None, eos_token_id=151645)  # fmt: skip
-    torch.manual_seed(seed)
-    return transformers.Qwen3ForCausalLM(cfg).float()
 
 
 def trl_step(policy, ref, rows, tmp_path, tok_dir, beta, peft_config=None):
@@ -101,7 +93,7 @@ def close(a, b, rtol=1e-4, atol=1e-6):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_dpo_loss_rewards_and_gradients_equal_trl(tmp_path, tok, lora):
     beta = 0.5
-    base = hf_model()
+    base = hf_small()
     tok.save(tmp_path / "tok")
     if lora:  # the reference is the same model with its adapters off; random (non-zero) adapters move the policy
         base.save_pretrained(tmp_path / "base")
@@ -151,7 +143,7 @@ def test_dpo_runs_learn_and_every_reference_agrees(tmp_path, tok, lora, monkeypa
     """A DPO run through the training loop: ln 2 at the first step, rewards pulling apart; the precomputed
     reference gives the run the live reference gives (a frozen copy for full fine-tuning, adapters off for LoRA),
     and a crashed precompute run resumes onto the same losses."""
-    hf_model().save_pretrained(tmp_path / "base")
+    hf_small().save_pretrained(tmp_path / "base")
     tok.save(tmp_path / "base")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in PAIRS * 2))

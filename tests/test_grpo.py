@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import crash_after_step
+from conftest import crash_after_step, hf_small
 
 import qwen3lab
 from qwen3lab import data as D
@@ -18,14 +18,6 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 G, PROMPT_LEN, MAX_COMPLETION = 4, 6, 9
-
-
-def hf_model():
-    cfg = transformers.Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-                                   bos_token_id=None, eos_token_id=151645)  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.Qwen3ForCausalLM(cfg).float()
 
 
 def rollout(seed=0):
@@ -45,7 +37,7 @@ def rollout(seed=0):
 @pytest.mark.parametrize("beta", [0.0, 0.04], ids=["no-kl", "kl"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_grpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, beta):
-    hf_model().save_pretrained(tmp_path / "m")
+    hf_small().save_pretrained(tmp_path / "m")
     tok.save(tmp_path / "m")
     cfg = GRPOConfig(num_generations=G, max_completion_length=MAX_COMPLETION, temperature=0.7, loss_type=loss_type,
                      epsilon=0.2, epsilon_high=0.28, beta=beta)  # fmt: skip
@@ -153,7 +145,7 @@ def test_grpo_run_rolls_out_scores_and_resumes_exactly(tmp_path, tok, monkeypatc
 
     from qwen3lab import train
 
-    hf_model().save_pretrained(tmp_path / "m")
+    hf_small().save_pretrained(tmp_path / "m")
     tok.save(tmp_path / "m")
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": [{"role": "user", "content": f"Reverse {n}"}], "answer": str(n)[::-1]} for n in range(10, 18)]

@@ -39,6 +39,11 @@ def load_prompts(path, tok) -> list[dict]:
     return prompts
 
 
+def _recorder(events: list):
+    """An engine emit that keeps what it is given."""
+    return lambda kind, value: events.append((kind, value))
+
+
 def advantages(rewards: torch.Tensor, groups: int, scale: str) -> torch.Tensor:
     """(r - group mean), divided by (std + 1e-4) of the group or of the batch (Bessel's std, as trl), or not."""
     grouped = rewards.view(groups, -1)
@@ -86,10 +91,7 @@ class Rollouts:
         events: list[list] = [[] for _ in range(len(rows) * G)]  # what the engine emitted for each completion
         requests = []
         for k, row in enumerate(rows):
-            emits = [events[k * G + c].append for c in range(G)]
-            requests += engine.submit_group(
-                row["ids"], [params] * G, [lambda kind, v, e=e: e((kind, v)) for e in emits]
-            )
+            requests += engine.submit_group(row["ids"], [params] * G, [_recorder(events[k * G + c]) for c in range(G)])
         training = model.training
         model.eval()
         with self.autocast():

@@ -470,35 +470,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         apply_fsdp(net, model.model.layers, bf16=use_bf16)
     net.train()
 
-    # data
-    cache_dir = Path(os.environ.get("QWEN3LAB_CACHE", "~/.cache/qwen3lab")).expanduser() / "data"
-    if dpo:  # examples 2i / 2i + 1 are pair i's chosen / rejected sides; a row is a pair's index
-        data = D.load_preferences(cfg.data.train, tok, cfg.data.max_length)
-        rows = list(range(len(data) // 2))
-        eval_data, eval_rows = data, []
-        if cfg.data.eval:
-            eval_data = D.load_preferences(cfg.data.eval, tok, cfg.data.max_length)
-            eval_rows = list(range(len(eval_data) // 2))
-        elif cfg.data.eval_fraction > 0:
-            random.Random(cfg.seed).shuffle(rows)
-            n_eval = max(1, int(len(rows) * cfg.data.eval_fraction))
-            rows, eval_rows = sorted(rows[n_eval:]), sorted(rows[:n_eval])
-    elif grpo:  # a row is a prompt's index; its micro-batch is made by rollouts at the step that uses it
-        prompts = load_prompts(cfg.data.train, tok)
-        rows, eval_rows = list(range(len(prompts))), []
-        rollouts = Rollouts(cfg, tok, prompts, net, autocast, out if d.main else None)
-    else:
-        data = D.load_tokenized(cfg.data.train, tok, cfg.data.max_length, cache_dir)
-        eval_data = None
-        if cfg.data.eval:
-            eval_data = D.load_tokenized(cfg.data.eval, tok, cfg.data.max_length, cache_dir)
-        else:
-            data, eval_data = D.split_eval(data, cfg.data.eval_fraction, cfg.seed)
-        if not cfg.data.assistant_only:
-            data = data.all_tokens_supervised()
-            eval_data = eval_data.all_tokens_supervised() if eval_data else None
-        rows = D.make_rows(data, cfg.data.max_length, cfg.data.packing, cfg.data.pack_order, cfg.seed)
-        eval_rows = D.make_rows(eval_data, cfg.data.max_length, cfg.data.packing) if eval_data else []
+    # data: a row is a list of examples (SFT), a pair's index (DPO) or a prompt's index (GRPO)
+    data, rows, eval_data, eval_rows = load_data(cfg, tok)
+    rollouts = Rollouts(cfg, tok, data, net, autocast, out if d.main else None) if grpo else None
     global_rows = cfg.batch_size * d.world  # rows of one micro-batch over all ranks
     batches_per_epoch = math.ceil(len(rows) / global_rows)
     iterations = cfg.grpo.num_iterations if grpo else 1  # optimizer steps per batch of rollouts
@@ -631,6 +605,39 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         log.info("run folder %s: model/ (HF format), metrics.jsonl, loss.png", out)
     d.barrier()
     return out
+
+
+def load_data(cfg: TrainConfig, tok: Tokenizer):
+    """(data, rows, eval_data, eval_rows) for the objective. SFT: tokenized examples, rows of examples (packed or
+    one each). DPO: examples 2i / 2i + 1 are pair i's chosen / rejected sides, a row is a pair's index. GRPO: the
+    prompts, a row is a prompt's index (its micro-batch is made by rollouts at the step that uses it)."""
+    if cfg.objective == "grpo":
+        prompts = load_prompts(cfg.data.train, tok)
+        return prompts, list(range(len(prompts))), None, []
+    if cfg.objective == "dpo":
+        data = D.load_preferences(cfg.data.train, tok, cfg.data.max_length)
+        rows = list(range(len(data) // 2))
+        if cfg.data.eval:
+            eval_data = D.load_preferences(cfg.data.eval, tok, cfg.data.max_length)
+            return data, rows, eval_data, list(range(len(eval_data) // 2))
+        if cfg.data.eval_fraction <= 0:
+            return data, rows, data, []
+        random.Random(cfg.seed).shuffle(rows)
+        n_eval = max(1, int(len(rows) * cfg.data.eval_fraction))
+        return data, sorted(rows[n_eval:]), data, sorted(rows[:n_eval])
+    cache_dir = Path(os.environ.get("QWEN3LAB_CACHE", "~/.cache/qwen3lab")).expanduser() / "data"
+    data = D.load_tokenized(cfg.data.train, tok, cfg.data.max_length, cache_dir)
+    eval_data = None
+    if cfg.data.eval:
+        eval_data = D.load_tokenized(cfg.data.eval, tok, cfg.data.max_length, cache_dir)
+    else:
+        data, eval_data = D.split_eval(data, cfg.data.eval_fraction, cfg.seed)
+    if not cfg.data.assistant_only:
+        data = data.all_tokens_supervised()
+        eval_data = eval_data.all_tokens_supervised() if eval_data else None
+    rows = D.make_rows(data, cfg.data.max_length, cfg.data.packing, cfg.data.pack_order, cfg.seed)
+    eval_rows = D.make_rows(eval_data, cfg.data.max_length, cfg.data.packing) if eval_data else []
+    return data, rows, eval_data, eval_rows
 
 
 def _precomputed(path: Path, net, data, device, autocast, pad_id, cfg) -> np.ndarray:
