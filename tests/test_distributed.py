@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -49,10 +50,10 @@ def setup(tmp_path_factory, tok):
     return root
 
 
-def torchrun(setup, out, *flags, fail_after=0):
+def torchrun(setup, out, *flags, fail_after=0, config="run.yaml"):
     env = {**os.environ, "QWEN3LAB_TEST_FAIL_AFTER": str(fail_after), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
-    cmd += ["train", str(setup / "run.yaml"), "--out", str(out), "--batch_size", "2", *flags]
+    cmd += ["train", str(setup / config), "--out", str(out), "--batch_size", "2", *flags]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -60,8 +61,12 @@ def single(setup, out, **keys):
     return train({**yaml.safe_load((setup / "run.yaml").read_text()), "out": str(out), "batch_size": 4, **keys})
 
 
+def metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run):
-    return [json.loads(line)["loss"] for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in metrics(run)]
 
 
 def weights(run):
@@ -119,3 +124,65 @@ def test_missing_shard_is_a_clear_error_on_every_rank(setup):
     assert out.count("checkpoint shard __1_0.distcp is missing") == 2  # both ranks stop, neither waits
     shutil.rmtree(ckpt)  # the remedy the message names; with no checkpoint left the run starts over
     assert torchrun(setup, run, "--steps", "4").returncode == 0
+
+
+def objective_config(setup, name, **keys):
+    """A config for DPO or GRPO on the module's model, written next to run.yaml; returns its file name."""
+    config = {"model": str(setup / "base"), "progress": False, "objective": name, **keys}
+    (setup / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    return f"{name}.yaml"
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full-ref-copy", "lora-precompute"])
+def test_dpo_under_fsdp_matches_one_process(setup, lora):
+    """Pairs shared out over ranks: the losses, DPO's metrics and the weights of one process with the same global
+    batch. Full fine-tuning shards a frozen reference copy beside the policy; LoRA precomputes the reference with
+    each rank taking its share."""
+    from test_dpo import PAIRS
+
+    (setup / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS * 2))
+    keys = {"data": {"train": str(setup / "pairs.jsonl")}, "steps": 3, "optim": {"lr": 5e-3, "schedule": "constant"}}
+    keys |= {"lora": {"rank": 4, "alpha": 8}, "dpo": {"ref": "precompute"}} if lora else {"dpo": {"ref": "model"}}
+    config = objective_config(setup, "dpo", **keys)
+    name = "dpo-lora" if lora else "dpo-full"
+    one = train({**yaml.safe_load((setup / config).read_text()), "out": str(setup / f"{name}-one"), "batch_size": 4})
+    two = setup / f"{name}-two"
+    run = torchrun(setup, two, config=config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = metrics(one), metrics(two)
+    assert a[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and a[-1]["loss"] < a[0]["loss"]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+        assert [m[key] for m in b] == pytest.approx([m[key] for m in a], abs=1e-5), key
+    if lora:
+        np.testing.assert_allclose(np.load(two / "ref_logps.npy"), np.load(one / "ref_logps.npy"), atol=1e-5)
+    wa, wb = weights(one), weights(two)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_grpo_under_fsdp_rolls_out_on_every_rank_and_resumes_exactly(setup):
+    """Each rank rolls out its share of the prompts with the whole model gathered, then trains on them sharded; a
+    sharded frozen reference gives the KL; old log-probs for two iterations; rewards scaled by the std of the batch
+    over both ranks. Rank 0 dies after step 3: the resumed run logs the uninterrupted run's losses and rewards."""
+    rows = [{"prompt": [{"role": "user", "content": f"Reverse {n}"}], "answer": str(n)[::-1]} for n in range(10, 18)]
+    (setup / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grpo = {"num_generations": 4, "max_completion_length": 6, "rewards": ["test_grpo:even_ids", "exact_match"],
+            "beta": 0.04, "num_iterations": 2, "scale_rewards": "batch"}  # fmt: skip
+    config = objective_config(setup, "grpo", data={"train": str(setup / "prompts.jsonl")}, steps=4, grad_accum=2,
+                              save_every=2, optim={"lr": 1e-3}, grpo=grpo)  # fmt: skip
+    straight, crashed = setup / "grpo-straight", setup / "grpo-crashed"
+    run = torchrun(setup, straight, config=config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a = metrics(straight)
+    assert len(a) == 4 and all(m["grad_norm"] > 0 and m["kl"] >= 0 for m in a) and a[-1]["kl"] > 0
+    assert ["rewards/test_grpo:even_ids" in m for m in a] == [True, False, True, False]  # steps that rolled out
+    samples = (straight / "completions.jsonl").read_text().splitlines()
+    assert len(samples) == 2 * 2 * 4  # rank 0 alone writes: G samples of its first prompt per rollout micro-batch
+    assert torchrun(setup, crashed, config=config, fail_after=3).returncode != 0
+    resumed = torchrun(setup, crashed, config=config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    b = metrics(crashed)
+    for key in ("loss", "reward", "reward_std", "kl", "completion_length"):
+        assert [m.get(key, 0) for m in b] == pytest.approx([m.get(key, 0) for m in a], abs=1e-6), key
+    exported = transformers.AutoModelForCausalLM.from_pretrained(crashed / "model")
+    assert exported.config.num_hidden_layers == 2

@@ -391,6 +391,24 @@ def collate_pairs(data: TokenizedData, pairs: list[int], pad_id: int, ref_logps=
     return batch
 
 
+def empty_batch(pad_id: int, objective: str = "sft") -> dict[str, torch.Tensor]:
+    """One padding token with no label: the micro-batch of a rank left with no rows, which must still run each
+    forward and backward for FSDP's collectives. Carries the keys the objective's loss reads, with nothing in them."""
+    none = torch.zeros(1, 1, dtype=torch.long)
+    batch = {
+        "input_ids": none + pad_id,
+        "labels": none + IGNORE,
+        "position_ids": none,
+        "cu_seqlens": torch.tensor([0, 1], dtype=torch.int32),
+        "num_tokens": none.sum(),
+    }
+    if objective != "sft":
+        batch |= {"sequence_ids": none - 1, "num_items": none.sum()}
+    if objective == "grpo":
+        batch["advantages"] = torch.zeros(0)
+    return batch
+
+
 # ---- packing and batching ----
 
 

@@ -6,6 +6,7 @@ The model code knows nothing of these; each wraps the decoder blocks after the m
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -69,9 +70,15 @@ class Dist:
         """Sum numbers over ranks (in fp64, so token counts and loss sums stay exact)."""
         if self.world == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-        dist.all_reduce(t)
-        return t.tolist()
+        return self.all_sum_tensor(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    def all_sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of a CPU tensor over ranks."""
+        if self.world == 1:
+            return t
+        on_device = t.to(_comm_device())
+        dist.all_reduce(on_device)
+        return on_device.cpu()
 
 
 def _comm_device() -> torch.device:
@@ -139,6 +146,35 @@ def apply_fsdp(root: nn.Module, blocks: nn.ModuleList, bf16: bool) -> None:
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     )
     for i, block in enumerate(blocks):
-        # the last block's parameters are needed again at once by the backward: keep them gathered
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(block, mp_policy=mp, reshard_after_forward=_reshard_after_forward(i, len(blocks)))
     fully_shard(root, mp_policy=mp)
+
+
+def _reshard_after_forward(i: int, n: int) -> bool:
+    return i < n - 1  # the last block's parameters are needed again at once by the backward: keep them gathered
+
+
+@contextlib.contextmanager
+def gathered(root: nn.Module, blocks: nn.ModuleList):
+    """Keep every FSDP2-sharded block gathered for a while, e.g. while generating: hundreds of one-token forwards
+    would otherwise all-gather every block each time. The root's own parameters (embeddings, lm_head) are gathered
+    by running inside the root's forward. Everything is sharded again on exit. A no-op without FSDP."""
+    sharded = [b for b in blocks if isinstance(b, FSDPModule)]
+    for b in sharded:
+        b.set_reshard_after_forward(False, recurse=False)
+        b.unshard()
+    try:
+        yield
+    finally:
+        for i, b in enumerate(sharded):
+            b.set_reshard_after_forward(_reshard_after_forward(i, len(sharded)), recurse=False)
+        reshard(root)
+
+
+def reshard(root: nn.Module) -> None:
+    """Shard every FSDP2 module under root again. A forward without backward leaves the root (and the last block)
+    gathered, and while gathered a module's parameters are the gathered tensors: an optimizer built then would
+    hold those instead of the shards."""
+    for m in root.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

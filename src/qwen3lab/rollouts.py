@@ -15,6 +15,7 @@ import torch
 
 from . import data as D
 from .engine import Engine, SamplingParams
+from .parallel import Dist, gathered
 from .rewards import load_reward
 
 
@@ -44,20 +45,22 @@ def _recorder(events: list):
     return lambda kind, value: events.append((kind, value))
 
 
-def advantages(rewards: torch.Tensor, groups: int, scale: str) -> torch.Tensor:
-    """(r - group mean), divided by (std + 1e-4) of the group or of the batch (Bessel's std, as trl), or not."""
+def advantages(rewards: torch.Tensor, groups: int, scale: str, batch_std: float | None = None) -> torch.Tensor:
+    """(r - group mean), divided by (std + 1e-4) of the group or of the batch (Bessel's std, as trl; `batch_std`
+    when the batch is spread over ranks), or not."""
     grouped = rewards.view(groups, -1)
     centred = (grouped - grouped.mean(1, keepdim=True)).reshape(-1)
     if scale == "none":
         return centred
-    std = grouped.std(1).repeat_interleave(grouped.shape[1]) if scale == "group" else rewards.std().expand_as(rewards)
-    return centred / (std + 1e-4)
+    if scale == "group":
+        return centred / (grouped.std(1).repeat_interleave(grouped.shape[1]) + 1e-4)
+    return centred / ((rewards.std() if batch_std is None else batch_std) + 1e-4)
 
 
 class Rollouts:
     """Makes GRPO micro-batches for the training loop (`batch`) and keeps what it saw for the step's metrics."""
 
-    def __init__(self, cfg, tok, prompts: list[dict], net, autocast, out: Path | None):
+    def __init__(self, cfg, tok, prompts: list[dict], net, autocast, d: Dist, out: Path):
         g = cfg.grpo
         if g.loss_type not in ("dapo", "grpo", "dr_grpo", "bnpo"):
             raise ValueError(f"grpo.loss_type {g.loss_type!r}: use dapo, grpo, dr_grpo or bnpo")
@@ -70,69 +73,92 @@ class Rollouts:
         self.weights = list(g.reward_weights) or [1.0] * len(self.rewards)
         if len(self.weights) != len(self.rewards):
             raise ValueError(f"grpo.reward_weights: {len(self.weights)} weights for {len(self.rewards)} rewards")
-        self.samples = None if out is None else out / "completions.jsonl"
-        self._metrics: dict[str, list[float]] = {}
+        self.d = d
+        self.samples = out / "completions.jsonl" if d.main else None
+        # the same keys on every rank, in one order: the step's metrics are summed over ranks
+        keys = ("reward", "completion_length", *(f"rewards/{spec}" for spec in self.rewards))
+        self._metrics: dict[str, list[float]] = {k: [] for k in keys}
 
     def seed(self, *where: int) -> int:
         return hash((self.cfg.seed, *where)) % 2**62  # ints hash the same in every process
 
     @torch.no_grad()
     def batch(self, items: list[int], step: int, micro: int) -> dict:
-        """Rollouts of these prompts with the model as it is now, as a micro-batch: `step` is the first training step
-        that uses it, `micro` its index within the step (both seed the sampling)."""
-        g, G = self.g, self.g.num_generations
-        model = self.net.model
+        """Rollouts of these prompts (this rank's share) with the model as it is now, as a micro-batch: `step` is
+        the first training step that uses it, `micro` its index within the step (both seed the sampling).
+
+        Under FSDP2 every rank runs the same collectives whatever its share: the gathering of the whole model for
+        generation, the batch's reward std, the log-prob forwards."""
+        g, G, model = self.g, self.g.num_generations, self.net.model
         rows = [self.prompts[i] for i in items]
+        training = model.training
+        model.eval()
+        with gathered(self.net, model.model.layers), self.autocast():
+            completion_ids = self.net(None, call=lambda: self._generate(rows, step, micro))
+        model.train(training)
+        texts = [self.tok.decode(ids) for ids in completion_ids]
+        rewards = self.score(rows, completion_ids, texts) if rows else torch.zeros(0)  # [n * G]
+        batch_std = None
+        if g.scale_rewards == "batch" and self.d.world > 1:
+            n, total, squares = self.d.all_sum(len(rewards), float(rewards.sum()), float((rewards**2).sum()))
+            batch_std = ((squares - total**2 / n) / max(n - 1, 1)) ** 0.5
+        batch = self._training_batch(rows, completion_ids, rewards, batch_std)
+        if g.beta != 0.0 or g.num_iterations > 1:
+            on_device = {k: v.to(model.lm_head.weight.device) for k, v in batch.items()}
+            with self.autocast():
+                if g.beta != 0.0:
+                    batch["ref_logps"] = self.net(on_device, "reference", g.temperature).cpu()
+                if g.num_iterations > 1:  # the policy that sampled, for every update of this batch
+                    batch["old_logps"] = self.net(on_device, "policy", g.temperature).cpu()
+        self._note("reward", rewards.tolist())
+        self._note("completion_length", [len(ids) for ids in completion_ids])
+        if rows:
+            self._write_samples(step, rows[0], texts[:G], rewards[:G])
+        return batch
+
+    def _generate(self, rows: list[dict], step: int, micro: int) -> list[list[int]]:
+        """G completions per row from the engine: the generated ids, and the stop id that ended them (the model
+        learns to stop)."""
+        g, G = self.g, self.g.num_generations
+        if not rows:
+            return []
         longest = max(len(r["ids"]) for r in rows) + g.max_completion_length
         # one seeded generator for the micro-batch and one SamplingParams object: every decode step samples all
         # rows in one call, and the same submissions give the same completions (a resumed run's rollouts)
-        engine = Engine(model, len(rows) * G, capacity=longest, max_waiting=len(rows), seed=self.seed(step, micro))
+        engine = Engine(self.net.model, len(rows) * G, capacity=longest, max_waiting=len(rows),
+                        seed=self.seed(step, micro, self.d.rank))  # fmt: skip
         params = SamplingParams(max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p)
         events: list[list] = [[] for _ in range(len(rows) * G)]  # what the engine emitted for each completion
         requests = []
         for k, row in enumerate(rows):
             requests += engine.submit_group(row["ids"], [params] * G, [_recorder(events[k * G + c]) for c in range(G)])
-        training = model.training
-        model.eval()
-        with self.autocast():
-            engine.run_until_idle()
-        model.train(training)
-
-        # completions: the generated ids, and the stop id that ended them (the model learns to stop)
-        completion_ids, texts = [], []
+        engine.run_until_idle()
+        completion_ids = []
         for request, emitted in zip(requests, events, strict=True):
-            ids = [v for kind, v in emitted if kind == "token"]
             errors = [v for kind, v in emitted if kind == "error"]
             if errors:
                 raise RuntimeError(f"rollout failed: {errors[0]}")
-            texts.append(self.tok.decode(ids))
+            ids = [v for kind, v in emitted if kind == "token"]
             completion_ids.append(ids + ([request.stop_token] if request.stop_token is not None else []))
-        rewards = self.score(rows, completion_ids, texts)  # [n * G]
-        adv = advantages(rewards, len(rows), g.scale_rewards)
+        return completion_ids
 
-        # the training micro-batch: prompt + completion per sequence, learned on the completion, packed
+    def _training_batch(self, rows, completion_ids, rewards, batch_std) -> dict:
+        """prompt + completion per sequence, learned on the completion, packed; advantages per sequence."""
+        g, G = self.g, self.g.num_generations
         examples = [(rows[j // G]["ids"] + ids, [0] * len(rows[j // G]["ids"]) + [1] * len(ids))
                     for j, ids in enumerate(completion_ids)]  # fmt: skip
         keep = [j for j, (_, mask) in enumerate(examples) if any(mask[1:])]  # an empty completion teaches nothing
+        if not keep:
+            return D.empty_batch(self.tok.pad_token_id, "grpo")
+        adv = advantages(rewards, len(rows), g.scale_rewards, batch_std)
         data = D.TokenizedData.from_examples([examples[j] for j in keep])
+        longest = max(len(r["ids"]) for r in rows) + g.max_completion_length
         packed = D.pack_best_fit(data.lengths(), max(int(data.lengths().max()), longest))
         batch = D.collate_sequences(data, packed, self.tok.pad_token_id)
         order = [keep[i] for row in packed for i in row]  # sequence s of the batch is completion order[s]
         batch["advantages"] = adv[order]
         n_tokens = int((batch["labels"] != D.IGNORE).sum())
         batch["num_items"] = torch.tensor({"dapo": n_tokens, "bnpo": 1}.get(g.loss_type, len(order)))
-        device = model.lm_head.weight.device
-        if g.beta != 0.0 or g.num_iterations > 1:
-            on_device = {k: v.to(device) for k, v in batch.items()}
-            with self.autocast():
-                if g.beta != 0.0:
-                    batch["ref_logps"] = self.net.token_logps(on_device, True, g.temperature).cpu()
-                if g.num_iterations > 1:  # the policy that sampled, for every update of this batch
-                    batch["old_logps"] = self.net.token_logps(on_device, False, g.temperature).cpu()
-        lengths = torch.tensor([len(ids) for ids in completion_ids], dtype=torch.float32)
-        self._note("reward", rewards.tolist())
-        self._note("completion_length", lengths.tolist())
-        self._write_samples(step, rows[0], texts[:G], rewards[:G])
         return batch
 
     def score(self, rows, completion_ids, texts) -> torch.Tensor:
@@ -157,14 +183,20 @@ class Rollouts:
         self._metrics.setdefault(key, []).extend(values)
 
     def pop_metrics(self) -> dict[str, float]:
-        """Means (and the reward's std) over the completions since the last call."""
+        """Means (and the reward's std) over the completions of every rank since the last call."""
+        sums = []
+        for values in self._metrics.values():
+            v = np.array(values, dtype=np.float64)
+            sums += [len(v), v.sum(), (v**2).sum()]
+        sums = self.d.all_sum(*sums)
         out = {}
-        for key, values in self._metrics.items():
-            if values:
-                out[key] = float(np.mean(values))
+        for k, key in enumerate(self._metrics):
+            n, total, squares = sums[3 * k : 3 * k + 3]
+            if n:
+                out[key] = total / n
                 if key == "reward":
-                    out["reward_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-        self._metrics = {}
+                    out["reward_std"] = max((squares - total**2 / n) / (n - 1), 0.0) ** 0.5 if n > 1 else 0.0
+        self._metrics = {k: [] for k in self._metrics}
         return out
 
     def _write_samples(self, step: int, row: dict, texts: list[str], rewards: torch.Tensor) -> None:

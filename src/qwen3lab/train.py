@@ -60,6 +60,7 @@ from .parallel import (
     apply_compile,
     apply_fsdp,
     init_distributed,
+    reshard,
     unwrap_activation_checkpointing,
 )
 from .rollouts import Rollouts, load_prompts
@@ -190,8 +191,10 @@ class WithLoss(torch.nn.Module):
     """The model and its loss as one module, so FSDP2 (which gathers a module's parameters only while its forward
     runs) has the tied embedding / lm_head gathered for the chunked loss too; and the trained token rows, if any.
 
-    forward(batch) -> (summed loss, summed metrics). The objective is SFT's cross-entropy, or DPO's loss against a
-    reference: log-probs precomputed in the batch, a frozen copy (`ref_model`), or this model with its adapters off.
+    forward(batch) -> (summed loss, summed metrics). The objective is SFT's cross-entropy, DPO's loss against a
+    reference (log-probs precomputed in the batch, a frozen copy `ref_model`, or this model with its adapters off),
+    or GRPO's. forward(batch, logps="policy" | "reference") -> the supervised tokens' log-probs [N], without grad.
+    forward(None, call=f) -> f(): work on self.model that needs the root's parameters, e.g. generation.
     """
 
     def __init__(self, model, extra_tokens: TrainableTokens | None, packing: bool, chunk: int, upcast=False,
@@ -199,14 +202,19 @@ class WithLoss(torch.nn.Module):
         super().__init__()
         self.model, self.extra_tokens, self.packing, self.chunk = model, extra_tokens, packing, chunk
         self.upcast, self.objective, self.beta, self.grpo = upcast, objective, beta, grpo
-        self.__dict__["ref_model"] = ref_model  # not a submodule: never trained, saved or sharded
+        # the frozen reference as its own module, outside this one's tree (never trained or saved; sharded apart)
+        self.__dict__["ref_net"] = None if ref_model is None else WithLoss(ref_model, None, True, chunk)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch, logps: str | None = None, temperature: float = 1.0, call=None):
+        if call is not None:
+            return call()
+        if logps is not None:
+            return self._token_logps(batch, logps == "reference", temperature)
         if self.objective == "sft":
             return micro_batch_loss(self.model, batch, self.packing, self.chunk, self.extra_tokens, self.upcast)[0], {}
         ref = batch.get("ref_logps")
         if self.objective == "dpo" and ref is None:
-            ref = sequence_logps(self.token_logps(batch, reference=True), batch)
+            ref = sequence_logps(self._token_logps(batch, reference=True), batch)
         hidden, extra_rows = hidden_states(self.model, batch, True, self.extra_tokens, self.upcast)
         weight = self.model.lm_head.weight
         if self.objective == "grpo":
@@ -214,17 +222,14 @@ class WithLoss(torch.nn.Module):
         return dpo_loss(hidden, weight, batch, ref, self.beta, self.chunk, extra_rows)
 
     @torch.no_grad()
-    def token_logps(self, batch, reference: bool = False, temperature: float = 1.0) -> torch.Tensor:
+    def _token_logps(self, batch, reference: bool = False, temperature: float = 1.0) -> torch.Tensor:
         """Log-probs [N] of the batch's supervised tokens under this model, or under the reference: the frozen copy,
         else the base model (LoRA adapters and trained token rows off)."""
-        if reference and self.ref_model is not None:
-            model, extra_tokens, context = self.ref_model, None, contextlib.nullcontext()
-        elif reference:
-            model, extra_tokens, context = self.model, None, lora_disabled(self.model)
-        else:
-            model, extra_tokens, context = self.model, self.extra_tokens, contextlib.nullcontext()
-        with context:
-            hidden, extra_rows = hidden_states(model, batch, True, extra_tokens, self.upcast and model is self.model)
+        if reference and self.ref_net is not None:
+            return self.ref_net(batch, "policy", temperature)  # through its forward, for its own FSDP2 gathering
+        model, extra_tokens = self.model, None if reference else self.extra_tokens
+        with lora_disabled(model) if reference else contextlib.nullcontext():
+            hidden, extra_rows = hidden_states(model, batch, True, extra_tokens, self.upcast)
         return token_logprobs(hidden / temperature, model.lm_head.weight, batch["labels"], self.chunk, extra_rows)
 
 
@@ -234,21 +239,11 @@ def to_device(batch, device):
 
 def rank_batch(data, rows: list, d: Dist, pad_id: int, pairs: bool = False, ref_logps=None) -> dict:
     """This rank's share of a global batch: rows rank, rank + world, ... (with pairs, each row is a preference
-    pair's index). A rank left with none gets one padding token with no label, since every rank must run each
-    forward and backward for FSDP's collectives."""
+    pair's index); a rank left with none gets D.empty_batch."""
     mine = rows[d.rank :: d.world]
     if mine:
         return D.collate_pairs(data, mine, pad_id, ref_logps) if pairs else D.collate(data, mine, pad_id)
-    none = torch.zeros(1, 1, dtype=torch.long)
-    cu_seqlens = torch.tensor([0, 1], dtype=torch.int32)
-    batch = {
-        "input_ids": none + pad_id,
-        "labels": none + IGNORE,
-        "position_ids": none,
-        "cu_seqlens": cu_seqlens,
-        "num_tokens": none.sum(),
-    }
-    return batch | ({"sequence_ids": none - 1, "num_items": none.sum()} if pairs else {})
+    return D.empty_batch(pad_id, "dpo" if pairs else "sft")
 
 
 def units(batch) -> int:
@@ -271,18 +266,21 @@ def evaluate(net, batches, d: Dist, device, autocast) -> float:
 
 
 @torch.no_grad()
-def precompute_reference(net, data, pair_ids: list[int], batch_size: int, device, autocast, pad_id) -> np.ndarray:
-    """Summed completion log-probs of every sequence of these pairs under the reference (the model as it is before
-    training, adapters off), [2 * len(data) // 2] fp32, indexed like the examples."""
-    out = np.zeros(len(data), dtype=np.float32)
-    for start in range(0, len(pair_ids), batch_size):
-        chunk = pair_ids[start : start + batch_size]
-        batch = to_device(D.collate_pairs(data, chunk, pad_id), device)
+def precompute_reference(net, data, batch_size: int, d: Dist, device, autocast, pad_id) -> np.ndarray:
+    """Summed completion log-probs of every sequence under the reference (the model as it is before training,
+    adapters off), [len(data)] fp32, indexed like the examples (pair p: 2p chosen, 2p + 1 rejected). Each rank
+    computes its share of every global batch; the shares are summed over ranks."""
+    out = torch.zeros(len(data), dtype=torch.float64)
+    pairs, step = list(range(len(data) // 2)), batch_size * d.world
+    for start in range(0, len(pairs), step):
+        rows = pairs[start : start + step]
+        batch = to_device(rank_batch(data, rows, d, pad_id, pairs=True), device)
         with autocast():
-            logps = sequence_logps(net.token_logps(batch, reference=True), batch).float().cpu().numpy()
-        for r, p in enumerate(chunk):
+            logps = sequence_logps(net(batch, logps="reference"), batch).double().cpu()
+        for r, p in enumerate(rows[d.rank :: d.world]):
             out[2 * p], out[2 * p + 1] = logps[2 * r], logps[2 * r + 1]
-    return out
+    reshard(net)  # before the optimizer takes the parameters
+    return d.all_sum_tensor(out).float().numpy()
 
 
 # ---- reporting ----
@@ -383,7 +381,7 @@ class Progress:
 
 
 def train(config) -> Path:
-    """Run SFT as configured; returns the run folder, whose `model/` is the final HF-format model.
+    """Run SFT, DPO or GRPO as configured; returns the run folder, whose `model/` is the final HF-format model.
 
     Under torchrun each process is one data-parallel rank: the model is sharded with FSDP2, each rank takes its
     share of every global batch (batch_size rows per rank), and rank 0 alone logs and exports.
@@ -455,12 +453,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         raise ValueError(f"dpo.ref {cfg.dpo.ref!r}: use auto, model or precompute")
     if dpo and ref_mode == "adapters" and cfg.lora.rank == 0:
         raise ValueError("dpo.ref: the adapters-off reference needs lora.rank > 0; use model or precompute")
-    if (dpo or grpo) and d.world > 1:
-        raise ValueError(f"objective {cfg.objective} runs on one process for now; run it without torchrun")
     ref_model = None
     needs_copy = (dpo and ref_mode == "model") or (grpo and cfg.grpo.beta != 0 and cfg.lora.rank == 0)
     if needs_copy:  # a frozen copy of the starting weights
-        ref_model = build_model(cfg, device, d.world)[0].eval().requires_grad_(False)
+        ref_model = build_model(cfg, torch.device("cpu") if d.world > 1 else device, d.world)[0]
+        ref_model.eval().requires_grad_(False)
         ref_model.attn_implementation = cfg.attention
         if upcast:  # a bf16 base computed in fp32
             ref_model.float()
@@ -468,11 +465,13 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
                    ref_model, cfg.grpo)  # fmt: skip
     if d.world > 1:
         apply_fsdp(net, model.model.layers, bf16=use_bf16)
+        if net.ref_net is not None:
+            apply_fsdp(net.ref_net, ref_model.model.layers, bf16=use_bf16)
     net.train()
 
     # data: a row is a list of examples (SFT), a pair's index (DPO) or a prompt's index (GRPO)
     data, rows, eval_data, eval_rows = load_data(cfg, tok)
-    rollouts = Rollouts(cfg, tok, data, net, autocast, out if d.main else None) if grpo else None
+    rollouts = Rollouts(cfg, tok, data, net, autocast, d, out) if grpo else None
     global_rows = cfg.batch_size * d.world  # rows of one micro-batch over all ranks
     batches_per_epoch = math.ceil(len(rows) / global_rows)
     iterations = cfg.grpo.num_iterations if grpo else 1  # optimizer steps per batch of rollouts
@@ -495,10 +494,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         )
     ref_logps = eval_ref_logps = None
     if dpo and ref_mode == "precompute":  # from the starting weights, kept in the run folder for a resume
-        ref_logps = _precomputed(out / "ref_logps.npy", net, data, device, autocast, tok.pad_token_id, cfg)
+        ref_logps = _precomputed(out / "ref_logps.npy", net, data, d, device, autocast, tok.pad_token_id, cfg)
         eval_ref_logps = ref_logps
         if cfg.data.eval:
-            eval_ref_logps = _precomputed(out / "ref_logps_eval.npy", net, eval_data, device, autocast,
+            eval_ref_logps = _precomputed(out / "ref_logps_eval.npy", net, eval_data, d, device, autocast,
                                           tok.pad_token_id, cfg)  # fmt: skip
 
     def eval_batches():
@@ -538,8 +537,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         step = start_step
         while True:
             round_, done = divmod(step, iterations)
-            batches = [rollouts.batch(chosen_rows(round_ * cfg.grad_accum + j), round_ * iterations + 1, j)
-                       for j in range(cfg.grad_accum)]  # fmt: skip
+            batches = [rollouts.batch(chosen_rows(round_ * cfg.grad_accum + j)[d.rank :: d.world],
+                                      round_ * iterations + 1, j) for j in range(cfg.grad_accum)]  # fmt: skip
             for _ in range(iterations - done):
                 yield from batches
                 step += 1
@@ -640,17 +639,18 @@ def load_data(cfg: TrainConfig, tok: Tokenizer):
     return data, rows, eval_data, eval_rows
 
 
-def _precomputed(path: Path, net, data, device, autocast, pad_id, cfg) -> np.ndarray:
+def _precomputed(path: Path, net, data, d: Dist, device, autocast, pad_id, cfg) -> np.ndarray:
     """DPO's reference log-probs: read back on a resume (the model has moved since), else computed and written."""
     if path.is_file():
         return np.load(path)
     if list_checkpoints(path.parent):
         raise ValueError(f"{path}: missing, and the run has checkpoints: the reference can no longer be computed")
     log.info("dpo: reference log-probs of %d sequences, computed once", len(data))
-    ref = precompute_reference(net, data, list(range(len(data) // 2)), cfg.batch_size, device, autocast, pad_id)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, ref)
-    os.replace(tmp, path)
+    ref = precompute_reference(net, data, cfg.batch_size, d, device, autocast, pad_id)
+    if d.main:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+        np.save(tmp, ref)
+        os.replace(tmp, path)
     return ref
 
 
