@@ -132,7 +132,7 @@ def run_ours(folder: Path, prompts: Path, args, lean: bool = False) -> dict:
         "progress": False,
         "resume": False,
         "optim": {"lr": 1e-5},
-        "loss_chunk": 64 if lean else 256,
+        "loss_chunk": args.lean_chunk if lean else 256,
         "grpo": grpo,
     }
     qwen3lab.train(cfg)
@@ -145,6 +145,8 @@ def main():
     ap.add_argument("--generations", dest="G", type=int, default=8)
     ap.add_argument("--prompts-per-step", dest="prompts", type=int, default=4)
     ap.add_argument("--completion", type=int, default=32)
+    ap.add_argument("--lean-chunk", type=int, default=64, help="loss_chunk of the lean run")
+    ap.add_argument("--systems", default="trl,qwen3lab,qwen3lab-lean")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", default="/tmp/qwen3lab-bench-grpo")
     args = ap.parse_args()
@@ -165,16 +167,16 @@ def main():
     folder.mkdir(parents=True, exist_ok=True)
     setup(folder, args.prompts * args.steps)
     results = {}
-    for name in ("trl", "qwen3lab", "qwen3lab-lean"):
+    for name in args.systems.split(","):
         cmd = [sys.executable, __file__, "--one", name, "--folder", str(folder), "--steps", str(args.steps),
                "--generations", str(args.G), "--prompts-per-step", str(args.prompts),
-               "--completion", str(args.completion)]  # fmt: skip
+               "--completion", str(args.completion), "--lean-chunk", str(args.lean_chunk)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[name]
         print(f"{name:9s} {r['steps_per_s']:.3f} steps/s  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
-    theirs = results["trl"]
-    for name in ("qwen3lab", "qwen3lab-lean"):
+    theirs = results.get("trl")
+    for name in [n for n in results if n != "trl" and theirs]:
         ours = results[name]
         print(f"{name} / trl: {ours['steps_per_s'] / theirs['steps_per_s']:.2f}x steps/s, "
               f"{ours['peak_rss_gib'] / theirs['peak_rss_gib']:.2f}x peak RSS")  # fmt: skip

@@ -17,9 +17,10 @@ uvicorn = pytest.importorskip("uvicorn")
 def server(tmp_path_factory, tok):
     from qwen3lab.serve import create_app
 
-    model = tiny_server_model(tmp_path_factory.mktemp("srv"))
+    folder = tmp_path_factory.mktemp("srv")
+    model = tiny_server_model(folder)
     with serving(create_app(model, tok, "tiny")) as url:
-        yield url, model
+        yield url, model, folder
 
 
 @pytest.fixture
@@ -75,7 +76,8 @@ def test_seeded_sampling_is_reproducible(client):
         ({"messages": "hi"}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "unknown role 'wizard'"),
         ({"messages": MESSAGES, "temperature": 9}, "temperature"),
-        ({"messages": MESSAGES, "n": 2, "stream": True}, "n > 1 with stream"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "only text parts"),
+        ({"messages": MESSAGES, "top_logprobs": 2}, "needs logprobs"),
         ({"messages": MESSAGES, "n": 99}, "at most 16 rows"),
         ({"messages": MESSAGES, "max_tokens": 10**7}, "exceeds the context"),
         ({}, "messages"),
@@ -190,3 +192,97 @@ def parse(text):
     from qwen3lab.chat import parse_assistant
 
     return parse_assistant(text)["content"]
+
+
+def test_echo_logprobs_score_the_prompt_as_transformers_does(client, server, tok):
+    """/v1/completions in the legacy schema lm-eval's local-completions uses: prompts as token-id lists, echo with
+    logprobs; each prompt token's log-prob equals log_softmax of transformers' logits on the same weights, the
+    first is null, the top-1 is the argmax, text offsets follow the tokens; max_tokens 0 scores the prompt alone."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(server[2], dtype=torch.float32)
+    prompts = [tok.encode("The cat sat on the mat."), tok.encode("Two plus two is four")]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=1, temperature=0, logprobs=3, echo=True)
+    assert [c.index for c in r.choices] == [0, 1]
+    for ids, choice in zip(prompts, r.choices, strict=True):
+        lp = choice.logprobs
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert len(lp.tokens) == len(ids) + 1 and "".join(lp.tokens) == choice.text
+        assert choice.text.startswith(tok.decode(ids))
+        got = torch.tensor(lp.token_logprobs[1 : len(ids)])
+        torch.testing.assert_close(got, want[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0], atol=1e-4, rtol=0)
+        for t, top in enumerate(lp.top_logprobs[1:], start=1):
+            assert len(top) <= 3 and max(top.values()) == pytest.approx(float(want[t - 1].max()), abs=1e-4)
+        generated = int(want[-1].argmax())  # greedy: the one generated token is the argmax after the prompt
+        assert lp.tokens[-1] == tok.decode([generated])
+        assert lp.token_logprobs[-1] == pytest.approx(float(want[-1, generated]), abs=1e-4)
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    scored = httpx.post(server[0] + "/v1/completions", json={"prompt": prompts[0], "max_tokens": 0, "echo": True,
+                                                            "logprobs": 0}, timeout=30).json()  # fmt: skip
+    assert scored["usage"]["completion_tokens"] == 0
+    assert scored["choices"][0]["logprobs"]["token_logprobs"] == r.choices[0].logprobs.token_logprobs[:-1]
+
+
+def test_prompt_forms_logprobs_and_streamed_n(client, server, tok):
+    """A string, a list of strings, token ids: one choice per prompt and n in order; generated tokens' logprobs
+    (completions and chat), text parts, and n > 1 streamed as interleaved choices that equal the unstreamed ones."""
+    ids = tok.encode("Once upon a time")
+    kw = dict(model="tiny", max_tokens=4, temperature=0)
+    one = client.completions.create(prompt="Once upon a time", **kw).choices[0].text
+    many = client.completions.create(prompt=["Once upon a time", "Hello"], n=2, **kw)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3] and many.choices[0].text == many.choices[1].text == one
+    assert client.completions.create(prompt=ids, **kw).choices[0].text == one
+    lp = client.completions.create(prompt="Once upon a time", logprobs=2, **kw).choices[0].logprobs
+    assert len(lp.tokens) == 4 and all(
+        max(t.values()) == v for t, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    )
+    assert lp.text_offset[0] == len("Once upon a time")
+
+    chat = client.chat.completions.create(messages=MESSAGES, logprobs=True, top_logprobs=2, **kw).choices[0]
+    content = chat.logprobs.content
+    assert len(content) == 4 and all(c.top_logprobs[0].logprob == c.logprob for c in content)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo!"}]}]
+    joined = [{"role": "user", "content": "Hel\nlo!"}]
+    assert (client.chat.completions.create(messages=parts, **kw).choices[0].message.content
+            == client.chat.completions.create(messages=joined, **kw).choices[0].message.content)  # fmt: skip
+
+    kw = dict(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0, seed=5, n=3)
+    whole = [c.message.content for c in client.chat.completions.create(**kw).choices]
+    pieces, usage = ["", "", ""], None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, logprobs=True,
+                                                **kw):  # fmt: skip
+        for c in chunk.choices:
+            pieces[c.index] += c.delta.content or ""
+        usage = chunk.usage or usage
+    # (the unstreamed message's content is stripped of surrounding whitespace, as the template renders it)
+    assert [p.strip() for p in pieces] == whole and usage.completion_tokens > 0
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(model="tiny", prompt="Hi", max_tokens=5, n=3, seed=5, stream=True):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert streamed == [c.text for c in client.completions.create(model="tiny", prompt="Hi", max_tokens=5, n=3,
+                                                                    seed=5).choices]  # fmt: skip
+
+
+def test_api_key_and_tokenizer_routes(server, tok):
+    """--api-key: /v1 and the tokenizer routes need the bearer key (401 without), / and /health stay open; the
+    tokenizer routes are vLLM's, which lm-eval's local-completions detects and uses."""
+    from qwen3lab.serve import create_app
+
+    with serving(create_app(server[1], tok, "tiny", api_key="s3cret")) as url:
+        assert httpx.get(url + "/health").status_code == 200 and httpx.get(url + "/").status_code == 200
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        keyed = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert keyed.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens <= 2
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+        headers = {"Authorization": "Bearer s3cret"}
+        info = httpx.get(url + "/tokenizer_info", headers=headers).json()
+        assert info["eos_token"] == tok.eos_token and "generation" in info["chat_template"]
+        ids = httpx.post(url + "/tokenize", json={"prompt": "Hello world"}, headers=headers).json()["tokens"]
+        assert ids == tok.encode("Hello world")
+        assert httpx.post(url + "/detokenize", json={"tokens": ids}, headers=headers).json()["prompt"] == "Hello world"

@@ -178,7 +178,7 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, the chat page at /."""
     from .serve import serve
 
     serve(
@@ -191,6 +191,7 @@ def cmd_serve(args) -> None:
         max_queue=args.max_queue,
         request_timeout=args.request_timeout,
         prefix_cache_tokens=args.prefix_cache_tokens,
+        api_key=args.api_key,
     )
 
 
@@ -316,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8192,
         help="prompt tokens whose cache is kept for later requests that begin the same way (0: off)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("QWEN3LAB_API_KEY"),
+        help="every route but / and /health needs 'Authorization: Bearer KEY' (default: $QWEN3LAB_API_KEY)",
     )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)

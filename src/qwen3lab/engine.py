@@ -15,7 +15,9 @@ prefill it once and copy its cache to each row.
 
     engine = Engine(model, max_batch=16)
     request = engine.submit(ids, SamplingParams(...), emit)   # emit(kind, value) from the engine's thread:
-    # ("token", id) per generated token, then ("end", "stop" | "length"), or ("error", message)
+    # ("token", id) per generated token, then ("end", "stop" | "length"), or ("error", message); with
+    # params.logprobs, ("logprob", (logp, [(id, logp), ...])) before each token; with params.prompt_logprobs,
+    # ("prompt_logprobs", [None, (logp, [(id, logp), ...]), ...]) once, before any token
     request.cancel()                                          # the row leaves at the next step
 """
 
@@ -31,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .loss import logprobs_topk
 
 log = logging.getLogger("qwen3lab")
 
@@ -51,6 +55,11 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings, cut from the text
     stop_ids: list[int] | None = None  # None: the model's eos ids plus <|im_end|> and <|endoftext|>
+    # log-probs under the model's own distribution (before temperature and the other settings), as OpenAI and vLLM
+    # report them: of each generated token and the `logprobs` most likely there (None: none); of each prompt token
+    # after the first and the `prompt_logprobs` most likely there (None: none)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 def default_stop_ids(model) -> list[int]:
@@ -161,6 +170,12 @@ def _common_prefix(a: list[int], b: tuple[int, ...]) -> int:
             break
         n += 1
     return n
+
+
+def _entries(logps, top_ids, top_logps, k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Tensors [N], [N, >= k], [N, >= k] -> per position (log-prob, [(id, log-prob)] of the k most likely)."""
+    top = [list(zip(i[:k], v[:k], strict=True)) for i, v in zip(top_ids.tolist(), top_logps.tolist(), strict=True)]
+    return list(zip(logps.tolist(), top, strict=True))
 
 
 class Engine:
@@ -294,7 +309,8 @@ class Engine:
             if group:
                 groups.append(group)
                 rows += len(group)
-        hits = [self._prefix_hit(g[0].ids) for g in groups]
+        # a prompt whose log-probs are asked for is computed whole
+        hits = [(0, None) if g[0].params.prompt_logprobs is not None else self._prefix_hit(g[0].ids) for g in groups]
         fresh = sorted((g for g, (m, _) in zip(groups, hits, strict=True) if not m), key=lambda g: len(g[0].ids))
         batches, batch = [], []
         for group in fresh:  # similar lengths together, at most prefill_batch_tokens padded tokens per forward
@@ -341,6 +357,7 @@ class Engine:
         self.prefilled_total += sum(lengths) - start * B
         last = torch.tensor(lengths, device=self.device) - 1
         hidden = torch.empty(B, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
+        scored = [[] for _ in groups]  # prompt log-probs asked for: per row, (logp, top ids, top logps) per chunk
         for s in range(start, T, self.prefill_chunk):
             e = min(s + self.prefill_chunk, T)
             positions = torch.arange(s, e, device=self.device).expand(B, -1)
@@ -348,7 +365,19 @@ class Engine:
             out = self.model(ids[:, s:e], positions, return_hidden=True, kv_cache=layers)  # [B, e - s, hidden]
             ends = ((last >= s) & (last < e)).nonzero()[:, 0]  # rows whose last prompt token is in this chunk
             hidden[ends] = out[ends, last[ends] - s].to(self.dtype)
+            for r, group in enumerate(groups):
+                k = group[0].params.prompt_logprobs
+                if k is not None and s < lengths[r] - 1:  # positions s.. predict tokens s + 1.. of the prompt
+                    n = min(e, lengths[r] - 1) - s
+                    scored[r].append(logprobs_topk(out[r, :n], self.model.lm_head.weight, ids[r, s + 1 : s + 1 + n],
+                                                   max(k, 1)))  # fmt: skip
         logits = self.model.lm_head(hidden).float()  # [B, V]
+        for r, group in enumerate(groups):
+            k = group[0].params.prompt_logprobs
+            if k is not None:  # the first token has none: nothing came before it
+                entries = [None] + (_entries(*map(torch.cat, zip(*scored[r], strict=True)), k) if scored[r] else [])
+                for request in group:
+                    request.emit("prompt_logprobs", entries)
         for r in range(B):
             self._keep_prefix(prompts[r], first + r)
         rows = [(group[0], r) for r, group in enumerate(groups)]  # in slots first..first+B-1, then the copies
@@ -367,9 +396,15 @@ class Engine:
             if p.repetition_penalty != 1.0:
                 request.history = ids[r : r + 1, : lengths[r]]
             self.running.append(request)
-        tokens = self._sample([request for request, _ in rows], logits[[r for _, r in rows]])
-        for (request, _), token in zip(rows, tokens, strict=True):
-            self._take(request, token)
+        requests = [request for request, _ in rows]
+        tokens = self._sample(requests, logits[[r for _, r in rows]])
+        self._emit_logprobs(requests, logits[[r for _, r in rows]], tokens)
+        for request, token in zip(requests, tokens, strict=True):
+            if request.params.max_new_tokens == 0:  # the prompt's log-probs were all it asked for
+                request.emit("end", "length")
+                self._remove(request)
+            else:
+                self._take(request, token)
 
     def _keep_prefix(self, ids: list[int], slot: int) -> None:
         if self.prefix_cache_tokens < max(len(ids), self.min_prefix):
@@ -399,8 +434,23 @@ class Engine:
         running = list(self.running)  # _take may remove rows as it goes
         for request in running:
             request.length += 1
-        for request, token in zip(running, self._sample(running, logits), strict=True):
+        tokens = self._sample(running, logits)
+        self._emit_logprobs(running, logits, tokens)
+        for request, token in zip(running, tokens, strict=True):
             self._take(request, token)
+
+    def _emit_logprobs(self, requests: list[Request], logits: torch.Tensor, tokens: list[int]) -> None:
+        """("logprob", ...) for the rows that asked, before their token (none for a stop id, which is no token)."""
+        rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None and tokens[i] not in r.stops]
+        if not rows:
+            return
+        logp = torch.log_softmax(logits[rows], -1)  # [n, V]
+        picked = logp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logp.device))[:, 0]
+        k = max(requests[i].params.logprobs for i in rows)
+        top = logp.topk(max(k, 1), -1)
+        for j, entry in enumerate(_entries(picked, top.indices, top.values, k)):
+            request = requests[rows[j]]
+            request.emit("logprob", (entry[0], entry[1][: request.params.logprobs]))
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         """One token per request from its row of logits [n, V]. Rows that share a SamplingParams object and have

@@ -129,3 +129,19 @@ def token_logprobs(hidden, weight, labels, chunk_size: int = 1024, extra_rows=No
     empty = h.new_zeros(0, dtype=torch.float32)
     logps = torch.cat(logps) if logps else empty
     return (logps, torch.cat(entropies) if entropies else empty) if entropy else logps
+
+
+@torch.no_grad()
+def logprobs_topk(hidden, weight, targets, k: int, chunk_size: int = 256):
+    """hidden [N, H] -> the log-prob [N] (fp32) of each target under lm_head(hidden), and the k most likely tokens
+    at each position: ids [N, k] and log-probs [N, k] — chunk by chunk, never a [N, vocab] tensor in all."""
+    logps, top_ids, top_logps = [], [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        logp = torch.log_softmax((hidden[start : start + chunk_size] @ weight.T).float(), -1)
+        logps.append(logp.gather(1, targets[start : start + chunk_size, None])[:, 0])
+        top = logp.topk(k, -1)
+        top_ids.append(top.indices)
+        top_logps.append(top.values)
+    if not logps:
+        return hidden.new_zeros(0).float(), targets.new_zeros(0, k), hidden.new_zeros(0, k).float()
+    return torch.cat(logps), torch.cat(top_ids), torch.cat(top_logps)

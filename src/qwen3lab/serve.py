@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import json
 import logging
 import re
@@ -37,10 +38,18 @@ log = logging.getLogger("qwen3lab")
 
 class _Job:
     """One request's events, pushed by the engine's thread into this event loop: ("token", id), ("end", reason),
-    ("error", message)."""
+    ("error", message), and the log-probs asked for. `ids` and `logprobs` grow together as tokens arrive."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.events, self.request, self.tokens = loop, asyncio.Queue(), None, 0
+        self.loop, self.events, self.request = loop, asyncio.Queue(), None
+        self.ids: list[int] = []
+        self.logprobs: list = []  # per generated token: (logp, [(id, logp), ...]) or None
+        self.prompt_logprobs: list | None = None  # per prompt token, the first None
+        self._next_logprob = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
 
     def push(self, kind: str, value) -> None:  # from the engine's thread
         if self.loop.is_closed():  # the server is gone: nobody is listening, the row can go too
@@ -86,13 +95,21 @@ async def _texts(tok: Tokenizer, job: _Job, stop: list[str], timeout: float):
                 raise _Timeout(f"request timed out after {timeout:g} s (--request-timeout)") from None
             if kind == "error":
                 raise RuntimeError(value)
+            if kind == "logprob":
+                job._next_logprob = value
+                continue
+            if kind == "prompt_logprobs":
+                job.prompt_logprobs = value
+                continue
             if kind == "end":
                 tail = text.flush()
                 if tail:
                     yield tail, None
                 yield "", value
                 return
-            job.tokens += 1
+            job.ids.append(value)
+            job.logprobs.append(job._next_logprob)
+            job._next_logprob = None
             piece, stopped = text.add(value)
             if piece:
                 yield piece, None
@@ -101,6 +118,82 @@ async def _texts(tok: Tokenizer, job: _Job, stop: list[str], timeout: float):
                 return
     finally:
         job.cancel()
+
+
+async def _merged(streams):
+    """The items of several async generators as each comes (the choices of a streamed n > 1)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream):
+        try:
+            async for item in stream:
+                await queue.put(item)
+        except Exception as e:  # handed to the consumer, raised there
+            await queue.put(e)
+        await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _completion_logprobs(tok: Tokenizer, ids: list[int], entries: list, offset: int) -> dict:
+    """The legacy completions schema: tokens, token_logprobs, top_logprobs ({token: logp}), text_offset."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for i, entry in zip(ids, entries, strict=True):
+        piece = tok.decode([i])
+        out["tokens"].append(piece)
+        out["text_offset"].append(offset)
+        offset += len(piece)
+        out["token_logprobs"].append(None if entry is None else entry[0])
+        top = None
+        if entry is not None:
+            top = {}
+            for t, logp in entry[1]:
+                top.setdefault(tok.decode([t]), logp)  # ids that decode alike: the likelier one
+        out["top_logprobs"].append(top)
+    return out
+
+
+def _chat_logprobs(tok: Tokenizer, ids: list[int], entries: list) -> list[dict]:
+    """The chat schema: per token {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}."""
+
+    def one(token_id, logp):
+        piece = tok.decode([token_id])
+        return {"token": piece, "logprob": logp, "bytes": list(piece.encode())}
+
+    return [one(i, e[0]) | {"top_logprobs": [one(t, lp) for t, lp in e[1]]} for i, e in zip(ids, entries, strict=True)]
+
+
+def _text_content(messages: list[dict]) -> list[dict]:
+    """Message content given as a list of parts: the text parts joined with newlines (as vLLM does); any other part
+    type is refused."""
+    out = []
+    for m, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            texts = []
+            for p, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise APIError(f"messages[{m}].content[{p}]: only text parts are supported, not {kind!r}",
+                                   f"messages[{m}].content")  # fmt: skip
+                texts.append(part["text"])
+            message = message | {"content": "\n".join(texts)}
+        out.append(message)
+    return out
 
 
 def _chat_page() -> tuple[str, str]:
@@ -137,19 +230,32 @@ class ChatBody(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionBody(BaseModel):
     model: str | None = None
-    prompt: str
+    prompt: str | list[str] | list[int] | list[list[int]]
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class TokenizeBody(BaseModel):
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeBody(BaseModel):
+    tokens: list[int]
 
 
 class APIError(Exception):
@@ -186,7 +292,9 @@ def create_app(
     max_queue: int = 256,
     request_timeout: float = 600.0,
     prefix_cache_tokens: int = 8192,
+    api_key: str | None = None,
 ) -> FastAPI:
+    """api_key: every route but / and /health needs `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="qwen3lab")
     engine = Engine(model, max_batch, max_waiting=max_queue, prefix_cache_tokens=prefix_cache_tokens).start()
     per_token = 2 * engine.k[:, 0, :, 0].numel() * engine.k.element_size()  # keys and values, every layer
@@ -204,6 +312,16 @@ def create_app(
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return _error(exc.message, exc.status, exc.param)
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _authorize(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path not in ("/", "/health") and not hmac.compare_digest(given, expected):
+                return _error("missing or wrong API key: send the header 'Authorization: Bearer <key>'", 401)
+            return await call_next(request)
 
     page, csp = _chat_page()
 
@@ -240,9 +358,22 @@ def create_app(
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "qwen3lab"}]}
 
-    def params_for(body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
-        if body.n > 1 and body.stream:
-            raise APIError("n: n > 1 with stream: true is not supported yet; stream one completion at a time", "n")
+    # the tokenizer over HTTP, as vLLM serves it (lm-eval's `local-completions` finds and uses these)
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"eos_token": tok.eos_token, "bos_token": None, "pad_token": tok.pad_token,
+                "chat_template": tok.chat_template, "model_max_length": max_context}  # fmt: skip
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody):
+        ids = tok.encode(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody):
+        return {"prompt": tok.decode(body.tokens)}
+
+    def params_for(body, prompt_len: int, max_tokens: int | None, **logprobs) -> SamplingParams:
         if max_tokens is None:
             max_tokens = max_context - prompt_len
         if prompt_len + max_tokens > max_context:
@@ -259,6 +390,7 @@ def create_app(
             repetition_penalty=getattr(body, "repetition_penalty", 1.0),
             seed=body.seed,
             stop=_stops(body.stop),
+            **logprobs,
         )
 
     @app.post("/v1/chat/completions")
@@ -266,87 +398,108 @@ def create_app(
         kwargs = dict(body.chat_template_kwargs or {})
         try:
             ids = tok.encode_chat(
-                body.messages, tools=body.tools, add_generation_prompt=True, assistant_mask=False, **kwargs
-            ).input_ids
+                _text_content(body.messages), tools=body.tools, add_generation_prompt=True, assistant_mask=False,
+                **kwargs,
+            ).input_ids  # fmt: skip
         except ChatError as e:
             raise APIError(f"messages: {e}", "messages") from None
-        params = params_for(body, len(ids), body.max_completion_tokens or body.max_tokens)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError("top_logprobs: needs logprobs: true", "top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = params_for(body, len(ids), body.max_completion_tokens or body.max_tokens, logprobs=logprobs)
         jobs = _submit(engine, ids, params, body.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": model_name}
         if body.stream:
-            return StreamingResponse(_chat_stream(jobs[0], params, head, len(ids)), media_type="text/event-stream")
+            return StreamingResponse(_chat_events(jobs, params, head, len(ids)), media_type="text/event-stream")
         choices, n_out = [], 0
-        for index, (text, reason, tokens) in enumerate(await asyncio.gather(*(_collect(j, params) for j in jobs))):
+        for index, (text, reason, job) in enumerate(await asyncio.gather(*(_collect(j, params.stop) for j in jobs))):
             message = parse_assistant(text)
             if message["tool_calls"]:
                 reason = "tool_calls"
             message.pop("malformed_tool_calls", None)
-            choices.append({"index": index, "message": message, "finish_reason": reason, "logprobs": None})
-            n_out += tokens
+            lp = {"content": _chat_logprobs(tok, job.ids, job.logprobs)} if body.logprobs else None
+            choices.append({"index": index, "message": message, "finish_reason": reason, "logprobs": lp})
+            n_out += job.tokens
         return head | {
             "object": "chat.completion",
             "choices": choices,
             "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out},
         }
 
-    async def _collect(job, params):
+    async def _collect(job, stop: list[str]):
         parts, reason = [], "length"
         try:
-            async for piece, finish in _texts(tok, job, params.stop, request_timeout):
+            async for piece, finish in _texts(tok, job, stop, request_timeout):
                 parts.append(piece)
                 reason = finish or reason
         except RuntimeError as e:
             raise APIError(str(e), status=504 if isinstance(e, _Timeout) else 500) from None
-        return "".join(parts), reason, job.tokens  # usage counts generated ids
+        return "".join(parts), reason, job  # usage counts generated ids
 
-    async def _chat_stream(job, params, head, prompt_tokens):
+    def _sse(body: dict) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def _chat_events(jobs, params, head, prompt_tokens):
+        """The stream of every choice (interleaved as they come), then usage and [DONE]; a failed choice sends an
+        error event and ends the stream there."""
+        try:
+            async for event in _merged([_chat_stream(job, index, params, head) for index, job in enumerate(jobs)]):
+                yield event
+        except RuntimeError as e:
+            yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+            return
+        n_out = sum(job.tokens for job in jobs)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "total_tokens": prompt_tokens + n_out}
+        yield _sse(head | {"object": "chat.completion.chunk", "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+
+    async def _chat_stream(job, index, params, head):
+        """One choice's chunks. Each carries the log-probs (if asked for) of the tokens that arrived since the last."""
+        sent = 0
+
         def chunk(delta, finish=None):
-            body = head | {
-                "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-            }
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            nonlocal sent
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            if params.logprobs is not None:
+                choice["logprobs"] = {"content": _chat_logprobs(tok, job.ids[sent:], job.logprobs[sent:])}
+                sent = len(job.ids)
+            return _sse(head | {"object": "chat.completion.chunk", "choices": [choice]})
 
         yield chunk({"role": "assistant", "content": ""})
         text, streamed, in_think = "", 0, False
         reason = "length"
-        try:
-            async for piece, finish in _texts(tok, job, params.stop, request_timeout):
-                text += piece
-                reason = finish or reason
-                # Reasoning goes out as reasoning_content, as vLLM's Qwen3 parser does; tool-call markup is held
-                # back and sent parsed at the end.
-                while streamed < len(text):
-                    rest = text[streamed:]
-                    if not in_think and rest.startswith("<think>"):
-                        in_think, streamed = True, streamed + len("<think>")
-                        continue
-                    if in_think:
-                        end = rest.find("</think>")
-                        if end < 0:
-                            safe = len(rest) - len("</think>")
-                            if safe > 0:
-                                yield chunk({"reasoning_content": rest[:safe]})
-                                streamed += safe
-                            break
-                        if end:
-                            yield chunk({"reasoning_content": rest[:end]})
-                        in_think, streamed = False, streamed + end + len("</think>")
-                        while text[streamed : streamed + 1] == "\n":
-                            streamed += 1
-                        continue
-                    safe = rest.find("<tool_call>")
-                    if safe < 0:
-                        safe = len(rest) - _partial_suffix(rest, "<tool_call>")
-                    if safe > 0:
-                        yield chunk({"content": rest[:safe]})
-                        streamed += safe
-                    break  # what is left may be tool-call markup: held back until the end
-        except RuntimeError as e:
-            err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
-            yield f"data: {json.dumps(err)}\n\n"
-            return
+        async for piece, finish in _texts(tok, job, params.stop, request_timeout):
+            text += piece
+            reason = finish or reason
+            # Reasoning goes out as reasoning_content, as vLLM's Qwen3 parser does; tool-call markup is held
+            # back and sent parsed at the end.
+            while streamed < len(text):
+                rest = text[streamed:]
+                if not in_think and rest.startswith("<think>"):
+                    in_think, streamed = True, streamed + len("<think>")
+                    continue
+                if in_think:
+                    end = rest.find("</think>")
+                    if end < 0:
+                        safe = len(rest) - len("</think>")
+                        if safe > 0:
+                            yield chunk({"reasoning_content": rest[:safe]})
+                            streamed += safe
+                        break
+                    if end:
+                        yield chunk({"reasoning_content": rest[:end]})
+                    in_think, streamed = False, streamed + end + len("</think>")
+                    while text[streamed : streamed + 1] == "\n":
+                        streamed += 1
+                    continue
+                safe = rest.find("<tool_call>")
+                if safe < 0:
+                    safe = len(rest) - _partial_suffix(rest, "<tool_call>")
+                if safe > 0:
+                    yield chunk({"content": rest[:safe]})
+                    streamed += safe
+                break  # what is left may be tool-call markup: held back until the end
         final = parse_assistant(text[streamed:]) if streamed < len(text) else None
         if final is not None:
             if final["tool_calls"]:
@@ -357,39 +510,91 @@ def create_app(
                 reason = "tool_calls"
             elif text[streamed:]:
                 yield chunk({"content": text[streamed:]})
-        n_out = job.tokens
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "total_tokens": prompt_tokens + n_out}
         yield chunk({}, reason)
-        yield f"data: {json.dumps(head | {'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
+
+    def _prompts(prompt) -> list[tuple[list[int], str | None]]:
+        """OpenAI's prompt forms -> (ids, text if given as text) per prompt."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError("prompt: empty", "prompt")
+        out = []
+        for i, p in enumerate(prompt):
+            ids = tok.encode(p) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(f"prompt[{i}]: empty", "prompt")
+            if max(ids) >= tok.vocab_size or min(ids) < 0:
+                raise APIError(f"prompt[{i}]: token ids must lie in [0, {tok.vocab_size})", "prompt")
+            out.append((ids, p if isinstance(p, str) else None))
+        return out
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        ids = tok.encode(body.prompt)
-        if not ids:
-            raise APIError("prompt: empty", "prompt")
-        params = params_for(body, len(ids), body.max_tokens)
-        jobs = _submit(engine, ids, params, body.n)
-        job = jobs[0]
+        """One choice per prompt and n (index = prompt * n + j). echo: the prompt comes back before the completion,
+        with its tokens' log-probs (the first token's is null) when logprobs is set; max_tokens 0 scores the prompt
+        alone. The prompt's log-probs come from the prefill's own forward, chunk by chunk through lm_head."""
+        prompts, stop = _prompts(body.prompt), _stops(body.stop)
+        echo_k = body.logprobs if body.echo else None
+        groups = []
+        for ids, _ in prompts:
+            params = params_for(body, len(ids), body.max_tokens, logprobs=body.logprobs, prompt_logprobs=echo_k)
+            groups.append(_submit(engine, ids, params, body.n))
+        jobs = [job for group in groups for job in group]
+        which = [k for k, group in enumerate(groups) for _ in group]  # the prompt of each job
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+        def prompt_text(k):
+            ids, text = prompts[k]
+            return text if text is not None else tok.decode(ids)
+
+        def logprobs_of(job, k, start, offset, with_prompt):
+            """The legacy logprobs of job's tokens from `start` on, after the prompt's with echo."""
+            ids, entries = job.ids[start:], job.logprobs[start:]
+            if with_prompt:
+                ids, entries = prompts[k][0] + ids, (job.prompt_logprobs or [None] * len(prompts[k][0])) + entries
+            return _completion_logprobs(tok, ids, entries, offset)
+
         if body.stream:
 
+            async def one(index, job):
+                k, sent, echo = which[index], 0, body.echo
+                offset = 0 if echo else len(prompt_text(k))
+                async for piece, finish in _texts(tok, job, stop, request_timeout):
+                    text = prompt_text(k) + piece if echo else piece
+                    choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+                    if body.logprobs is not None:
+                        choice["logprobs"] = logprobs_of(job, k, sent, offset, echo)
+                        offset += sum(len(t) for t in choice["logprobs"]["tokens"])
+                        sent = len(job.ids)
+                    echo = False
+                    yield _sse(head | {"object": "text_completion", "choices": [choice]})
+
             async def events():
-                async for piece, finish in _texts(tok, job, params.stop, request_timeout):
-                    choice = {"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}
-                    yield f"data: {json.dumps(head | {'object': 'text_completion', 'choices': [choice]})}\n\n"
+                try:
+                    async for event in _merged([one(i, job) for i, job in enumerate(jobs)]):
+                        yield event
+                except RuntimeError as e:
+                    yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+                    return
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        done = await asyncio.gather(*(_collect(j, params) for j in jobs))
-        n_out = sum(tokens for _, _, tokens in done)
+        done = await asyncio.gather(*(_collect(job, stop) for job in jobs))
+        choices = []
+        for index, (text, reason, job) in enumerate(done):
+            k = which[index]
+            prefix = prompt_text(k) if body.echo else ""
+            choice = {"index": index, "text": prefix + text, "finish_reason": reason, "logprobs": None}
+            if body.logprobs is not None:
+                choice["logprobs"] = logprobs_of(job, k, 0, 0 if body.echo else len(prompt_text(k)), body.echo)
+            choices.append(choice)
+        n_in, n_out = sum(len(ids) for ids, _ in prompts), sum(job.tokens for job in jobs)
         return head | {
             "object": "text_completion",
-            "choices": [
-                {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-                for i, (text, reason, _) in enumerate(done)
-            ],
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out},
+            "choices": choices,
+            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
         }
 
     return app
@@ -405,7 +610,10 @@ def serve(
     max_queue: int = 256,
     request_timeout: float = 600.0,
     prefix_cache_tokens: int = 8192,
+    api_key: str | None = None,
 ):
+    import ipaddress
+
     import uvicorn
 
     from .checkpoint import load_model
@@ -415,5 +623,12 @@ def serve(
     model = load_model(model_dir, dtype=dtype)
     prepare_for_inference(model, compile)
     tok = load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else load_tokenizer()
-    app = create_app(model, tok, Path(model_dir).name, max_batch, max_queue, request_timeout, prefix_cache_tokens)
+    app = create_app(model, tok, Path(model_dir).name, max_batch, max_queue, request_timeout, prefix_cache_tokens,
+                     api_key)  # fmt: skip
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if not api_key and not loopback:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", host)
     uvicorn.run(app, host=host, port=port, log_level="info")
