@@ -211,6 +211,25 @@ def cmd_demo(args) -> None:
     run_demo(out=args.out, steps=args.steps, tasks=tasks, model_dir=args.model, seed=args.seed)
 
 
+def cmd_eval(args) -> None:
+    """Score a model (and a --baseline) on a data file and / or lm-evaluation-harness tasks; a table and JSON."""
+    from .evaluation import run_eval
+
+    run_eval(
+        args.model,
+        args.baseline,
+        args.data,
+        [t for t in args.tasks.split(",") if t],
+        args.out,
+        args.rewards,
+        args.max_new_tokens,
+        include_path=args.include_path,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        dtype=args.dtype,
+    )
+
+
 def cmd_compare(args) -> None:
     """A table of runs' final metrics and one PNG overlaying their loss curves."""
     import matplotlib
@@ -299,6 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rl", action="store_true", help="the RL stage: a short SFT, then GRPO lifting a held-out task")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help=cmd_eval.__doc__)
+    p.add_argument("--model", required=True, help="HF model folder")
+    p.add_argument("--baseline", default=None, help="another HF model folder, scored beside it")
+    p.add_argument("--data", default=None, help="JSONL / JSON / Parquet: loss, perplexity, generation-scored metrics")
+    p.add_argument("--rewards", nargs="*", default=None,
+                   help="scorers of the generations: built-ins (exact_match, think_format, tool_call_json) or "
+                   "module:function (default: exact_match when rows have an answer)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, run in-process")
+    p.add_argument("--include-path", default=None, help="folder of your own lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task at most")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", default=None, help="write results and every generation as JSON here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help=cmd_compare.__doc__)
     p.add_argument("runs", nargs="+", help="run folders")

@@ -1,0 +1,141 @@
+"""lm-evaluation-harness's model type `qwen3lab`: the project's own model and engine, in-process (no HTTP, no
+transformers). `qwen3lab eval --tasks ...` uses it; from Python, importing this module registers it:
+
+    import lm_eval, qwen3lab.lm_eval_model
+    lm_eval.simple_evaluate(model="qwen3lab", model_args="pretrained=runs/x/model", tasks=["hellaswag"])
+
+Tokenisation is lm-eval's own (TemplateLM: a trailing space of the context moves to the continuation, the whole is
+encoded and split), so requests become the same token ids as with its `hf` backend. Log-likelihoods: many requests
+per forward (right-padded, sorted by length), continuation log-probs and greedy checks through the chunked lm_head
+path. generate_until: every request of one generation setting at once on the continuous-batching engine.
+"""
+
+from __future__ import annotations
+
+import lm_eval.models  # noqa: F401 (lm-eval imports its own model types only while its registry is empty)
+import torch
+from lm_eval import utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from .checkpoint import load_model
+from .engine import SamplingParams
+from .generate import generate, prepare_for_inference
+from .loss import logprobs_topk
+from .tokenizer import load_tokenizer
+
+
+@register_model("qwen3lab")
+class Qwen3LabLM(TemplateLM):
+    def __init__(self, pretrained=None, model=None, tokenizer=None, batch_tokens: int = 8192, max_length=None,
+                 dtype: str = "auto", device: str | None = None, compile: bool = False, **_):  # fmt: skip
+        """pretrained: an HF model folder (or pass a loaded `model` and `tokenizer`). batch_tokens: padded tokens per
+        log-likelihood forward at most. max_length: context used (the model's by default)."""
+        super().__init__()
+        if model is None:
+            model = load_model(pretrained, dtype=dtype, device=device)
+            prepare_for_inference(model, compile in (True, "True", "true"))
+        self.model = model.eval()
+        self.tok = tokenizer or load_tokenizer(pretrained)
+        self.batch_tokens = int(batch_tokens)
+        self._max_length = int(max_length or model.config.max_position_embeddings)
+        self._device = model.lm_head.weight.device
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tok.fingerprint()
+
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+        return self.tok.encode(string)  # Qwen3 adds no BOS
+
+    def tok_decode(self, ids) -> str:
+        return self.tok.decode(ids)
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tok.render_chat(chat_history, add_generation_prompt=add_generation_prompt)[0]
+
+    # ---- log-likelihoods ----
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: (key, context ids, continuation ids) -> (summed log-prob of the continuation, greedy?)."""
+        # the model sees (context + continuation)[-(max_length + 1):][:-1], as lm-eval's hf backend feeds it
+        inputs = [(ctx + cont)[-(self.max_length + 1) :] for _, ctx, cont in requests]
+        order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        start = 0
+        while start < len(order):
+            width = len(inputs[order[start]]) - 1  # the longest of this batch comes first
+            rows = max(1, self.batch_tokens // max(width, 1))
+            batch = order[start : start + rows]
+            start += len(batch)
+            scored = self._score([inputs[i] for i in batch], [len(requests[i][2]) for i in batch])
+            for i, result in zip(batch, scored, strict=True):
+                results[i] = result
+        return results
+
+    @torch.no_grad()
+    def _score(self, sequences: list[list[int]], n_scored: list[int]) -> list[tuple[float, bool]]:
+        """Right-padded rows (no mask needed: padding comes after every real token); the last n_scored[r] tokens of
+        row r are scored."""
+        T = max(len(s) for s in sequences) - 1
+        ids = torch.zeros(len(sequences), T, dtype=torch.long)
+        for r, s in enumerate(sequences):
+            ids[r, : len(s) - 1] = torch.tensor(s[:-1])
+        hidden = self.model(ids.to(self._device), return_hidden=True)  # [B, T, H]
+        rows = [
+            hidden[r, len(s) - 1 - n : len(s) - 1] for r, (s, n) in enumerate(zip(sequences, n_scored, strict=True))
+        ]
+        targets = torch.tensor([t for s, n in zip(sequences, n_scored, strict=True) for t in s[len(s) - n :]])
+        logps, top_ids, _ = logprobs_topk(torch.cat(rows), self.model.lm_head.weight, targets.to(self._device), 1)
+        greedy = (top_ids[:, 0] == targets.to(self._device)).tolist()
+        logps = logps.tolist()
+        out, at = [], 0
+        for n in n_scored:
+            out.append((float(sum(logps[at : at + n])), all(greedy[at : at + n])))
+            at += n
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """A whole text's log-likelihood in windows of max_length, each predicting its tokens with the most context."""
+        out = []
+        for (text,) in [r.args for r in requests]:
+            windows = utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                context_len=1,
+            )  # fmt: skip
+            parts = [(None, *utils.make_disjoint_window(w)) for w in windows]
+            out.append(sum(logp for logp, _ in self._loglikelihood_tokens(parts)))
+        return out
+
+    # ---- generation ----
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy unless do_sample; the text up to the first of `until` (and the end-of-text token), at most
+        max_gen_toks tokens, the context cut from the left to fit."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, kwargs) in enumerate(r.args for r in requests):
+            kwargs = dict(kwargs)
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            eos = self.tok_decode([self.eot_token_id])
+            until = until + ([eos] if eos not in until else [])
+            max_new = int(kwargs.pop("max_gen_toks", 256))
+            temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
+            key = (tuple(until), max_new, temperature, float(kwargs.pop("top_p", 1.0)))
+            groups.setdefault(key, []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        for (until, max_new, temperature, top_p), members in groups.items():
+            params = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, stop=list(until))
+            keep = self.max_length - max_new
+            prompts = [self.tok_encode(requests[i].args[0])[-keep:] for i in members]
+            for i, result in zip(members, generate(self.model, self.tok, prompts, params), strict=True):
+                out[i] = result.text
+        return out

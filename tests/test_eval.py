@@ -1,0 +1,121 @@
+"""Evaluation: lm-evaluation-harness on a local task set through `qwen3lab serve` (`local-completions`) and
+in-process (the `qwen3lab` model type) against its own `hf` backend on the same weights; `qwen3lab eval` on data."""
+
+import json
+
+import pytest
+from conftest import serving, tiny_server_model
+
+lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+
+WORDS = ["cat", "stone", "river", "apple", "mouse", "green"]
+
+
+def write_tasks(folder):
+    """A multiple-choice task (log-likelihoods, acc) and a generate_until task (exact match) on local JSONL."""
+    mc = [{"word": w, "choices": [w[::-1], w, w.upper()], "label": 0} for w in WORDS]
+    gen = [{"word": w, "answer": w[::-1]} for w in WORDS[:4]]
+    for name, rows in (("mc", mc), ("gen", gen)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = "dataset_path: json\ntest_split: test\ndoc_to_text: 'Reverse {{word}}:'\n"
+    (folder / "rev_mc.yaml").write_text(
+        f"task: rev_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "target_delimiter: ' '\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    (folder / "rev_gen.yaml").write_text(
+        f"task: rev_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 6\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+
+
+def evaluate(model, model_args, folder, **kw):
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["rev_mc", "rev_gen"],
+                                  task_manager=TaskManager(include_path=str(folder)), log_samples=True,
+                                  random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+                                  **kw)  # fmt: skip
+    per_item = {t: [s["resps"] for s in sorted(out["samples"][t], key=lambda s: s["doc_id"])] for t in out["samples"]}
+    metrics = {t: {k: v for k, v in r.items() if k.endswith(",none") and "stderr" not in k}
+               for t, r in out["results"].items()}  # fmt: skip
+    return per_item, metrics
+
+
+def test_lm_eval_through_the_server_and_in_process_equals_its_hf_backend(tmp_path, tok):
+    from qwen3lab.lm_eval_model import Qwen3LabLM
+    from qwen3lab.serve import create_app
+
+    model = tiny_server_model(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    write_tasks(tmp_path)
+    hf_items, hf_metrics = evaluate("hf", f"pretrained={tmp_path / 'm'},dtype=float32", tmp_path, device="cpu",
+                                    batch_size=4)  # fmt: skip
+    ours_items, ours_metrics = evaluate(Qwen3LabLM(model=model, tokenizer=tok), None, tmp_path)
+    with serving(create_app(model, tok, "tiny")) as url:  # the tokenizer comes from the server's own routes
+        api_items, api_metrics = evaluate("local-completions", f"base_url={url}/v1/completions,model=tiny",
+                                          tmp_path)  # fmt: skip
+    assert hf_metrics == ours_metrics == api_metrics
+    assert hf_items["rev_gen"] == ours_items["rev_gen"] == api_items["rev_gen"]
+    assert any(resps[0][0].strip() for resps in hf_items["rev_gen"])  # something was generated, not all empty
+    for items in (ours_items, api_items):
+        for want, got in zip(hf_items["rev_mc"], items["rev_mc"], strict=True):  # per choice: (log-lik, greedy)
+            assert [g[0][1] for g in got] == [w[0][1] for w in want]
+            assert [g[0][0] for g in got] == pytest.approx([w[0][0] for w in want], abs=1e-4)
+
+
+def test_qwen3lab_eval_on_data_scores_loss_and_generations_beside_a_baseline(tmp_path, tok, capsys):
+    """`qwen3lab eval --data`: the assistant-token loss equals transformers' cross-entropy over the same tokens; exact
+    match and a reward score the greedy generations (the same scorers as GRPO's); a --baseline column; the JSON
+    holds every generation; and --tasks runs lm-eval in-process."""
+    import torch
+    import transformers
+
+    from qwen3lab.cli import main
+    from qwen3lab.generate import generate
+
+    model = tiny_server_model(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    other = tiny_server_model(tmp_path / "b")  # same init, so perturb it: a different baseline
+    with torch.no_grad():
+        other.lm_head.weight.mul_(0.5)
+    qwen3lab_save(other, tok, tmp_path / "b")
+    rows = [{"messages": [{"role": "user", "content": f"Reverse {w}"}, {"role": "assistant", "content": w[::-1]}]}
+            for w in WORDS[:3]]  # fmt: skip
+    first = generate(model, tok, rows[0]["messages"][:1], max_new_tokens=8).text
+    rows[0]["answer"] = first.split("</think>")[-1].strip()  # what the model says: one exact match for certain
+    rows.append({"prompt": [{"role": "user", "content": "Say hi"}], "answer": "hi"})  # GRPO's form: generation only
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_tasks(tmp_path)
+    main(["eval", "--model", str(tmp_path / "m"), "--baseline", str(tmp_path / "b"),
+          "--data", str(tmp_path / "d.jsonl"), "--rewards", "exact_match", "think_format",
+          "--max-new-tokens", "8", "--tasks", "rev_mc", "--include-path", str(tmp_path),
+          "--out", str(tmp_path / "r.json")])  # fmt: skip
+    report = json.loads((tmp_path / "r.json").read_text())
+    ours = report["results"]["model"]
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    total, count = 0.0, 0
+    for row in rows[:3]:
+        enc = tok.encode_chat(row["messages"])
+        ids, mask = torch.tensor([enc.input_ids]), torch.tensor(enc.assistant_mask)
+        with torch.no_grad():
+            logp = hf(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+        total, count = total - float((logp * mask[1:]).sum()), count + int(mask[1:].sum())
+    assert ours["loss_tokens"] == count and ours["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert ours["generated"] == 4 and ours["exact_match"] == pytest.approx(1 / 4)
+    assert "think_format" in ours and 0 <= ours["rev_mc/acc"] <= 1
+    assert report["results"]["baseline"]["loss"] != ours["loss"]
+    assert report["samples"]["model"][0]["completion"] == first and report["samples"]["model"][0]["exact_match"] == 1
+    printed = capsys.readouterr().out
+    assert "model (m)" in printed and "baseline (b)" in printed and "delta" in printed and "perplexity" in printed
+
+
+def qwen3lab_save(model, tok, folder):
+    import qwen3lab
+
+    qwen3lab.save_model(model, folder)
+    tok.save(folder)
