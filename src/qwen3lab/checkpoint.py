@@ -12,6 +12,7 @@ import functools
 import importlib
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -27,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from .config import ModelConfig
 from .model import Qwen3
@@ -179,6 +181,59 @@ def load_state_dict(folder: Path, model: Qwen3, dtype: torch.dtype, device: torc
     return state
 
 
+_PIECE_BYTES = 32 * 2**20  # what a rank reads (and maps) of a tensor at once while filling its shards
+
+
+def _shard_rows(param) -> tuple[torch.Tensor, int]:
+    """A parameter's local tensor and the first global row it holds. FSDP2 shards dim 0 as torch.chunk does: chunks
+    of ceil(rows / ranks), the last ranks' shorter or empty."""
+    if not isinstance(param, DTensor):
+        return param.data, 0
+    mesh = param.device_mesh
+    n, world = param.shape[0], mesh.size()
+    start = min(mesh.get_local_rank() * -(-n // world), n)
+    local = param.to_local()
+    if local.shape[0] != min(-(-n // world), n - start):
+        raise CheckpointError(f"unexpected FSDP shard of {tuple(param.shape)}: {tuple(local.shape)} rows at {start}")
+    return local, start
+
+
+@torch.no_grad()
+def load_sharded(module: torch.nn.Module, path: str | os.PathLike, initial: dict[str, torch.Tensor],
+                 prefix: str = "") -> None:  # fmt: skip
+    """Fill a module that FSDP2 sharded while on the meta device (and `to_empty` gave storage) from an HF folder.
+
+    Each rank reads only the rows of its own shards, a few MiB at a time (the file is opened per piece, so no more
+    of it is mapped at once): no rank ever holds the full model, and its peak is its shards plus one piece.
+    Parameters the checkpoint lacks take their rows of `initial`, their full starting values made before sharding
+    (LoRA adapters, trained token rows). prefix: what the module's names add to HF's (WithLoss: "model.")."""
+    folder = resolve_folder(path)
+    files = _weight_files(folder)
+    for name, param in module.named_parameters():
+        key = name.replace("_checkpoint_wrapped_module.", "").removeprefix(prefix)
+        local, start = _shard_rows(param)
+        if key not in files:
+            if name not in initial:
+                raise CheckpointError(f"{folder}: no tensor {key} for the model's parameter {name}")
+            local.copy_(initial[name][start : start + local.shape[0]])
+            continue
+        with safe_open(files[key], framework="pt", device="cpu") as f:
+            shape = tuple(f.get_slice(key).get_shape())
+        if shape != tuple(param.shape):
+            raise CheckpointError(
+                f"{files[key]}: tensor {key} has shape {shape}, the model expects {tuple(param.shape)}"
+            )
+        row_bytes = max(1, local[:1].numel() * 4)
+        step = max(1, _PIECE_BYTES // row_bytes)
+        for a in range(0, local.shape[0], step):
+            b = min(a + step, local.shape[0])
+            with safe_open(files[key], framework="pt", device="cpu") as f:
+                local[a:b].copy_(f.get_slice(key)[start + a : start + b])
+    for name, buffer in module.named_buffers():  # not sharded, and emptied by to_empty with the rest
+        if name in initial:
+            buffer.copy_(initial[name])
+
+
 def load_model(
     path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None
 ) -> Qwen3:
@@ -248,31 +303,45 @@ def save_model(model: Qwen3, path: str | os.PathLike, max_shard_size: int | str 
     Files are written under temporary names and renamed into place; shards of an earlier save that the new one no
     longer uses are removed after the new index is in place.
     """
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     state = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
     dtype = dtype or next(iter(state.values())).dtype
+    return write_hf_folder(cfg, path, {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__,
+                           max_shard_size, dtype)  # fmt: skip
+
+
+def write_hf_folder(cfg: ModelConfig, path, shapes: dict[str, tuple], get, max_shard_size: int | str = "5GB",
+                    dtype=torch.float32, write: bool = True) -> Path:  # fmt: skip
+    """The HF folder of save_model from tensors asked for one at a time: get(name) is called once per name, shard
+    by shard, and a shard is written as soon as it is complete, so at most one shard is held. write=False runs the
+    same calls without writing (the other ranks of a sharded export, whose part is in each gathering)."""
+    folder = Path(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    plan: list[list[str]] = [[]]
     size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * dtype.itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if plan[-1] and size + nbytes > limit:
+            plan.append([])
             size = 0
-        shards[-1][name] = t
+        plan[-1].append(name)
         size += nbytes
-    n = len(shards)
+    n = len(plan)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
     weight_map = {}
-    for file, shard in zip(names, shards, strict=True):
-        tensors = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in shard.items()}
-        atomic_write(folder / file, lambda p, t=tensors: save_file(t, p, metadata={"format": "pt"}))
+    for file, shard in zip(names, plan, strict=True):
+        tensors = {k: get(k).detach().to(device="cpu", dtype=dtype).contiguous() for k in shard}
+        if write:
+            atomic_write(folder / file, lambda p, t=tensors: save_file(t, p, metadata={"format": "pt"}))
         weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * dtype.itemsize for t in state.values())
+        del tensors
+    if not write:
+        return folder
+    total = sum(math.prod(shape) * dtype.itemsize for shape in shapes.values())
     index = folder / INDEX
     if n > 1:
         body = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
@@ -309,10 +378,10 @@ def list_checkpoints(out: Path) -> list[Path]:
 _STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)  # LoRA checkpoints hold the adapters, not the base
 
 
-def save_checkpoint(out: Path, step: int, net, optimizer, scheduler, keep: int, d: Dist) -> Path:
+def save_checkpoint(out: Path, step: int, net, optimizer, scheduler, keep: int, d: Dist, data: dict | None = None):
     """torch.distributed.checkpoint: each rank writes its own shards of the trained weights and Adam state, plus its
-    scheduler / RNG / data position. Written into a temporary folder that rank 0 renames once every rank is done,
-    so an interrupted save leaves the last good checkpoint as it was."""
+    scheduler / RNG / data position (`data`: the cursor's rows taken, global). Written into a temporary folder that
+    rank 0 renames once every rank is done, so an interrupted save leaves the last good checkpoint as it was."""
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = out / "checkpoints" / f".tmp-step-{step:06d}"
     if d.main:
@@ -321,7 +390,8 @@ def save_checkpoint(out: Path, step: int, net, optimizer, scheduler, keep: int, 
     d.barrier()
     model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=d.world == 1)
-    state = {"format": 2, "step": step, "world": d.world, "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    state = {"format": 3, "step": step, "world": d.world, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+             "data": data}  # fmt: skip
     torch.save(state, tmp / f"state-rank{d.rank}.pt")  # tensors and plain data only: loads with weights_only
     d.barrier()
     if d.main:
@@ -386,13 +456,15 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
-def check_checkpoint(path: Path, d: Dist) -> None:
+def check_checkpoint(path: Path, d: Dist) -> int:
     """Every file the checkpoint's metadata names must be there, whole: a missing shard is an error on every rank
-    (each checks the same shared folder), never one rank failing while the others wait for it."""
+    (each checks the same shared folder), never one rank failing while the others wait for it. Returns the number
+    of ranks that saved it."""
     hint = "delete this folder to resume from the one before, or set resume: false"
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path}: checkpoint has no .metadata (an unfinished save?); {hint}")
-    for r in range(d.world):
+    saved = len(list(path.glob("state-rank*.pt")))
+    for r in range(max(saved, 1)):
         if not (path / f"state-rank{r}.pt").is_file():
             raise FileNotFoundError(f"{path}: checkpoint is missing state-rank{r}.pt; {hint}")
     try:
@@ -409,11 +481,16 @@ def check_checkpoint(path: Path, d: Dist) -> None:
             raise FileNotFoundError(f"{path}: checkpoint shard {name} is missing; {hint}")
         if f.stat().st_size < size:
             raise ValueError(f"{f}: checkpoint shard is truncated ({f.stat().st_size} of {size} bytes); {hint}")
+    return saved
 
 
-def load_checkpoint(path: Path, net, optimizer, scheduler, d: Dist) -> int:
-    check_checkpoint(path, d)
-    state_file = path / f"state-rank{d.rank}.pt"
+def load_checkpoint(path: Path, net, optimizer, scheduler, d: Dist) -> tuple[int, dict]:
+    """Weights, optimizer, scheduler and RNG from a checkpoint; returns (step, the saved state: world, data, ...).
+
+    Saved by another number of ranks, DCP reshards the weights and the Adam state to this one; a rank the saved run
+    did not have takes rank 0's RNG state."""
+    saved = check_checkpoint(path, d)
+    state_file = path / f"state-rank{d.rank if d.rank < saved else 0}.pt"
     try:
         state = torch.load(state_file, weights_only=True)
     except pickle.UnpicklingError:
@@ -421,11 +498,6 @@ def load_checkpoint(path: Path, net, optimizer, scheduler, d: Dist) -> int:
             f"{state_file}: refused: it holds pickled Python objects, not only tensors and plain data (a file from an "
             "older qwen3lab, or tampered with); resume from a checkpoint written by this version, or set resume: false"
         ) from None
-    if state["world"] != d.world:
-        raise ValueError(
-            f"{path}: saved by {state['world']} processes, resumed with {d.world}; resume with the same world size "
-            "(the data order and batch depend on it) or set resume: false"
-        )
     model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
     sd = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(sd, checkpoint_id=path, no_dist=d.world == 1, planner=_WeightsOnlyLoadPlanner())
@@ -435,4 +507,4 @@ def load_checkpoint(path: Path, net, optimizer, scheduler, d: Dist) -> int:
     set_state_dict(net, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"], options=options)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return state["step"]
+    return state["step"], state

@@ -500,6 +500,38 @@ def epoch_order(n_rows: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
     return order
 
 
+@dataclass
+class Cursor:
+    """Where the run is in its stream of rows: an epoch and how many rows of that epoch's order it has taken. It
+    counts rows, not steps, so a resume with another number of ranks (another global batch) takes up exactly where
+    the saved run stopped: no row skipped or repeated."""
+
+    n_rows: int
+    seed: int
+    shuffle: bool
+    epoch: int = 0
+    offset: int = 0
+
+    def take(self, k: int) -> list[int]:
+        """The next k row indices, fewer at the end of an epoch (its last batch is short, as a DataLoader's)."""
+        order = epoch_order(self.n_rows, self.epoch, self.seed, self.shuffle)
+        out = order[self.offset : self.offset + k]
+        self.offset += len(out)
+        if self.offset >= self.n_rows:
+            self.epoch, self.offset = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def at_batch(self, m: int, batch_rows: int) -> Cursor:
+        """The position before global batch m of batch_rows rows (a checkpoint that predates the cursor)."""
+        per_epoch = -(-self.n_rows // batch_rows)
+        self.epoch, k = divmod(m, per_epoch)
+        self.offset = k * batch_rows
+        return self
+
+
 def split_eval(data: TokenizedData, fraction: float, seed: int) -> tuple[TokenizedData, TokenizedData | None]:
     if fraction <= 0:
         return data, None

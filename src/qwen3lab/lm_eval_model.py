@@ -5,9 +5,10 @@ transformers). `qwen3lab eval --tasks ...` uses it; from Python, importing this 
     lm_eval.simple_evaluate(model="qwen3lab", model_args="pretrained=runs/x/model", tasks=["hellaswag"])
 
 Tokenisation is lm-eval's own (TemplateLM: a trailing space of the context moves to the continuation, the whole is
-encoded and split), so requests become the same token ids as with its `hf` backend. Log-likelihoods: many requests
-per forward (right-padded, sorted by length), continuation log-probs and greedy checks through the chunked lm_head
-path. generate_until: every request of one generation setting at once on the continuous-batching engine.
+encoded and split), so requests become the same token ids as with its `hf` backend. Log-likelihoods: requests
+sharing a context in one row (the context computed once), many rows per forward, and only the continuations'
+positions through the chunked lm_head path. generate_until: every request of one generation setting at once on
+the continuous-batching engine.
 """
 
 from __future__ import annotations
@@ -65,41 +66,79 @@ class Qwen3LabLM(TemplateLM):
     # ---- log-likelihoods ----
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """requests: (key, context ids, continuation ids) -> (summed log-prob of the continuation, greedy?)."""
-        # the model sees (context + continuation)[-(max_length + 1):][:-1], as lm-eval's hf backend feeds it
-        inputs = [(ctx + cont)[-(self.max_length + 1) :] for _, ctx, cont in requests]
-        order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
+        """requests: (key, context ids, continuation ids) -> (summed log-prob of the continuation, greedy?).
+
+        The model sees (context + continuation)[-(max_length + 1):][:-1], as lm-eval's hf backend feeds it. Requests
+        that share their context — a multiple-choice question's choices — are scored in one row: the context once,
+        then each continuation attending to the context and to itself only (positions continuing the context's),
+        so the context is computed once instead of once per choice."""
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for i, (_, ctx, cont) in enumerate(requests):
+            seq = (ctx + cont)[-(self.max_length + 1) :]
+            n = min(len(cont), len(seq) - 1)  # tokens scored (all, unless the continuation alone is too long)
+            groups.setdefault(tuple(seq[: len(seq) - n]), []).append((i, seq[len(seq) - n :]))
+        rows = []  # (prefix, [(request, continuation)]), each row at most max_length tokens
+        for prefix, members in groups.items():
+            row, width = [], len(prefix)
+            for member in members:
+                if row and width + len(member[1]) - 1 > self.max_length:
+                    rows.append((list(prefix), row))
+                    row, width = [], len(prefix)
+                row.append(member)
+                width += len(member[1]) - 1
+            rows.append((list(prefix), row))
+        rows.sort(key=lambda r: -(len(r[0]) + sum(len(c) - 1 for _, c in r[1])))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         start = 0
-        while start < len(order):
-            width = len(inputs[order[start]]) - 1  # the longest of this batch comes first
-            rows = max(1, self.batch_tokens // max(width, 1))
-            batch = order[start : start + rows]
+        while start < len(rows):
+            width = len(rows[start][0]) + sum(len(c) - 1 for _, c in rows[start][1])  # the longest comes first
+            batch = rows[start : start + max(1, self.batch_tokens // max(width, 1))]
             start += len(batch)
-            scored = self._score([inputs[i] for i in batch], [len(requests[i][2]) for i in batch])
-            for i, result in zip(batch, scored, strict=True):
+            for i, result in self._score(batch):
                 results[i] = result
         return results
 
     @torch.no_grad()
-    def _score(self, sequences: list[list[int]], n_scored: list[int]) -> list[tuple[float, bool]]:
-        """Right-padded rows (no mask needed: padding comes after every real token); the last n_scored[r] tokens of
-        row r are scored."""
-        T = max(len(s) for s in sequences) - 1
-        ids = torch.zeros(len(sequences), T, dtype=torch.long)
-        for r, s in enumerate(sequences):
-            ids[r, : len(s) - 1] = torch.tensor(s[:-1])
-        hidden = self.model(ids.to(self._device), return_hidden=True)  # [B, T, H]
-        rows = [
-            hidden[r, len(s) - 1 - n : len(s) - 1] for r, (s, n) in enumerate(zip(sequences, n_scored, strict=True))
-        ]
-        targets = torch.tensor([t for s, n in zip(sequences, n_scored, strict=True) for t in s[len(s) - n :]])
-        logps, top_ids, _ = logprobs_topk(torch.cat(rows), self.model.lm_head.weight, targets.to(self._device), 1)
-        greedy = (top_ids[:, 0] == targets.to(self._device)).tolist()
-        logps = logps.tolist()
+    def _score(self, rows) -> list[tuple[int, tuple[float, bool]]]:
+        """rows: (prefix, [(request, continuation)]) -> (request, (log-prob, greedy)) for every continuation.
+
+        A row holds the prefix, then each continuation but its last token; a continuation's first token is
+        predicted from the prefix's last position, its others from its own positions. Right-padded; the mask
+        [B, 1, T, T] lets a token see the prefix and its own continuation, causally."""
+        built = []
+        for prefix, members in rows:
+            ids, segment, positions, where = list(prefix), [0] * len(prefix), list(range(len(prefix))), []
+            for s, (_, cont) in enumerate(members, start=1):
+                at = len(ids)
+                ids += cont[:-1]
+                segment += [s] * (len(cont) - 1)
+                positions += range(len(prefix), len(prefix) + len(cont) - 1)
+                where.append([len(prefix) - 1] + list(range(at, at + len(cont) - 1)))  # predicting cont's tokens
+            built.append((ids, segment, positions, where))
+        B, T = len(built), max(len(b[0]) for b in built)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        seg = torch.full((B, T), -1, dtype=torch.long)
+        for r, (row_ids, segment, positions, _) in enumerate(built):
+            ids[r, : len(row_ids)], seg[r, : len(row_ids)] = torch.tensor(row_ids), torch.tensor(segment)
+            pos[r, : len(row_ids)] = torch.tensor(positions)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # key is prefix or of my segment
+        mask = (causal & same & (seg[:, None, :] >= 0)) | torch.eye(T, dtype=torch.bool)  # padding sees itself
+        hidden = self.model(ids.to(self._device), pos.to(self._device), mask[:, None].to(self._device),
+                            return_hidden=True)  # fmt: skip
+        picked, targets, owners = [], [], []
+        for r, (_, members) in enumerate(rows):
+            for (i, cont), at in zip(members, built[r][3], strict=True):
+                picked.append(hidden[r, at])
+                targets += cont
+                owners.append((i, len(cont)))
+        targets = torch.tensor(targets, device=self._device)
+        logps, top_ids, _ = logprobs_topk(torch.cat(picked), self.model.lm_head.weight, targets, 1)
+        greedy, logps = (top_ids[:, 0] == targets).tolist(), logps.tolist()
         out, at = [], 0
-        for n in n_scored:
-            out.append((float(sum(logps[at : at + n])), all(greedy[at : at + n])))
+        for i, n in owners:
+            out.append((i, (float(sum(logps[at : at + n])), all(greedy[at : at + n]))))
             at += n
         return out
 

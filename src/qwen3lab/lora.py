@@ -31,7 +31,10 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         # adapters in fp32 whatever the base's dtype (a bf16 base stays bf16): their updates are tiny
-        kw = dict(device=base.weight.device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
+        # (on the CPU for a base still on the meta device, as FSDP's sharded loading builds it: real starting
+        # values, drawn as for a loaded base)
+        device = "cpu" if base.weight.is_meta else base.weight.device
+        kw = dict(device=device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, **kw)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, **kw)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -119,28 +122,35 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model: str
     loras = lora_modules(model)
     if not loras:
         raise ValueError("the model has no LoRA adapters to save")
+    first = next(iter(loras.values()))
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    adapters = {name: (m.lora_A.weight, m.lora_B.weight) for name, m in loras.items()}
+    return write_peft_adapter(path, adapters, first.rank, first.alpha, dropout, base_model, trained_tokens)
+
+
+def write_peft_adapter(path, adapters: dict, rank: int, alpha: float, dropout: float = 0.0, base_model: str = "",
+                       trained_tokens=None) -> Path:  # fmt: skip
+    """save_peft_adapter from tensors: adapters maps each wrapped module's name to its (lora_A, lora_B) weights."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, lora in loras.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = lora.lora_A.weight.detach().cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = lora.lora_B.weight.detach().cpu().contiguous()
+    for name, (a, b) in adapters.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
     token_ids = None
     if trained_tokens is not None:
         token_ids, rows = trained_tokens
         key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"  # the rows' new values
         tensors[key] = rows.detach().cpu().contiguous()
     atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    first = next(iter(loras.values()))
-    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
-        "r": first.rank,
-        "lora_alpha": first.alpha,
+        "r": rank,
+        "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": sorted({name.rpartition(".")[2] for name in loras}),
+        "target_modules": sorted({name.rpartition(".")[2] for name in adapters}),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,

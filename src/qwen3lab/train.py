@@ -36,10 +36,12 @@ from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_model,
+    load_sharded,
     new_model,
     resolve_folder,
     save_checkpoint,
     save_model,
+    write_hf_folder,
 )
 from .config import (
     PRESETS,
@@ -50,8 +52,9 @@ from .config import (
     preset,
     train_config_dict,
 )
-from .lora import apply_lora, lora_disabled, lora_modules, merge_lora, save_peft_adapter
+from .lora import apply_lora, lora_disabled, lora_modules, merge_lora, save_peft_adapter, write_peft_adapter
 from .loss import IGNORE, lm_loss_sum, token_logprobs
+from .model import Qwen3
 from .objectives import OBJECTIVES, dpo_loss, grpo_loss, sequence_logps
 from .optim import build_optimizer
 from .parallel import (
@@ -85,9 +88,15 @@ def resolve_config(config) -> TrainConfig:
 def build_model(cfg: TrainConfig, device: torch.device, world: int = 1):
     """Full fine-tuning: fp32 master weights (bf16 happens in autocast). LoRA on one process: the frozen base stays
     in the checkpoint's dtype (Qwen3-4B: 8 GB in bf16, not 16 in fp32), unless precision is fp32. Under FSDP the base
-    is fp32 too: FSDP2 shards a block's parameters as one flat buffer of one dtype, and the adapters are fp32."""
+    is fp32 too: FSDP2 shards a block's parameters as one flat buffer of one dtype, and the adapters are fp32; and a
+    model from a folder is built on the meta device, each rank filling its own shards later (`load_sharded`)."""
     if cfg.model in PRESETS:
         return new_model(preset(cfg.model), device=device, dtype=torch.float32, seed=cfg.seed), None
+    if world > 1:
+        with torch.device("meta"):
+            model = Qwen3(ModelConfig.from_file(resolve_folder(cfg.model)))
+        model.generation_config = {}
+        return model, cfg.model
     dtype = torch.float32
     if cfg.lora.rank > 0 and cfg.precision != "fp32" and world == 1:
         stored = getattr(torch, ModelConfig.from_file(resolve_folder(cfg.model)).torch_dtype, None)
@@ -231,6 +240,17 @@ class WithLoss(torch.nn.Module):
         with lora_disabled(model) if reference else contextlib.nullcontext():
             hidden, extra_rows = hidden_states(model, batch, True, extra_tokens, self.upcast)
         return token_logprobs(hidden / temperature, model.lm_head.weight, batch["labels"], self.chunk, extra_rows)
+
+
+def shard(net: WithLoss, source: str | None, device: torch.device, bf16: bool) -> None:
+    """FSDP2 over the model and its loss; a model built on the meta device is then filled shard by shard from its
+    folder (the rows of each rank's shards only), the adapters and trained token rows from their starting values."""
+    initial = {name: t.detach().clone() for name, t in [*net.named_parameters(), *net.named_buffers()]
+               if not t.is_meta}  # fmt: skip
+    apply_fsdp(net, net.model.model.layers, bf16=bf16)
+    if net.model.lm_head.weight.is_meta:
+        net.to_empty(device=device)
+        load_sharded(net, source, initial, prefix="model.")
 
 
 def to_device(batch, device):
@@ -409,7 +429,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    # model, tokenizer, adapters
+    # tokenizer, model, adapters
+    tok = build_tokenizer(None if cfg.model in PRESETS else cfg.model)
     # under FSDP each rank reads the model into CPU memory and fully_shard moves only its shard to the device
     model, source = build_model(cfg, torch.device("cpu") if d.world > 1 else device, d.world)
     model.attn_implementation = cfg.attention
@@ -426,8 +447,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     def autocast():  # under FSDP2 bf16 comes from its mixed-precision policy instead
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and d.world == 1)
 
-    tok = build_tokenizer(source)
     extra_tokens = None
+    on_meta = model.lm_head.weight.is_meta
     if cfg.lora.rank > 0:
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
         if upcast:
@@ -437,7 +458,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
             unknown = [t for t, i in zip(cfg.lora.train_tokens, ids, strict=True) if i is None]
             if unknown:
                 raise ValueError(f"lora.train_tokens: {unknown} are not tokens of this tokenizer")
-            c, where = model.config, model.model.embed_tokens.weight.device
+            c, where = model.config, "cpu" if on_meta else model.model.embed_tokens.weight.device
             extra_tokens = TrainableTokens(c.vocab_size, c.hidden_size, ids, device=where)
     elif cfg.lora.train_tokens:
         raise ValueError("lora.train_tokens needs lora.rank > 0; full fine-tuning trains every embedding row already")
@@ -464,9 +485,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     net = WithLoss(model, extra_tokens, cfg.data.packing, cfg.loss_chunk, upcast, cfg.objective, cfg.dpo.beta,
                    ref_model, cfg.grpo)  # fmt: skip
     if d.world > 1:
-        apply_fsdp(net, model.model.layers, bf16=use_bf16)
+        shard(net, source, device, use_bf16)
         if net.ref_net is not None:
-            apply_fsdp(net.ref_net, ref_model.model.layers, bf16=use_bf16)
+            shard(net.ref_net, source, device, use_bf16)
     net.train()
 
     # data: a row is a list of examples (SFT), a pair's index (DPO) or a prompt's index (GRPO)
@@ -511,39 +532,53 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         raise ValueError("optim.name muon orthogonalises whole matrices, which FSDP shards; use adamw with torchrun")
     optimizer = build_optimizer(net, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    step = 0
+    step, cursor = 0, D.Cursor(len(rows), cfg.seed, cfg.data.shuffle)
     if cfg.resume and list_checkpoints(out):
         latest = list_checkpoints(out)[-1]
-        step = load_checkpoint(latest, net, optimizer, scheduler, d)
+        step, saved = load_checkpoint(latest, net, optimizer, scheduler, d)
+        round_start = step // iterations * iterations  # GRPO: a resume inside a round rolls it out again
+        if saved.get("data"):
+            cursor.epoch, cursor.offset = saved["data"]["epoch"], saved["data"]["offset"]
+        else:  # saved before the cursor: the position follows from the step
+            cursor.at_batch(round_start // iterations * cfg.grad_accum, cfg.batch_size * saved["world"])
         log.info("resumed from %s (step %d)", latest, step)
+        if saved["world"] != d.world:
+            log.warning(
+                "resumed with %d ranks from a checkpoint of %d: weights and optimizer state resharded, the data "
+                "continues at epoch %d, row %d; the global batch is now %d rows (was %d), so losses will not equal "
+                "an uninterrupted run's", d.world, saved["world"], cursor.epoch, cursor.offset, global_rows,
+                cfg.batch_size * saved["world"],
+            )  # fmt: skip
     reporter = Reporter(out, cfg, step) if d.main else None
+    data_state = cursor.state()  # what a checkpoint records: the position after its step (GRPO: its round's start)
 
-    def chosen_rows(m: int) -> list:
-        """The rows of global micro-batch m; the order depends on (seed, epoch, world size) alone."""
-        epoch, k = divmod(m, batches_per_epoch)
-        order = D.epoch_order(len(rows), epoch, cfg.seed, cfg.data.shuffle)
-        return [rows[i] for i in order[k * global_rows : (k + 1) * global_rows]]
-
-    def micro_batches(start_step: int):
-        """This rank's micro-batches from `start_step` on."""
-        m = start_step * cfg.grad_accum
+    def micro_batches():
+        """This rank's micro-batches from the cursor on; the rows of global micro-batch m depend on (seed, epoch,
+        rows taken) alone."""
+        nonlocal data_state
         while True:
-            yield rank_batch(data, chosen_rows(m), d, tok.pad_token_id, dpo, ref_logps)
-            m += 1
+            rows_m = [rows[i] for i in cursor.take(global_rows)]
+            data_state = cursor.state()
+            yield rank_batch(data, rows_m, d, tok.pad_token_id, dpo, ref_logps)
 
     def rollout_batches(start_step: int):
         """GRPO: each round of grad_accum micro-batches is rolled out with the weights of its first step, then
         trained on for num_iterations steps. A resume inside a round rolls it out again with the resumed weights."""
+        nonlocal data_state
         step = start_step
         while True:
             round_, done = divmod(step, iterations)
-            batches = [rollouts.batch(chosen_rows(round_ * cfg.grad_accum + j)[d.rank :: d.world],
-                                      round_ * iterations + 1, j) for j in range(cfg.grad_accum)]  # fmt: skip
-            for _ in range(iterations - done):
+            round_rows = [[rows[i] for i in cursor.take(global_rows)] for _ in range(cfg.grad_accum)]
+            batches = [
+                rollouts.batch(r[d.rank :: d.world], round_ * iterations + 1, j) for j, r in enumerate(round_rows)
+            ]
+            for i in range(iterations - done):
+                if i == iterations - done - 1:
+                    data_state = cursor.state()  # the round is done: a checkpoint after it starts the next
                 yield from batches
                 step += 1
 
-    stream = rollout_batches(step) if grpo else micro_batches(step)
+    stream = rollout_batches(step) if grpo else micro_batches()
     bar = Progress(total_steps, step) if cfg.progress and d.main else None
     t_start, tokens_seen = time.perf_counter(), 0
     while step < total_steps:
@@ -593,13 +628,14 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         if bar is not None:
             bar.update(metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            save_checkpoint(out, step, net, optimizer, scheduler, cfg.keep_checkpoints, d)
+            save_checkpoint(out, step, net, optimizer, scheduler, cfg.keep_checkpoints, d, data_state)
     if bar is not None:
         bar.close()
     if d.world > 1:
-        model, extra_tokens = consolidate(net, cfg, d)
-    if d.main:
+        export_sharded(net, cfg, tok, out, source, d)
+    elif d.main:
         export(model, tok, extra_tokens, out, source)
+    if d.main:
         reporter.plot(out / "loss.png")
         log.info("run folder %s: model/ (HF format), metrics.jsonl, loss.png", out)
     d.barrier()
@@ -654,23 +690,46 @@ def _precomputed(path: Path, net, data, d: Dist, device, autocast, pad_id, cfg) 
     return ref
 
 
-def consolidate(net, cfg: TrainConfig, d: Dist):
-    """Gather the sharded weights into one plain model on rank 0's CPU (every rank takes part in the gathering)."""
-    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not d.main:
-        return None, None
-    with torch.device("meta"):
-        model = type(net.model)(net.model.config)
-    extra_tokens = None
-    if cfg.lora.rank > 0:
-        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
-    if net.extra_tokens is not None:
-        cfg_m = model.config
-        extra_tokens = TrainableTokens(cfg_m.vocab_size, cfg_m.hidden_size, net.extra_tokens.token_ids.tolist(), "cpu")
-    plain = WithLoss(model, extra_tokens, cfg.data.packing, cfg.loss_chunk)
-    plain.load_state_dict(full, strict=True, assign=True)
-    model.tie_weights()
-    return model, extra_tokens
+def export_sharded(net: WithLoss, cfg: TrainConfig, tok: Tokenizer, out: Path, source: str | None, d: Dist) -> None:
+    """The final HF folder from the sharded model, as export() writes it: every rank takes part in gathering each
+    tensor in turn and rank 0 writes the safetensors files shard by shard, so no rank ever holds the whole model.
+    LoRA adapters (small) are first gathered whole to rank 0, folded into their base weights as those are
+    written, and saved as the peft adapter folder."""
+    clean = lambda name: name.replace("_checkpoint_wrapped_module.", "")  # noqa: E731
+    trained, loras = {}, {clean(n): m for n, m in lora_modules(net.model).items()}
+    if loras or net.extra_tokens is not None:  # the trained parameters alone (the base is frozen)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        trained = {clean(k): v for k, v in get_model_state_dict(net, options=options).items()}
+    params = {clean(n): p for n, p in net.model.named_parameters() if ".lora_" not in n}  # tied lm_head: once
+    token_rows = None
+
+    def get(name: str) -> torch.Tensor:
+        nonlocal token_rows
+        p = params[name]
+        full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+        if not d.main:
+            return full
+        module = name.removesuffix(".weight")
+        if module in loras:  # W + scaling * B @ A, summed in fp32 as LoRALinear.merged does
+            a, b = trained[f"model.{module}.lora_A.weight"], trained[f"model.{module}.lora_B.weight"]
+            full = (full.float() + (b.float() @ a.float()) * loras[module].scaling).to(full.dtype)
+        if name == "model.embed_tokens.weight" and net.extra_tokens is not None:
+            ids = net.extra_tokens.token_ids.cpu()
+            full = full.clone()
+            full[ids] = (full[ids].float() + trained["extra_tokens.delta"]).to(full.dtype)
+            token_rows = (ids.tolist(), full[ids].float())
+        return full
+
+    dtype = next(iter(params.values())).dtype
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    write_hf_folder(net.model.config, out / "model", shapes, get, dtype=dtype, write=d.main)
+    if d.main:
+        tok.save(out / "model")
+        if loras:
+            first = next(iter(loras.values()))
+            adapters = {m: (trained[f"model.{m}.lora_A.weight"], trained[f"model.{m}.lora_B.weight"]) for m in loras}
+            write_peft_adapter(out / "adapter", adapters, first.rank, first.alpha, cfg.lora.dropout, source or "",
+                               token_rows)  # fmt: skip
 
 
 def export(model, tok: Tokenizer, extra_tokens, out: Path, source: str | None) -> None:
