@@ -4,6 +4,7 @@ batch, resume from the sharded checkpoint after a rank dies, LoRA, export loadab
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +254,42 @@ def test_resume_on_another_number_of_ranks(setup, tmp_path, before, after):
     assert [r[0] for r in taken] == epoch_order(len(CHATS), 0, 0, True)[: len(taken)]  # in order, none skipped
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
     transformers.AutoModelForCausalLM.from_pretrained(run / "model")
+
+
+def two_nodes(setup, out, locals_, *flags, fail_after=0):
+    """Two torchrun agents, one process each, meeting over c10d as two machines would; node i checkpoints into its
+    own local folder locals_[i], the run folder `out` is shared."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "QWEN3LAB_TEST_FAIL_AFTER": str(fail_after), "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_id", "qwen3lab-test", str(WORKER), "train", str(setup / "run.yaml"), "--out", str(out),
+               "--batch_size", "2", "--checkpoint_dir", str(locals_[node]), "--dist_timeout", "60", *flags]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return [(p.wait(timeout=300), p.stdout.read()) for p in procs]
+
+
+def test_two_nodes_with_node_local_checkpoints(setup, tmp_path):
+    """Checkpoints on each node's own disk: every rank writes its shard and state into its node's folder, rank 0
+    the metadata, which each node's folder gets a copy of; the shared run folder holds no checkpoint. A crash after
+    step 3 resumes from step 2 on both nodes onto one process's losses and weights."""
+    out, locals_ = tmp_path / "shared", [tmp_path / "node0", tmp_path / "node1"]
+    flags = ("--steps", "4", "--save_every", "2")
+    crashed = two_nodes(setup, out, locals_, *flags, fail_after=3)
+    assert any(code != 0 for code, _ in crashed)
+    for node in (0, 1):
+        assert sorted(p.name for p in (locals_[node] / "step-000002").iterdir()) == [
+            ".metadata", f"__{node}_0.distcp", f"state-rank{node}.pt",
+        ]  # fmt: skip
+    assert not (out / "checkpoints").exists()
+    resumed = two_nodes(setup, out, locals_, *flags)
+    assert all(code == 0 for code, _ in resumed), resumed[0][1][-3000:] + resumed[1][1][-3000:]
+    one = single(setup, tmp_path / "one", steps=4)
+    assert losses(out) == pytest.approx(losses(one), abs=1e-5)
+    a, b = weights(one), weights(out)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=name)

@@ -371,37 +371,98 @@ def new_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype=torch.
 # ---- training checkpoints: save and resume ----
 
 
-def list_checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+def list_checkpoints(root: Path) -> list[Path]:
+    """The finished checkpoints in a folder of them (the run's `checkpoints/`, or `checkpoint_dir`), oldest first."""
+    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
 _STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)  # LoRA checkpoints hold the adapters, not the base
 
 
-def save_checkpoint(out: Path, step: int, net, optimizer, scheduler, keep: int, d: Dist, data: dict | None = None):
+def save_checkpoint(root: Path, step: int, net, optimizer, scheduler, keep: int, d: Dist, data: dict | None = None):
     """torch.distributed.checkpoint: each rank writes its own shards of the trained weights and Adam state, plus its
-    scheduler / RNG / data position (`data`: the cursor's rows taken, global). Written into a temporary folder that
-    rank 0 renames once every rank is done, so an interrupted save leaves the last good checkpoint as it was."""
-    final = out / "checkpoints" / f"step-{step:06d}"
-    tmp = out / "checkpoints" / f".tmp-step-{step:06d}"
+    scheduler / RNG / data position (`data`: the cursor's rows taken, global), into root/step-N.
+
+    Written into a temporary folder renamed once every rank is done, so an interrupted save leaves the last good
+    checkpoint as it was. root may be shared by all nodes or local to each (node-local disks): each rank writes its
+    own files where it is, rank 0 the metadata, which then goes to every node's folder too; on each node that does
+    not see rank 0's folder, its first process makes, renames and prunes the node's folder."""
+    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
     if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / ".rank0").touch()
+    d.barrier()
+    shared = (tmp / ".rank0").is_file()  # this rank sees rank 0's folder
+    node_main = not shared and d.local_rank == 0  # the first process of a node with a folder of its own
+    if node_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     d.barrier()
     model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=d.world == 1)
+    sharded, replicated = _split({"model": model_sd, "optimizer": optim_sd}, d.world > 1)
+    dcp.save(sharded, checkpoint_id=tmp, no_dist=d.world == 1)
     state = {"format": 3, "step": step, "world": d.world, "scheduler": scheduler.state_dict(), "rng": rng_state(),
-             "data": data}  # fmt: skip
+             "data": data, "replicated": replicated}  # fmt: skip
     torch.save(state, tmp / f"state-rank{d.rank}.pt")  # tensors and plain data only: loads with weights_only
+    metadata = [(tmp / ".metadata").read_bytes() if d.main else None]
+    if d.world > 1:
+        torch.distributed.broadcast_object_list(metadata, src=0)
+    if node_main:
+        (tmp / ".metadata").write_bytes(metadata[0])
     d.barrier()
-    if d.main:
+    if d.main or node_main:
+        (tmp / ".rank0").unlink(missing_ok=True)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     d.barrier()
     return final
+
+
+def _split(tree: dict, by_rank: bool) -> tuple[dict, dict]:
+    """(what DCP saves, what every rank keeps in its own state file). Under FSDP the sharded tensors go to DCP and
+    the replicated rest (Adam's step counts, param_groups) stays with each rank: DCP would write one copy of it, in
+    one rank's file, which another node's local folder would lack."""
+    if not by_rank:
+        return tree, {}
+    sharded, replicated = {}, {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            s, r = _split(value, True)
+            if s:
+                sharded[key] = s
+            if r:
+                replicated[key] = r
+        elif isinstance(value, DTensor):
+            sharded[key] = value
+        else:
+            replicated[key] = value
+    return sharded, replicated
+
+
+def _without(tree: dict, drop: dict) -> dict:
+    """tree less the leaves that drop has (what the checkpoint keeps outside DCP); a dict left empty goes too."""
+    out = {}
+    for key, value in tree.items():
+        if key not in drop:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(drop[key], dict):
+            rest = _without(value, drop[key])
+            if rest:
+                out[key] = rest
+    return out
+
+
+def _merge(tree: dict, extra: dict) -> None:
+    """Put extra's leaves into tree, in place."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
 
 
 def rng_state() -> dict:
@@ -457,16 +518,22 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
 
 
 def check_checkpoint(path: Path, d: Dist) -> int:
-    """Every file the checkpoint's metadata names must be there, whole: a missing shard is an error on every rank
-    (each checks the same shared folder), never one rank failing while the others wait for it. Returns the number
-    of ranks that saved it."""
+    """Every file of the checkpoint this rank needs must be there, whole: a missing shard is an error on every rank
+    (each checks the same shared folder), never one rank failing while the others wait for it. In a node-local
+    folder (it holds only its node's ranks' files) each rank checks its own files, and the number of ranks must be
+    the saved one. Returns the number of ranks that saved it."""
     hint = "delete this folder to resume from the one before, or set resume: false"
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path}: checkpoint has no .metadata (an unfinished save?); {hint}")
-    saved = len(list(path.glob("state-rank*.pt")))
-    for r in range(max(saved, 1)):
-        if not (path / f"state-rank{r}.pt").is_file():
-            raise FileNotFoundError(f"{path}: checkpoint is missing state-rank{r}.pt; {hint}")
+    mine = path / f"state-rank{d.rank}.pt"
+    found = mine if mine.is_file() else path / "state-rank0.pt"
+    if not found.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint is missing state-rank{d.rank}.pt; {hint}")
+    saved = _read_state(found)["world"]
+    local = not all((path / f"state-rank{r}.pt").is_file() for r in range(saved))
+    if local and saved != d.world:
+        raise ValueError(f"{path}: a node-local checkpoint of {saved} ranks resumes on {saved} ranks only; to resume "
+                         f"on {d.world}, copy every node's step folder into one shared folder first")  # fmt: skip
     try:
         with open(path / ".metadata", "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -476,6 +543,8 @@ def check_checkpoint(path: Path, d: Dist) -> int:
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     for name, size in sorted(needed.items()):
+        if local and not name.startswith(f"__{d.rank}_"):
+            continue  # another node's file
         f = path / name
         if not f.is_file():
             raise FileNotFoundError(f"{path}: checkpoint shard {name} is missing; {hint}")
@@ -484,23 +553,28 @@ def check_checkpoint(path: Path, d: Dist) -> int:
     return saved
 
 
+def _read_state(state_file: Path) -> dict:
+    try:
+        return torch.load(state_file, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{state_file}: refused: it holds pickled Python objects, not only tensors and plain data (a file from an "
+            "older qwen3lab, or tampered with); resume from a checkpoint written by this version, or set resume: false"
+        ) from None
+
+
 def load_checkpoint(path: Path, net, optimizer, scheduler, d: Dist) -> tuple[int, dict]:
     """Weights, optimizer, scheduler and RNG from a checkpoint; returns (step, the saved state: world, data, ...).
 
     Saved by another number of ranks, DCP reshards the weights and the Adam state to this one; a rank the saved run
     did not have takes rank 0's RNG state."""
     saved = check_checkpoint(path, d)
-    state_file = path / f"state-rank{d.rank if d.rank < saved else 0}.pt"
-    try:
-        state = torch.load(state_file, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(
-            f"{state_file}: refused: it holds pickled Python objects, not only tensors and plain data (a file from an "
-            "older qwen3lab, or tampered with); resume from a checkpoint written by this version, or set resume: false"
-        ) from None
+    state = _read_state(path / f"state-rank{d.rank if d.rank < saved else 0}.pt")
     model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
     sd = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(sd, checkpoint_id=path, no_dist=d.world == 1, planner=_WeightsOnlyLoadPlanner())
+    replicated = state.get("replicated") or {}
+    dcp.load(_without(sd, replicated), checkpoint_id=path, no_dist=d.world == 1, planner=_WeightsOnlyLoadPlanner())
+    _merge(sd, replicated)
     # dcp.load has filled every key get_state_dict asked for (or raised); strict=False only lets the frozen base
     # weights, which LoRA checkpoints leave out, stay as they are
     options = StateDictOptions(ignore_frozen_params=True, strict=False)

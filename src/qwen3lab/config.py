@@ -301,6 +301,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: at the end only
     save_every: int = 0  # 0: no intermediate checkpoints
     keep_checkpoints: int = 2
+    # where checkpoints go: "" is the run folder's checkpoints/; a node-local path (fast local disks) works too, each
+    # node keeping its ranks' shards and a copy of the metadata
+    checkpoint_dir: str = ""
     dist_timeout: float = 600.0  # seconds a rank waits for the others before the run fails (torchrun jobs)
     resume: bool = True  # continue from the newest checkpoint in `out` when there is one
     report_to: list = field(default_factory=list)  # tensorboard, wandb (when installed)

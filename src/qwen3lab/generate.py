@@ -75,10 +75,10 @@ class _Collect:
             self.error = value
 
 
-def _submit(model, tok: Tokenizer, prompts: list, params: SamplingParams) -> tuple[Engine, list[_Collect]]:
+def _submit(model, tok: Tokenizer, prompts: list, params: SamplingParams, max_rows: int = MAX_ROWS):
     ids = [_as_ids(tok, p) for p in prompts]
     longest = max((len(x) for x in ids), default=0) + params.max_new_tokens
-    engine = Engine(model, min(len(ids), MAX_ROWS), capacity=longest, max_waiting=len(ids))
+    engine = Engine(model, min(len(ids), max_rows), capacity=longest, max_waiting=len(ids))
     outs = [_Collect(tok, params.stop) for _ in ids]
     for x, out in zip(ids, outs, strict=True):
         out.request = engine.submit(x, params, out)
@@ -91,13 +91,15 @@ def _check(out: _Collect) -> None:
         raise RuntimeError(f"generation failed: {out.error}")
 
 
-def generate(model, tok: Tokenizer, prompts, params: SamplingParams | None = None, **kw) -> list[Generation]:
+def generate(model, tok: Tokenizer, prompts, params: SamplingParams | None = None, max_rows: int = MAX_ROWS,
+             **kw) -> list[Generation]:  # fmt: skip
     """Generate for one prompt or a batch. A prompt is text, token ids, or a list of chat messages (rendered with
-    the generation prompt). Returns one Generation per prompt (a list for a batch)."""
+    the generation prompt). Returns one Generation per prompt (a list for a batch). max_rows: rows decoded together
+    at most (more rows: fewer decode steps, each larger)."""
     params = params or SamplingParams(**kw)
     # one prompt: text, ids [int, ...] or messages [{...}, ...]; a batch: a list of those
     single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], (int, dict)))
-    engine, outs = _submit(model, tok, [prompts] if single else list(prompts), params)
+    engine, outs = _submit(model, tok, [prompts] if single else list(prompts), params, max_rows)
     engine.run_until_idle()
     results = []
     for out in outs:

@@ -175,6 +175,9 @@ class Qwen3LabLM(TemplateLM):
             params = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, stop=list(until))
             keep = self.max_length - max_new
             prompts = [self.tok_encode(requests[i].args[0])[-keep:] for i in members]
-            for i, result in zip(members, generate(self.model, self.tok, prompts, params), strict=True):
+            # all at once, up to 256 rows: measured on the 0.6B shape, 100 prompts x 16 tokens took 19.5 s in one
+            # batch of 128 rows and 24-26 s as 64 + 36
+            outs = generate(self.model, self.tok, prompts, params, max_rows=256)
+            for i, result in zip(members, outs, strict=True):
                 out[i] = result.text
         return out

@@ -533,8 +533,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     optimizer = build_optimizer(net, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     step, cursor = 0, D.Cursor(len(rows), cfg.seed, cfg.data.shuffle)
-    if cfg.resume and list_checkpoints(out):
-        latest = list_checkpoints(out)[-1]
+    ckpts = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out / "checkpoints"
+    if cfg.resume and list_checkpoints(ckpts):
+        latest = list_checkpoints(ckpts)[-1]
         step, saved = load_checkpoint(latest, net, optimizer, scheduler, d)
         round_start = step // iterations * iterations  # GRPO: a resume inside a round rolls it out again
         if saved.get("data"):
@@ -628,7 +629,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         if bar is not None:
             bar.update(metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            save_checkpoint(out, step, net, optimizer, scheduler, cfg.keep_checkpoints, d, data_state)
+            save_checkpoint(ckpts, step, net, optimizer, scheduler, cfg.keep_checkpoints, d, data_state)
     if bar is not None:
         bar.close()
     if d.world > 1:
@@ -679,7 +680,7 @@ def _precomputed(path: Path, net, data, d: Dist, device, autocast, pad_id, cfg) 
     """DPO's reference log-probs: read back on a resume (the model has moved since), else computed and written."""
     if path.is_file():
         return np.load(path)
-    if list_checkpoints(path.parent):
+    if list_checkpoints(Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else path.parent / "checkpoints"):
         raise ValueError(f"{path}: missing, and the run has checkpoints: the reference can no longer be computed")
     log.info("dpo: reference log-probs of %d sequences, computed once", len(data))
     ref = precompute_reference(net, data, cfg.batch_size, d, device, autocast, pad_id)
@@ -722,7 +723,8 @@ def export_sharded(net: WithLoss, cfg: TrainConfig, tok: Tokenizer, out: Path, s
 
     dtype = next(iter(params.values())).dtype
     shapes = {name: tuple(p.shape) for name, p in params.items()}
-    write_hf_folder(net.model.config, out / "model", shapes, get, dtype=dtype, write=d.main)
+    # shards of 1 GB (not save_model's 5): what rank 0 holds at once, beside the one tensor being gathered
+    write_hf_folder(net.model.config, out / "model", shapes, get, "1GB", dtype, write=d.main)
     if d.main:
         tok.save(out / "model")
         if loras:
