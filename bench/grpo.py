@@ -132,7 +132,7 @@ def run_ours(folder: Path, prompts: Path, args, lean: bool = False) -> dict:
         "progress": False,
         "resume": False,
         "optim": {"lr": 1e-5},
-        "loss_chunk": args.lean_chunk if lean else 256,
+        "loss_chunk": args.lean_chunk if lean else args.chunk,
         "grpo": grpo,
     }
     qwen3lab.train(cfg)
@@ -145,6 +145,7 @@ def main():
     ap.add_argument("--generations", dest="G", type=int, default=8)
     ap.add_argument("--prompts-per-step", dest="prompts", type=int, default=4)
     ap.add_argument("--completion", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=256, help="loss_chunk of the default run")
     ap.add_argument("--lean-chunk", type=int, default=64, help="loss_chunk of the lean run")
     ap.add_argument("--systems", default="trl,qwen3lab,qwen3lab-lean")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -170,7 +171,8 @@ def main():
     for name in args.systems.split(","):
         cmd = [sys.executable, __file__, "--one", name, "--folder", str(folder), "--steps", str(args.steps),
                "--generations", str(args.G), "--prompts-per-step", str(args.prompts),
-               "--completion", str(args.completion), "--lean-chunk", str(args.lean_chunk)]  # fmt: skip
+               "--completion", str(args.completion), "--chunk", str(args.chunk),
+               "--lean-chunk", str(args.lean_chunk)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[name]

@@ -431,7 +431,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     torch.manual_seed(cfg.seed)
     # tokenizer, model, adapters
     tok = build_tokenizer(None if cfg.model in PRESETS else cfg.model)
-    # under FSDP each rank reads the model into CPU memory and fully_shard moves only its shard to the device
+    # under FSDP a model from a folder is built on the meta device, each rank loading only its shards (`shard`)
     model, source = build_model(cfg, torch.device("cpu") if d.world > 1 else device, d.world)
     model.attn_implementation = cfg.attention
     base_dtype = model.model.embed_tokens.weight.dtype
@@ -533,15 +533,14 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     optimizer = build_optimizer(net, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     step, cursor = 0, D.Cursor(len(rows), cfg.seed, cfg.data.shuffle)
-    ckpts = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out / "checkpoints"
+    ckpts = checkpoints_folder(cfg, out)
     if cfg.resume and list_checkpoints(ckpts):
         latest = list_checkpoints(ckpts)[-1]
         step, saved = load_checkpoint(latest, net, optimizer, scheduler, d)
-        round_start = step // iterations * iterations  # GRPO: a resume inside a round rolls it out again
         if saved.get("data"):
             cursor.epoch, cursor.offset = saved["data"]["epoch"], saved["data"]["offset"]
-        else:  # saved before the cursor: the position follows from the step
-            cursor.at_batch(round_start // iterations * cfg.grad_accum, cfg.batch_size * saved["world"])
+        else:  # saved before the cursor: the position follows from the step (GRPO: its round's start)
+            cursor.at_batch(step // iterations * cfg.grad_accum, cfg.batch_size * saved["world"])
         log.info("resumed from %s (step %d)", latest, step)
         if saved["world"] != d.world:
             log.warning(
@@ -643,6 +642,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     return out
 
 
+def checkpoints_folder(cfg: TrainConfig, out: Path) -> Path:
+    return Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out / "checkpoints"
+
+
 def load_data(cfg: TrainConfig, tok: Tokenizer):
     """(data, rows, eval_data, eval_rows) for the objective. SFT: tokenized examples, rows of examples (packed or
     one each). DPO: examples 2i / 2i + 1 are pair i's chosen / rejected sides, a row is a pair's index. GRPO: the
@@ -680,7 +683,7 @@ def _precomputed(path: Path, net, data, d: Dist, device, autocast, pad_id, cfg) 
     """DPO's reference log-probs: read back on a resume (the model has moved since), else computed and written."""
     if path.is_file():
         return np.load(path)
-    if list_checkpoints(Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else path.parent / "checkpoints"):
+    if list_checkpoints(checkpoints_folder(cfg, path.parent)):
         raise ValueError(f"{path}: missing, and the run has checkpoints: the reference can no longer be computed")
     log.info("dpo: reference log-probs of %d sequences, computed once", len(data))
     ref = precompute_reference(net, data, cfg.batch_size, d, device, autocast, pad_id)
