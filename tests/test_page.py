@@ -203,3 +203,29 @@ def test_errors_are_shown_never_a_silent_hang(page):
     page.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-state=error]').length === 4")
     assert "Error 400" in page.locator(".error").last.inner_text()
     assert page.is_visible("#send")  # ready for the next message
+
+
+def test_api_key_from_settings(browser, tok, tmp_path):
+    """Against a server started with --api-key: without the key the page says so (401 and where to set it); with
+    the key in Settings the model's name shows and answers stream; the key is sent as a bearer header."""
+    from qwen3lab.serve import create_app
+
+    model = tiny_server_model(tmp_path / "m")
+    with serving(create_app(model, tok, "keyed", api_key="k3y")) as base:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(base + "/")
+        page.wait_for_function("() => document.getElementById('model').textContent.includes('401')")
+        ask(page, "hello")
+        page.wait_for_selector(".msg.assistant[data-state=error]")
+        assert "set the server's API key in Settings" in page.locator(".msg.assistant").last.inner_text()
+        sent = []
+        page.on("request", lambda r: sent.append(r.headers.get("authorization")) if "/v1/" in r.url else None)
+        settings(page, api_key="k3y")
+        page.press("#api_key", "Tab")  # the change event: the model's name is fetched again, with the key
+        page.wait_for_function("() => document.getElementById('model').textContent === 'keyed'")
+        settings(page, max_tokens=4)
+        ask(page, "hello")
+        page.wait_for_selector(".msg.assistant[data-state=done]")
+        assert set(sent) == {"Bearer k3y"}
+        context.close()
