@@ -396,9 +396,9 @@ class Engine:
             if p.repetition_penalty != 1.0:
                 request.history = ids[r : r + 1, : lengths[r]]
             self.running.append(request)
-        requests = [request for request, _ in rows]
-        tokens = self._sample(requests, logits[[r for _, r in rows]])
-        self._emit_logprobs(requests, logits[[r for _, r in rows]], tokens)
+        requests, logits = [request for request, _ in rows], logits[[r for _, r in rows]]  # a row per request
+        tokens = self._sample(requests, logits)
+        self._emit_logprobs(requests, logits, tokens)
         for request, token in zip(requests, tokens, strict=True):
             if request.params.max_new_tokens == 0:  # the prompt's log-probs were all it asked for
                 request.emit("end", "length")
