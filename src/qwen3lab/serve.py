@@ -122,6 +122,10 @@ async def _texts(tok: Tokenizer, job: _Job, stop: list[str], timeout: float):
 
 async def _merged(streams):
     """The items of several async generators as each comes (the choices of a streamed n > 1)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -131,6 +135,8 @@ async def _merged(streams):
                 await queue.put(item)
         except Exception as e:  # handed to the consumer, raised there
             await queue.put(e)
+        finally:
+            await stream.aclose()  # at once, cancelled or not: its row leaves the engine now, not when collected
         await queue.put(done)
 
     tasks = [asyncio.create_task(pump(stream)) for stream in streams]
