@@ -61,6 +61,16 @@ def test_lm_eval_through_the_server_and_in_process_equals_its_hf_backend(tmp_pat
     assert hf_metrics == ours_metrics == api_metrics
     assert hf_items["rev_gen"] == ours_items["rev_gen"] == api_items["rev_gen"]
     assert any(resps[0][0].strip() for resps in hf_items["rev_gen"])  # something was generated, not all empty
+    # perplexity tasks' requests: a whole text in windows of max_length (lm-eval's own windows), as hf scores them
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    texts = [" ".join(WORDS * 3), "Reverse cat: tac"]
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    hf_lm = HFLM(pretrained=str(tmp_path / "m"), dtype="float32", device="cpu", batch_size=1, max_length=16)
+    ours_lm = Qwen3LabLM(model=model, tokenizer=tok, max_length=16)  # windows of 16: the long text takes several
+    want, got = hf_lm.loglikelihood_rolling(rolling), ours_lm.loglikelihood_rolling(rolling)
+    assert got == pytest.approx(want, abs=1e-4)
     for items in (ours_items, api_items):
         for want, got in zip(hf_items["rev_mc"], items["rev_mc"], strict=True):  # per choice: (log-lik, greedy)
             assert [g[0][1] for g in got] == [w[0][1] for w in want]
