@@ -287,6 +287,118 @@ def _stops(stop) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
+# ---- responses ----
+
+
+async def _collect(tok: Tokenizer, job: _Job, stop: list[str], timeout: float):
+    parts, reason = [], "length"
+    try:
+        async for piece, finish in _texts(tok, job, stop, timeout):
+            parts.append(piece)
+            reason = finish or reason
+    except RuntimeError as e:
+        raise APIError(str(e), status=504 if isinstance(e, _Timeout) else 500) from None
+    return "".join(parts), reason, job  # usage counts generated ids
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _chat_events(tok: Tokenizer, jobs: list[_Job], params: SamplingParams, head: dict, prompt_tokens: int,
+                       timeout: float):  # fmt: skip
+    """The stream of every choice (interleaved as they come), then usage and [DONE]; a failed choice sends an
+    error event and ends the stream there."""
+    try:
+        async for event in _merged([_chat_stream(tok, job, i, params, head, timeout) for i, job in enumerate(jobs)]):
+            yield event
+    except RuntimeError as e:
+        yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        return
+    n_out = sum(job.tokens for job in jobs)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "total_tokens": prompt_tokens + n_out}
+    yield _sse(head | {"object": "chat.completion.chunk", "choices": [], "usage": usage})
+    yield "data: [DONE]\n\n"
+
+
+async def _chat_stream(tok: Tokenizer, job: _Job, index: int, params: SamplingParams, head: dict, timeout: float):
+    """One choice's chunks. Each carries the log-probs (if asked for) of the tokens that arrived since the last."""
+    sent = 0
+
+    def chunk(delta, finish=None):
+        nonlocal sent
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        if params.logprobs is not None:
+            choice["logprobs"] = {"content": _chat_logprobs(tok, job.ids[sent:], job.logprobs[sent:])}
+            sent = len(job.ids)
+        return _sse(head | {"object": "chat.completion.chunk", "choices": [choice]})
+
+    yield chunk({"role": "assistant", "content": ""})
+    text, streamed, in_think = "", 0, False
+    reason = "length"
+    async for piece, finish in _texts(tok, job, params.stop, timeout):
+        text += piece
+        reason = finish or reason
+        # Reasoning goes out as reasoning_content, as vLLM's Qwen3 parser does; tool-call markup is held
+        # back and sent parsed at the end.
+        while streamed < len(text):
+            rest = text[streamed:]
+            if not in_think and rest.startswith("<think>"):
+                in_think, streamed = True, streamed + len("<think>")
+                continue
+            if in_think:
+                end = rest.find("</think>")
+                if end < 0:
+                    safe = len(rest) - len("</think>")
+                    if safe > 0:
+                        yield chunk({"reasoning_content": rest[:safe]})
+                        streamed += safe
+                    break
+                if end:
+                    yield chunk({"reasoning_content": rest[:end]})
+                in_think, streamed = False, streamed + end + len("</think>")
+                while text[streamed : streamed + 1] == "\n":
+                    streamed += 1
+                continue
+            safe = rest.find("<tool_call>")
+            if safe < 0:
+                safe = len(rest) - _partial_suffix(rest, "<tool_call>")
+            if safe > 0:
+                yield chunk({"content": rest[:safe]})
+                streamed += safe
+            break  # what is left may be tool-call markup: held back until the end
+    final = parse_assistant(text[streamed:]) if streamed < len(text) else None
+    if final is not None:
+        if final["tool_calls"]:
+            calls = [dict(c, index=i) for i, c in enumerate(final["tool_calls"])]
+            if final["content"]:
+                yield chunk({"content": final["content"]})
+            yield chunk({"tool_calls": calls})
+            reason = "tool_calls"
+        elif text[streamed:]:
+            yield chunk({"content": text[streamed:]})
+    yield chunk({}, reason)
+
+
+def _prompts(tok: Tokenizer, prompt) -> list[tuple[list[int], str | None]]:
+    """OpenAI's prompt forms -> (ids, text if given as text) per prompt."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError("prompt: empty", "prompt")
+    out = []
+    for i, p in enumerate(prompt):
+        ids = tok.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError(f"prompt[{i}]: empty", "prompt")
+        if max(ids) >= tok.vocab_size or min(ids) < 0:
+            raise APIError(f"prompt[{i}]: token ids must lie in [0, {tok.vocab_size})", "prompt")
+        out.append((ids, p if isinstance(p, str) else None))
+    return out
+
+
 # ---- the app ----
 
 
@@ -417,9 +529,13 @@ def create_app(
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": model_name}
         if body.stream:
-            return StreamingResponse(_chat_events(jobs, params, head, len(ids)), media_type="text/event-stream")
+            return StreamingResponse(
+                _chat_events(tok, jobs, params, head, len(ids), request_timeout), media_type="text/event-stream"
+            )
         choices, n_out = [], 0
-        for index, (text, reason, job) in enumerate(await asyncio.gather(*(_collect(j, params.stop) for j in jobs))):
+        for index, (text, reason, job) in enumerate(
+            await asyncio.gather(*(_collect(tok, j, params.stop, request_timeout) for j in jobs))
+        ):
             message = parse_assistant(text)
             if message["tool_calls"]:
                 reason = "tool_calls"
@@ -433,115 +549,12 @@ def create_app(
             "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out},
         }
 
-    async def _collect(job, stop: list[str]):
-        parts, reason = [], "length"
-        try:
-            async for piece, finish in _texts(tok, job, stop, request_timeout):
-                parts.append(piece)
-                reason = finish or reason
-        except RuntimeError as e:
-            raise APIError(str(e), status=504 if isinstance(e, _Timeout) else 500) from None
-        return "".join(parts), reason, job  # usage counts generated ids
-
-    def _sse(body: dict) -> str:
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    async def _chat_events(jobs, params, head, prompt_tokens):
-        """The stream of every choice (interleaved as they come), then usage and [DONE]; a failed choice sends an
-        error event and ends the stream there."""
-        try:
-            async for event in _merged([_chat_stream(job, index, params, head) for index, job in enumerate(jobs)]):
-                yield event
-        except RuntimeError as e:
-            yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-            return
-        n_out = sum(job.tokens for job in jobs)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "total_tokens": prompt_tokens + n_out}
-        yield _sse(head | {"object": "chat.completion.chunk", "choices": [], "usage": usage})
-        yield "data: [DONE]\n\n"
-
-    async def _chat_stream(job, index, params, head):
-        """One choice's chunks. Each carries the log-probs (if asked for) of the tokens that arrived since the last."""
-        sent = 0
-
-        def chunk(delta, finish=None):
-            nonlocal sent
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-            if params.logprobs is not None:
-                choice["logprobs"] = {"content": _chat_logprobs(tok, job.ids[sent:], job.logprobs[sent:])}
-                sent = len(job.ids)
-            return _sse(head | {"object": "chat.completion.chunk", "choices": [choice]})
-
-        yield chunk({"role": "assistant", "content": ""})
-        text, streamed, in_think = "", 0, False
-        reason = "length"
-        async for piece, finish in _texts(tok, job, params.stop, request_timeout):
-            text += piece
-            reason = finish or reason
-            # Reasoning goes out as reasoning_content, as vLLM's Qwen3 parser does; tool-call markup is held
-            # back and sent parsed at the end.
-            while streamed < len(text):
-                rest = text[streamed:]
-                if not in_think and rest.startswith("<think>"):
-                    in_think, streamed = True, streamed + len("<think>")
-                    continue
-                if in_think:
-                    end = rest.find("</think>")
-                    if end < 0:
-                        safe = len(rest) - len("</think>")
-                        if safe > 0:
-                            yield chunk({"reasoning_content": rest[:safe]})
-                            streamed += safe
-                        break
-                    if end:
-                        yield chunk({"reasoning_content": rest[:end]})
-                    in_think, streamed = False, streamed + end + len("</think>")
-                    while text[streamed : streamed + 1] == "\n":
-                        streamed += 1
-                    continue
-                safe = rest.find("<tool_call>")
-                if safe < 0:
-                    safe = len(rest) - _partial_suffix(rest, "<tool_call>")
-                if safe > 0:
-                    yield chunk({"content": rest[:safe]})
-                    streamed += safe
-                break  # what is left may be tool-call markup: held back until the end
-        final = parse_assistant(text[streamed:]) if streamed < len(text) else None
-        if final is not None:
-            if final["tool_calls"]:
-                calls = [dict(c, index=i) for i, c in enumerate(final["tool_calls"])]
-                if final["content"]:
-                    yield chunk({"content": final["content"]})
-                yield chunk({"tool_calls": calls})
-                reason = "tool_calls"
-            elif text[streamed:]:
-                yield chunk({"content": text[streamed:]})
-        yield chunk({}, reason)
-
-    def _prompts(prompt) -> list[tuple[list[int], str | None]]:
-        """OpenAI's prompt forms -> (ids, text if given as text) per prompt."""
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        elif prompt and isinstance(prompt[0], int):
-            prompt = [prompt]
-        if not prompt:
-            raise APIError("prompt: empty", "prompt")
-        out = []
-        for i, p in enumerate(prompt):
-            ids = tok.encode(p) if isinstance(p, str) else list(p)
-            if not ids:
-                raise APIError(f"prompt[{i}]: empty", "prompt")
-            if max(ids) >= tok.vocab_size or min(ids) < 0:
-                raise APIError(f"prompt[{i}]: token ids must lie in [0, {tok.vocab_size})", "prompt")
-            out.append((ids, p if isinstance(p, str) else None))
-        return out
-
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
         """One choice per prompt and n (index = prompt * n + j). echo: the prompt comes back before the completion,
         with its tokens' log-probs (the first token's is null) when logprobs is set; max_tokens 0 scores the prompt
         alone. The prompt's log-probs come from the prefill's own forward, chunk by chunk through lm_head."""
-        prompts, stop = _prompts(body.prompt), _stops(body.stop)
+        prompts, stop = _prompts(tok, body.prompt), _stops(body.stop)
         echo_k = body.logprobs if body.echo else None
         groups = []
         for ids, _ in prompts:
@@ -587,7 +600,7 @@ def create_app(
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        done = await asyncio.gather(*(_collect(job, stop) for job in jobs))
+        done = await asyncio.gather(*(_collect(tok, job, stop, request_timeout) for job in jobs))
         choices = []
         for index, (text, reason, job) in enumerate(done):
             k = which[index]
