@@ -511,11 +511,13 @@ class Cursor:
     shuffle: bool
     epoch: int = 0
     offset: int = 0
+    _order: tuple[int, list[int]] | None = None  # (epoch, its order): shuffled once per epoch, not per batch
 
     def take(self, k: int) -> list[int]:
         """The next k row indices, fewer at the end of an epoch (its last batch is short, as a DataLoader's)."""
-        order = epoch_order(self.n_rows, self.epoch, self.seed, self.shuffle)
-        out = order[self.offset : self.offset + k]
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, epoch_order(self.n_rows, self.epoch, self.seed, self.shuffle))
+        out = self._order[1][self.offset : self.offset + k]
         self.offset += len(out)
         if self.offset >= self.n_rows:
             self.epoch, self.offset = self.epoch + 1, 0

@@ -22,8 +22,8 @@ import torch
 from . import data as D
 from .engine import SamplingParams
 from .generate import generate
-from .loss import lm_loss_sum
 from .rewards import load_reward, text_of
+from .train import micro_batch_loss, to_device
 
 log = logging.getLogger("qwen3lab")
 
@@ -47,13 +47,11 @@ def _prompt_and_answer(row: dict):
 @torch.no_grad()
 def data_loss(model, data: D.TokenizedData, max_tokens: int = 4096, chunk: int = 1024) -> tuple[float, int]:
     """Summed loss over the supervised tokens of every example, and their count; examples packed into rows of at
-    most max_tokens (each its own document)."""
+    most max_tokens (each its own document): the loss training computes."""
     total, count = 0.0, 0
-    device = model.lm_head.weight.device
     for row in D.make_rows(data, max(max_tokens, int(data.lengths().max())), packing=True):
-        batch = {k: v.to(device) for k, v in D.collate(data, [row], 0).items()}
-        hidden = model.forward_packed(batch["input_ids"], batch["position_ids"], True, None, batch["cu_seqlens"])
-        loss, n = lm_loss_sum(hidden, model.lm_head.weight, batch["labels"], chunk)
+        batch = to_device(D.collate(data, [row], 0), model.lm_head.weight.device)
+        loss, n = micro_batch_loss(model, batch, True, chunk, None)
         total, count = total + float(loss), count + n
     return total, count
 

@@ -114,6 +114,15 @@ def lm_loss_sum(
     return loss, int(targets.numel())
 
 
+def _chunked_logps(h, weight, chunk_size: int, extra_ids=None, extra_delta=None):
+    """(start, log_softmax(lm_head(h[start : start + chunk_size])) [n, V] fp32) for each chunk of h [N, H]."""
+    for start in range(0, h.shape[0], chunk_size):
+        yield (
+            start,
+            torch.log_softmax(_logits(h[start : start + chunk_size], weight, extra_ids, extra_delta).float(), -1),
+        )
+
+
 @torch.no_grad()
 def token_logprobs(hidden, weight, labels, chunk_size: int = 1024, extra_rows=None, entropy: bool = False):
     """Log-probabilities [N] (fp32) of the supervised targets, chunk by chunk through lm_head, and with entropy=True
@@ -121,8 +130,7 @@ def token_logprobs(hidden, weight, labels, chunk_size: int = 1024, extra_rows=No
     h, targets, weight = _supervised(hidden, weight, labels)
     extra_ids, extra_delta = extra_rows if extra_rows is not None else (None, None)
     logps, entropies = [], []
-    for start in range(0, h.shape[0], chunk_size):
-        logp = torch.log_softmax(_logits(h[start : start + chunk_size], weight, extra_ids, extra_delta).float(), -1)
+    for start, logp in _chunked_logps(h, weight, chunk_size, extra_ids, extra_delta):
         logps.append(logp.gather(1, targets[start : start + chunk_size, None])[:, 0])
         if entropy:
             entropies.append(-(logp.exp() * logp).sum(-1))
@@ -136,8 +144,7 @@ def logprobs_topk(hidden, weight, targets, k: int, chunk_size: int = 256):
     """hidden [N, H] -> the log-prob [N] (fp32) of each target under lm_head(hidden), and the k most likely tokens
     at each position: ids [N, k] and log-probs [N, k] — chunk by chunk, never a [N, vocab] tensor in all."""
     logps, top_ids, top_logps = [], [], []
-    for start in range(0, hidden.shape[0], chunk_size):
-        logp = torch.log_softmax((hidden[start : start + chunk_size] @ weight.T).float(), -1)
+    for start, logp in _chunked_logps(hidden, weight, chunk_size):
         logps.append(logp.gather(1, targets[start : start + chunk_size, None])[:, 0])
         top = logp.topk(k, -1)
         top_ids.append(top.indices)

@@ -12,22 +12,16 @@ what its loss type normalises by. DPO and GRPO losses live in objectives.py, GRP
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-)
 from torch.distributed.tensor import DTensor
 
 from . import data as D
@@ -40,8 +34,6 @@ from .checkpoint import (
     new_model,
     resolve_folder,
     save_checkpoint,
-    save_model,
-    write_hf_folder,
 )
 from .config import (
     PRESETS,
@@ -52,7 +44,8 @@ from .config import (
     preset,
     train_config_dict,
 )
-from .lora import apply_lora, lora_disabled, lora_modules, merge_lora, save_peft_adapter, write_peft_adapter
+from .export import export, export_sharded
+from .lora import apply_lora, lora_disabled
 from .loss import IGNORE, lm_loss_sum, token_logprobs
 from .model import Qwen3
 from .objectives import OBJECTIVES, dpo_loss, grpo_loss, sequence_logps
@@ -64,8 +57,8 @@ from .parallel import (
     apply_fsdp,
     init_distributed,
     reshard,
-    unwrap_activation_checkpointing,
 )
+from .report import Progress, Reporter
 from .rollouts import Rollouts, load_prompts
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -303,103 +296,6 @@ def precompute_reference(net, data, batch_size: int, d: Dist, device, autocast, 
     return d.all_sum_tensor(out).float().numpy()
 
 
-# ---- reporting ----
-
-
-class Reporter:
-    """metrics.jsonl always; TensorBoard / W&B when asked for and installed."""
-
-    def __init__(self, out: Path, cfg: TrainConfig, resumed_step: int):
-        self.path = out / "metrics.jsonl"
-        if resumed_step == 0:
-            self.path.unlink(missing_ok=True)
-        else:  # drop lines past the checkpoint, which the resumed run writes again
-            kept = [ln for ln in self._read() if ln.get("step", 0) <= resumed_step]
-            self.path.write_text("".join(json.dumps(ln) + "\n" for ln in kept))
-        self.sinks = []
-        if "tensorboard" in cfg.report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(out / "tb"))
-            self.sinks.append(lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in m.items() if k != "step"])
-        if "wandb" in cfg.report_to:
-            import wandb
-
-            wandb.init(project="qwen3lab", config=train_config_dict(cfg), dir=str(out))
-            self.sinks.append(lambda m: wandb.log(m, step=m["step"]))
-
-    def _read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def log(self, metrics: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for sink in self.sinks:
-            sink(metrics)
-
-    def plot(self, png: Path) -> None:
-        rows = self._read()
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-        if train:
-            ax.plot(*zip(*train, strict=True), label="train loss")
-        if evals:
-            ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats / supervised token)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-
-
-class Progress:
-    """A live bar on a terminal. Elsewhere (a log file, CI, nohup) one plain line every ~5% of the run, where a bar
-    would write two carriage-return updates per step into a single line."""
-
-    def __init__(self, total: int, initial: int):
-        self.total, self.start, self.t0 = total, initial, time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
-        self.every = max(1, total // 20)
-
-    def update(self, m: dict) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
-            self.bar.update(1)
-            return
-        step = m["step"]
-        if step % self.every and step != self.total:
-            return
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / (step - self.start) * (self.total - step)
-        print(
-            f"train step {step}/{self.total}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
-            f"tok/s {m['tokens_per_s']:.0f}  elapsed {elapsed:.0f}s  eta {eta:.0f}s",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-# ---- the loop ----
-
-
 def train(config) -> Path:
     """Run SFT, DPO or GRPO as configured; returns the run folder, whose `model/` is the final HF-format model.
 
@@ -532,23 +428,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         raise ValueError("optim.name muon orthogonalises whole matrices, which FSDP shards; use adamw with torchrun")
     optimizer = build_optimizer(net, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    step, cursor = 0, D.Cursor(len(rows), cfg.seed, cfg.data.shuffle)
+    cursor = D.Cursor(len(rows), cfg.seed, cfg.data.shuffle)
     ckpts = checkpoints_folder(cfg, out)
-    if cfg.resume and list_checkpoints(ckpts):
-        latest = list_checkpoints(ckpts)[-1]
-        step, saved = load_checkpoint(latest, net, optimizer, scheduler, d)
-        if saved.get("data"):
-            cursor.epoch, cursor.offset = saved["data"]["epoch"], saved["data"]["offset"]
-        else:  # saved before the cursor: the position follows from the step (GRPO: its round's start)
-            cursor.at_batch(step // iterations * cfg.grad_accum, cfg.batch_size * saved["world"])
-        log.info("resumed from %s (step %d)", latest, step)
-        if saved["world"] != d.world:
-            log.warning(
-                "resumed with %d ranks from a checkpoint of %d: weights and optimizer state resharded, the data "
-                "continues at epoch %d, row %d; the global batch is now %d rows (was %d), so losses will not equal "
-                "an uninterrupted run's", d.world, saved["world"], cursor.epoch, cursor.offset, global_rows,
-                cfg.batch_size * saved["world"],
-            )  # fmt: skip
+    step = resume(ckpts, cfg, net, optimizer, scheduler, cursor, iterations, d) if cfg.resume else 0
     reporter = Reporter(out, cfg, step) if d.main else None
     data_state = cursor.state()  # what a checkpoint records: the position after its step (GRPO: its round's start)
 
@@ -642,6 +524,28 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     return out
 
 
+def resume(ckpts: Path, cfg: TrainConfig, net, optimizer, scheduler, cursor: D.Cursor, iterations: int, d: Dist) -> int:
+    """Load the latest checkpoint, if any, and move the cursor to its data position; returns its step (0: none).
+    Saved by another number of ranks, the run goes on with this one's global batch (the log says so)."""
+    if not list_checkpoints(ckpts):
+        return 0
+    latest = list_checkpoints(ckpts)[-1]
+    step, saved = load_checkpoint(latest, net, optimizer, scheduler, d)
+    if saved.get("data"):
+        cursor.epoch, cursor.offset = saved["data"]["epoch"], saved["data"]["offset"]
+    else:  # saved before the cursor: the position follows from the step (GRPO: its round's start)
+        cursor.at_batch(step // iterations * cfg.grad_accum, cfg.batch_size * saved["world"])
+    log.info("resumed from %s (step %d)", latest, step)
+    if saved["world"] != d.world:
+        log.warning(
+            "resumed with %d ranks from a checkpoint of %d: weights and optimizer state resharded, the data "
+            "continues at epoch %d, row %d; the global batch is now %d rows (was %d), so losses will not equal "
+            "an uninterrupted run's", d.world, saved["world"], cursor.epoch, cursor.offset, cfg.batch_size * d.world,
+            cfg.batch_size * saved["world"],
+        )  # fmt: skip
+    return step
+
+
 def checkpoints_folder(cfg: TrainConfig, out: Path) -> Path:
     return Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out / "checkpoints"
 
@@ -692,65 +596,3 @@ def _precomputed(path: Path, net, data, d: Dist, device, autocast, pad_id, cfg) 
         np.save(tmp, ref)
         os.replace(tmp, path)
     return ref
-
-
-def export_sharded(net: WithLoss, cfg: TrainConfig, tok: Tokenizer, out: Path, source: str | None, d: Dist) -> None:
-    """The final HF folder from the sharded model, as export() writes it: every rank takes part in gathering each
-    tensor in turn and rank 0 writes the safetensors files shard by shard, so no rank ever holds the whole model.
-    LoRA adapters (small) are first gathered whole to rank 0, folded into their base weights as those are
-    written, and saved as the peft adapter folder."""
-    clean = lambda name: name.replace("_checkpoint_wrapped_module.", "")  # noqa: E731
-    trained, loras = {}, {clean(n): m for n, m in lora_modules(net.model).items()}
-    if loras or net.extra_tokens is not None:  # the trained parameters alone (the base is frozen)
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        trained = {clean(k): v for k, v in get_model_state_dict(net, options=options).items()}
-    params = {clean(n): p for n, p in net.model.named_parameters() if ".lora_" not in n}  # tied lm_head: once
-    token_rows = None
-
-    def get(name: str) -> torch.Tensor:
-        nonlocal token_rows
-        p = params[name]
-        full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-        if not d.main:
-            return full
-        module = name.removesuffix(".weight")
-        if module in loras:  # W + scaling * B @ A, summed in fp32 as LoRALinear.merged does
-            a, b = trained[f"model.{module}.lora_A.weight"], trained[f"model.{module}.lora_B.weight"]
-            full = (full.float() + (b.float() @ a.float()) * loras[module].scaling).to(full.dtype)
-        if name == "model.embed_tokens.weight" and net.extra_tokens is not None:
-            ids = net.extra_tokens.token_ids.cpu()
-            full = full.clone()
-            full[ids] = (full[ids].float() + trained["extra_tokens.delta"]).to(full.dtype)
-            token_rows = (ids.tolist(), full[ids].float())
-        return full
-
-    dtype = next(iter(params.values())).dtype
-    shapes = {name: tuple(p.shape) for name, p in params.items()}
-    # shards of 1 GB (not save_model's 5): what rank 0 holds at once, beside the one tensor being gathered
-    write_hf_folder(net.model.config, out / "model", shapes, get, "1GB", dtype, write=d.main)
-    if d.main:
-        tok.save(out / "model")
-        if loras:
-            first = next(iter(loras.values()))
-            adapters = {m: (trained[f"model.{m}.lora_A.weight"], trained[f"model.{m}.lora_B.weight"]) for m in loras}
-            write_peft_adapter(out / "adapter", adapters, first.rank, first.alpha, cfg.lora.dropout, source or "",
-                               token_rows)  # fmt: skip
-
-
-def export(model, tok: Tokenizer, extra_tokens, out: Path, source: str | None) -> None:
-    """The final HF folder (LoRA merged in) with tokenizer and template, plus a peft adapter folder for LoRA runs."""
-    unwrap_activation_checkpointing(model)
-    if lora_modules(model):
-        rows = None
-        if extra_tokens is not None:  # peft's trainable tokens hold the rows' values, not a delta
-            w = model.model.embed_tokens.weight
-            ids = extra_tokens.token_ids.to(w.device)
-            rows = (ids.tolist(), w[ids].float() + extra_tokens.delta.detach().to(w.device))
-        save_peft_adapter(model, out / "adapter", base_model=source or "", trained_tokens=rows)
-        merge_lora(model)
-    if extra_tokens is not None:
-        with torch.no_grad():
-            w, ids = model.model.embed_tokens.weight, extra_tokens.token_ids.to(model.model.embed_tokens.weight.device)
-            w[ids] = (w[ids].float() + extra_tokens.delta.to(w.device)).to(w.dtype)
-    save_model(model, out / "model")
-    tok.save(out / "model")
