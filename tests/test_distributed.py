@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import qwen3lab
 from qwen3lab.train import train
 
+pytestmark = pytest.mark.slow  # processes under torchrun's launcher
 WORKER = Path(__file__).with_name("dist_worker.py")
 CHATS = [
     {"messages": [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]}

@@ -45,6 +45,7 @@ def evaluate(model, model_args, folder, **kw):
     return per_item, metrics
 
 
+@pytest.mark.slow
 def test_lm_eval_through_the_server_and_in_process_equals_its_hf_backend(tmp_path, tok):
     from qwen3lab.lm_eval_model import Qwen3LabLM
     from qwen3lab.serve import create_app
@@ -77,6 +78,80 @@ def test_lm_eval_through_the_server_and_in_process_equals_its_hf_backend(tmp_pat
             assert [g[0][0] for g in got] == pytest.approx([w[0][0] for w in want], abs=1e-4)
 
 
+@pytest.mark.slow
+def test_lm_eval_scores_a_model_that_stops_as_its_hf_backend_does(tmp_path, trained_sort):
+    """The demo's sort model ends each answer with <|im_end|>, so lm-eval's one generated token after an echoed
+    prompt is the stop id. Every choice's log-likelihood through the server (which must return an entry for that
+    token: lm-eval drops the last one) and in-process equals lm-eval's hf backend; the server's echo, usage and chat
+    log-probs count the stop id, streamed or not, and keep it out of the text."""
+    import httpx
+
+    import qwen3lab
+    from qwen3lab.demo import make_tasks, prompt_ids
+    from qwen3lab.lm_eval_model import Qwen3LabLM
+    from qwen3lab.serve import create_app
+
+    folder = trained_sort[1] / "model"
+    model, tok = qwen3lab.load_model(folder, dtype="float32", device="cpu"), qwen3lab.load_tokenizer(folder)
+    held_out = make_tasks(1500, 25, ("sort",), 0)[1][:10]
+    docs = []
+    for ex in held_out:
+        answer = ex.messages[-1]["content"]
+        others = {answer[::-1], answer[1:] + answer[0], "".join(sorted(answer, reverse=True))} - {answer}
+        docs.append({"context": tok.decode(prompt_ids(tok, ex.messages[:-1])), "choices": [answer, *sorted(others)]})
+    (tmp_path / "sort.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "sort_mc.yaml").write_text(
+        f"task: sort_mc\ndataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'sort.jsonl'}\noutput_type: multiple_choice\ndoc_to_text: '{{{{context}}}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: 0\ntarget_delimiter: ''\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+
+    def loglikelihoods(model_type, model_args=None, **kw):
+        from lm_eval.tasks import TaskManager
+
+        out = lm_eval.simple_evaluate(model=model_type, model_args=model_args, tasks=["sort_mc"], log_samples=True,
+                                      task_manager=TaskManager(include_path=str(tmp_path)), **kw)  # fmt: skip
+        samples = sorted(out["samples"]["sort_mc"], key=lambda s: s["doc_id"])
+        return [[r[0][0] for r in s["resps"]] for s in samples], out["results"]["sort_mc"]["acc,none"]
+
+    want, hf_acc = loglikelihoods("hf", f"pretrained={folder},dtype=float32", device="cpu", batch_size=4)
+    assert hf_acc >= 0.5  # the model has learned the task
+    got, acc = loglikelihoods(Qwen3LabLM(model=model, tokenizer=tok))
+    assert acc == hf_acc
+    for w, g in zip(want, got, strict=True):
+        assert g == pytest.approx(w, abs=1e-4)
+    with serving(create_app(model, tok, "sort")) as url:
+        got, acc = loglikelihoods("local-completions", f"base_url={url}/v1/completions,model=sort")
+        assert acc == hf_acc
+        for w, g in zip(want, got, strict=True):
+            assert g == pytest.approx(w, abs=1e-4)
+
+        ids = prompt_ids(tok, held_out[0].messages[:-1]) + tok.encode(held_out[0].messages[-1]["content"])
+        body = {"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+        choice = r["choices"][0]
+        assert choice["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 1
+        assert len(choice["logprobs"]["token_logprobs"]) == len(ids) + 1
+        assert choice["logprobs"]["tokens"][-1] == "<|im_end|>" and choice["text"] == tok.decode(ids)
+        assert choice["logprobs"]["token_logprobs"][-1] > -1.0  # the model's likeliest next token
+
+        chat = {"messages": held_out[0].messages[:-1], "max_tokens": 16, "temperature": 0, "logprobs": True}
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()
+        content = r["choices"][0]["logprobs"]["content"]
+        assert r["choices"][0]["finish_reason"] == "stop" and "<|im_end|>" not in r["choices"][0]["message"]["content"]
+        assert content[-1]["token"] == "<|im_end|>" and r["usage"]["completion_tokens"] == len(content)
+        streamed = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat | {"stream": True}, timeout=60) as events:
+            for line in events.iter_lines():
+                if line.startswith("data: {"):
+                    for c in json.loads(line[6:])["choices"]:
+                        streamed += (c.get("logprobs") or {}).get("content") or []
+        assert [c["token"] for c in streamed] == [c["token"] for c in content]
+        assert [c["logprob"] for c in streamed] == pytest.approx([c["logprob"] for c in content], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_qwen3lab_eval_on_data_scores_loss_and_generations_beside_a_baseline(tmp_path, tok, capsys):
     """`qwen3lab eval --data`: the assistant-token loss equals transformers' cross-entropy over the same tokens; exact
     match and a reward score the greedy generations (the same scorers as GRPO's); a --baseline column; the JSON

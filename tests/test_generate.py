@@ -109,6 +109,7 @@ def test_prompt_too_long_or_empty(models, tok):
         generate(ours, tok, [[]])
 
 
+@pytest.mark.slow
 def test_compiled_decode_equals_eager(tmp_path, tok):
     """--compile (decoder blocks compiled for any length) generates what eager does, batched and padded, with no
     recompile per decode step."""

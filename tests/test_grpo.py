@@ -34,6 +34,30 @@ def rollout(seed=0):
     return prompts, completions, mask, advantages, noise
 
 
+def trl_trainer(folder, tmp_path, cfg: GRPOConfig):
+    """trl's GRPOTrainer on the model in `folder` with our GRPO settings."""
+    return trl.GRPOTrainer(
+        model=str(folder),  # by path: trl loads its reference copy from there
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=trl.GRPOConfig(
+            output_dir=str(tmp_path / "trl"),
+            per_device_train_batch_size=2 * cfg.num_generations,
+            num_generations=cfg.num_generations,
+            max_completion_length=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            loss_type=cfg.loss_type,
+            epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
+            beta=cfg.beta,
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+        ),
+        train_dataset=datasets.Dataset.from_list([{"prompt": "hi"}] * 4),
+        processing_class=transformers.AutoTokenizer.from_pretrained(folder),
+    )
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.04], ids=["no-kl", "kl"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_grpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, beta):
@@ -41,26 +65,7 @@ def test_grpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, beta):
     tok.save(tmp_path / "m")
     cfg = GRPOConfig(num_generations=G, max_completion_length=MAX_COMPLETION, temperature=0.7, loss_type=loss_type,
                      epsilon=0.2, epsilon_high=0.28, beta=beta)  # fmt: skip
-    trainer = trl.GRPOTrainer(
-        model=str(tmp_path / "m"),  # by path: trl loads its reference copy from there
-        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-        args=trl.GRPOConfig(
-            output_dir=str(tmp_path / "trl"),
-            per_device_train_batch_size=2 * G,
-            num_generations=G,
-            max_completion_length=MAX_COMPLETION,
-            temperature=cfg.temperature,
-            loss_type=loss_type,
-            epsilon=cfg.epsilon,
-            epsilon_high=cfg.epsilon_high,
-            beta=beta,
-            use_cpu=True,
-            bf16=False,
-            report_to=[],
-        ),  # fmt: skip
-        train_dataset=datasets.Dataset.from_list([{"prompt": "hi"}] * 4),
-        processing_class=transformers.AutoTokenizer.from_pretrained(tmp_path / "m"),
-    )
+    trainer = trl_trainer(tmp_path / "m", tmp_path, cfg)
     trainer.current_gradient_accumulation_steps = 1
     hf = trainer.model
     prompts, completions, mask, advantages, (old_noise, ref_noise) = rollout()
@@ -115,6 +120,48 @@ def test_grpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, beta):
 def even_ids(prompts, completions, completion_ids, **_):
     """A reward for the tests: the share of even token ids (varies between completions, so advantages do)."""
     return [sum(i % 2 == 0 for i in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+SEEN: list = []  # what `recording` was handed
+
+
+def recording(prompts, completions, completion_ids, **_):
+    SEEN.append({"prompts": prompts, "completions": completions, "completion_ids": completion_ids})
+    return [0.0] * len(completions)
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "text"])
+def test_reward_functions_see_what_trl_hands_them(tmp_path, tok, monkeypatch, chat):
+    """For the same completion ids, the reward functions get the texts trl's GRPOTrainer decodes for them: no stop
+    token in the text (ended by <|im_end|>, by <|endoftext|>, or cut at max_completion_length), think tags kept."""
+    import json
+
+    from qwen3lab import train
+    from qwen3lab.rollouts import Rollouts
+
+    hf_small().save_pretrained(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    im_end, endoftext = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+    answer = tok.encode("<think>\n\n</think>\n\n3579")
+    completion_ids = [answer + [im_end], answer + [endoftext], answer[:6], tok.encode("<tool_call>\n{}") + [im_end]]
+    prompt = [{"role": "user", "content": "Sort 9753"}] if chat else "Sort 9753"
+    cfg = GRPOConfig(num_generations=4, max_completion_length=len(answer) + 1)
+
+    trainer = trl_trainer(tmp_path / "m", tmp_path, cfg)
+    monkeypatch.setattr(trainer, "_generate_single_turn", lambda *args, **kw: (completion_ids, None))
+    trl_completions = trainer._generate([prompt] * 4)[3]
+
+    monkeypatch.setattr(Rollouts, "_generate", lambda self, rows, step, micro: completion_ids)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompt, "answer": "3579"}) + "\n")
+    SEEN.clear()
+    train({"model": str(tmp_path / "m"), "out": str(tmp_path / "ours"), "objective": "grpo", "steps": 1,
+           "batch_size": 1, "progress": False, "data": {"train": str(tmp_path / "p.jsonl")},
+           "grpo": {"num_generations": 4, "max_completion_length": cfg.max_completion_length,
+                    "rewards": ["test_grpo:recording", "exact_match"]}})  # fmt: skip
+    assert SEEN[0]["completions"] == trl_completions
+    assert SEEN[0]["completion_ids"] == completion_ids and SEEN[0]["prompts"] == [prompt] * 4
+    metrics = json.loads((tmp_path / "ours" / "metrics.jsonl").read_text())
+    assert metrics["rewards/exact_match"] == 0.5  # the two completions that stopped after "3579"
 
 
 def test_builtin_rewards_and_advantages():
@@ -174,3 +221,33 @@ def test_grpo_run_rolls_out_scores_and_resumes_exactly(tmp_path, tok, monkeypatc
     resumed = run(tmp_path / "b", save_every=2)
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], abs=1e-6)
     assert [m["reward"] for m in resumed] == pytest.approx([m["reward"] for m in straight], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_grpo_with_a_builtin_reward_lifts_a_model_that_answers_right_part_of_the_time(tmp_path, trained_sort):
+    """The demo's briefly trained sort model, GRPO on four of its training prompts with exact_match alone: the
+    sampled completions score above 0 from the start, and the reward mean rises above that of the same run with
+    the learning rate at 0 (the same rollouts at step 1; the policy then stays where it started). Only rewards that
+    score real answers can lift it."""
+    import json
+
+    from qwen3lab import train
+    from qwen3lab.demo import make_tasks
+
+    _, out = trained_sort
+    train_set, _ = make_tasks(1500, 25, ("sort",), 0)  # the fixture's training set
+    rows = [{"prompt": ex.messages[:-1], "answer": ex.messages[-1]["content"]} for ex in train_set[:4]]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def rewards(lr):
+        run = train({"model": str(out / "model"), "out": str(tmp_path / f"lr{lr}"), "objective": "grpo", "steps": 20,
+                     "data": {"train": str(tmp_path / "p.jsonl")}, "batch_size": 4, "progress": False,
+                     "optim": {"lr": lr, "schedule": "constant"},
+                     "grpo": {"num_generations": 8, "max_completion_length": 16, "temperature": 0.7,
+                              "rewards": ["exact_match"]}})  # fmt: skip
+        return [json.loads(line)["reward"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    learned, still = rewards(1e-4), rewards(0.0)
+    assert learned[0] == still[0] > 0
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    assert mean(learned[10:]) > mean(learned[:5]) and mean(learned[10:]) > mean(still[10:]) + 0.1, (learned, still)

@@ -12,9 +12,12 @@ from conftest import serving, tiny_server_model
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = os.environ.get("QWEN3LAB_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no Chromium installed: `apt-get install chromium` (or set QWEN3LAB_CHROMIUM)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="no Chromium installed: `apt-get install chromium` (or set QWEN3LAB_CHROMIUM)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -225,7 +225,10 @@ def test_echo_logprobs_score_the_prompt_as_transformers_does(client, server, tok
     scored = httpx.post(server[0] + "/v1/completions", json={"prompt": prompts[0], "max_tokens": 0, "echo": True,
                                                             "logprobs": 0}, timeout=30).json()  # fmt: skip
     assert scored["usage"]["completion_tokens"] == 0
-    assert scored["choices"][0]["logprobs"]["token_logprobs"] == r.choices[0].logprobs.token_logprobs[:-1]
+    # the same prompt scored alone and in a batch of two: the matmuls' blocking may differ, so not bit for bit
+    alone, batched = scored["choices"][0]["logprobs"]["token_logprobs"], r.choices[0].logprobs.token_logprobs[:-1]
+    assert alone[0] is None and batched[0] is None and len(alone) == len(batched)
+    assert alone[1:] == pytest.approx(batched[1:], abs=1e-5)
 
 
 def test_prompt_forms_logprobs_and_streamed_n(client, server, tok):

@@ -16,8 +16,9 @@ prefill it once and copy its cache to each row.
     engine = Engine(model, max_batch=16)
     request = engine.submit(ids, SamplingParams(...), emit)   # emit(kind, value) from the engine's thread:
     # ("token", id) per generated token, then ("end", "stop" | "length"), or ("error", message); with
-    # params.logprobs, ("logprob", (logp, [(id, logp), ...])) before each token; with params.prompt_logprobs,
-    # ("prompt_logprobs", [None, (logp, [(id, logp), ...]), ...]) once, before any token
+    # params.logprobs, ("logprob", (logp, [(id, logp), ...])) before each token and before the "end" of a stop id
+    # (request.stop_token: the stop id is sampled like any token, so it has a log-prob, as OpenAI and vLLM report);
+    # with params.prompt_logprobs, ("prompt_logprobs", [None, (logp, [(id, logp), ...]), ...]) once, before any token
     request.cancel()                                          # the row leaves at the next step
 """
 
@@ -440,8 +441,8 @@ class Engine:
             self._take(request, token)
 
     def _emit_logprobs(self, requests: list[Request], logits: torch.Tensor, tokens: list[int]) -> None:
-        """("logprob", ...) for the rows that asked, before their token (none for a stop id, which is no token)."""
-        rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None and tokens[i] not in r.stops]
+        """("logprob", ...) for the rows that asked, before their token or stop id."""
+        rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         if not rows:
             return
         logp = torch.log_softmax(logits[rows], -1)  # [n, V]

@@ -96,7 +96,9 @@ class Rollouts:
         with gathered(self.net, model.model.layers), self.autocast():
             completion_ids = self.net(None, call=lambda: self._generate(rows, step, micro))
         model.train(training)
-        texts = [self.tok.decode(ids) for ids in completion_ids]
+        # what trl hands its reward functions for a tokenizer without a response schema (Qwen3's): the completion
+        # decoded without special tokens, so the stop id that ended it (kept in completion_ids) is not in the text
+        texts = [self.tok.decode(ids, skip_special_tokens=True) for ids in completion_ids]
         rewards = self.score(rows, completion_ids, texts) if rows else torch.zeros(0)  # [n * G]
         batch_std = None
         if g.scale_rewards == "batch" and self.d.world > 1:

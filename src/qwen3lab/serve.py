@@ -38,7 +38,9 @@ log = logging.getLogger("qwen3lab")
 
 class _Job:
     """One request's events, pushed by the engine's thread into this event loop: ("token", id), ("end", reason),
-    ("error", message), and the log-probs asked for. `ids` and `logprobs` grow together as tokens arrive."""
+    ("error", message), and the log-probs asked for. `ids` and `logprobs` grow together as tokens arrive; the stop
+    id that ended the request is their last entry (OpenAI and vLLM count it in usage and give its log-prob, and
+    lm-eval's scoring of echoed prompts relies on one entry per generated token), though never part of the text."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.events, self.request = loop, asyncio.Queue(), None
@@ -102,6 +104,10 @@ async def _texts(tok: Tokenizer, job: _Job, stop: list[str], timeout: float):
                 job.prompt_logprobs = value
                 continue
             if kind == "end":
+                stop_id = job.request.stop_token if job.request is not None else None
+                if stop_id is not None:  # counted and scored like a token (usage, log-probs), never shown as text
+                    job.ids.append(stop_id)
+                    job.logprobs.append(job._next_logprob)
                 tail = text.flush()
                 if tail:
                     yield tail, None
