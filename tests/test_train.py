@@ -350,6 +350,55 @@ def test_resume_gives_the_same_losses(model_dir, tmp_path, monkeypatch, keys):
     assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
 
 
+def test_a_finished_run_continues_to_more_steps(model_dir, tmp_path, caplog):
+    """The last step is checkpointed: the same run to 6 steps after a 4-step one continues from step 4 (its data and
+    optimizer state), equals a straight 6-step run from step 5 on (constant schedule), and logs each step once."""
+    import logging
+
+    data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    keys = {"optim__schedule": "constant", "optim__warmup_steps": 0}
+    straight = train(run_config(model_dir, data_path, tmp_path / "a", steps=6, **keys))
+    train(run_config(model_dir, data_path, tmp_path / "b", steps=4, save_every=3, **keys))
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+    with caplog.at_level(logging.INFO, logger="qwen3lab"):
+        continued = train(run_config(model_dir, data_path, tmp_path / "b", steps=6, save_every=3, **keys))
+    assert "continuing from step 4 of a finished run" in caplog.text
+
+    def rows(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in rows(continued)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows(continued)] == pytest.approx([r["loss"] for r in rows(straight)], abs=1e-6)
+    assert [r["lr"] for r in rows(continued)] == [r["lr"] for r in rows(straight)]
+
+
+def test_continuing_a_decayed_schedule_takes_the_new_totals_learning_rate(model_dir, tmp_path):
+    """A cosine run continued to a longer total: from the saved step on, the learning rate is the longer cosine's
+    (not the old schedule's end, which the optimizer's saved state still holds)."""
+    data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    keys = {"optim__schedule": "cosine", "optim__warmup_steps": 0, "save_every": 4}
+    straight = train(run_config(model_dir, data_path, tmp_path / "a", steps=8, **keys))
+    train(run_config(model_dir, data_path, tmp_path / "b", steps=4, **keys))
+    continued = train(run_config(model_dir, data_path, tmp_path / "b", steps=8, **keys))
+
+    def lrs(run):
+        return [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert lrs(continued)[4:] == pytest.approx(lrs(straight)[4:], rel=1e-12)
+    assert lrs(continued)[3] < lrs(continued)[4]  # the old run had decayed further by its step 4
+
+
+def test_wsd_schedule_warms_up_holds_then_decays():
+    from qwen3lab.train import lr_lambda
+
+    cfg = TrainConfig()
+    cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_fraction, cfg.optim.min_lr_ratio = "wsd", 2, 0.4, 0.1
+    f = lr_lambda(cfg, 10)  # the last 4 steps decay linearly towards min_lr_ratio
+    assert [f(s) for s in range(10)] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1, 1, 0.775, 0.55, 0.325])
+    longer = lr_lambda(cfg, 20)  # a longer run holds longer: continuing a stable phase changes nothing before it
+    assert [longer(s) for s in range(6)] == [f(s) for s in range(6)]
+
+
 class _RunsCode:
     """Unpickling this runs code: what a tampered checkpoint file would hold."""
 
@@ -367,9 +416,9 @@ def test_tampered_checkpoint_is_refused_not_executed(model_dir, tmp_path, target
     data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
     cfg = run_config(model_dir, data_path, tmp_path / "run", steps=2, save_every=1, lora__rank=4)
     train(cfg)
-    checkpoint = tmp_path / "run" / "checkpoints" / "step-000001"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"  # the last step's: the one a rerun resumes from
     state = torch.load(checkpoint / "state-rank0.pt", weights_only=True)  # tensors and plain data only
-    assert state["step"] == 1 and isinstance(state["rng"]["torch"], torch.Tensor)
+    assert state["step"] == 2 and isinstance(state["rng"]["torch"], torch.Tensor)
     marker = tmp_path / "code-ran"
     with open(checkpoint / target, "wb") as f:
         pickle.dump(_RunsCode(marker), f)

@@ -8,6 +8,7 @@ so a model never exists twice in RAM.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -19,6 +20,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -379,9 +381,19 @@ def list_checkpoints(root: Path) -> list[Path]:
 _STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)  # LoRA checkpoints hold the adapters, not the base
 
 
-def save_checkpoint(root: Path, step: int, net, optimizer, scheduler, keep: int, d: Dist, data: dict | None = None):
+@contextlib.contextmanager
+def _one_process_is_meant():
+    """DCP warns on every save and load without a process group that it assumes one process: here that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save_checkpoint(root: Path, step: int, net, optimizer, scheduler, keep: int, d: Dist, data: dict | None = None,
+                    run: dict | None = None):  # fmt: skip
     """torch.distributed.checkpoint: each rank writes its own shards of the trained weights and Adam state, plus its
-    scheduler / RNG / data position (`data`: the cursor's rows taken, global), into root/step-N.
+    scheduler / RNG / data position (`data`: the cursor's rows taken, global) and what the run was (`run`: its
+    objective and total steps), into root/step-N.
 
     Written into a temporary folder renamed once every rank is done, so an interrupted save leaves the last good
     checkpoint as it was. root may be shared by all nodes or local to each (node-local disks): each rank writes its
@@ -401,9 +413,10 @@ def save_checkpoint(root: Path, step: int, net, optimizer, scheduler, keep: int,
     d.barrier()
     model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
     sharded, replicated = _split({"model": model_sd, "optimizer": optim_sd}, d.world > 1)
-    dcp.save(sharded, checkpoint_id=tmp, no_dist=d.world == 1)
+    with _one_process_is_meant():
+        dcp.save(sharded, checkpoint_id=tmp, no_dist=d.world == 1)
     state = {"format": 3, "step": step, "world": d.world, "scheduler": scheduler.state_dict(), "rng": rng_state(),
-             "data": data, "replicated": replicated}  # fmt: skip
+             "data": data, "replicated": replicated, "run": run or {}}  # fmt: skip
     torch.save(state, tmp / f"state-rank{d.rank}.pt")  # tensors and plain data only: loads with weights_only
     metadata = [(tmp / ".metadata").read_bytes() if d.main else None]
     if d.world > 1:
@@ -563,22 +576,36 @@ def _read_state(state_file: Path) -> dict:
         ) from None
 
 
-def load_checkpoint(path: Path, net, optimizer, scheduler, d: Dist) -> tuple[int, dict]:
+def load_checkpoint(path: Path, net, optimizer, scheduler, d: Dist, objective: str | None = None) -> tuple[int, dict]:
     """Weights, optimizer, scheduler and RNG from a checkpoint; returns (step, the saved state: world, data, ...).
 
     Saved by another number of ranks, DCP reshards the weights and the Adam state to this one; a rank the saved run
-    did not have takes rank 0's RNG state."""
+    did not have takes rank 0's RNG state. A checkpoint of another objective's run is refused."""
     saved = check_checkpoint(path, d)
     state = _read_state(path / f"state-rank{d.rank if d.rank < saved else 0}.pt")
+    was = (state.get("run") or {}).get("objective")
+    if objective is not None and was not in (None, objective):
+        raise CheckpointError(f"{path}: a checkpoint of a {was} run, and this run's objective is {objective}; use "
+                              "another out folder, or resume: false to start anew")  # fmt: skip
     model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
     sd = {"model": model_sd, "optimizer": optim_sd}
     replicated = state.get("replicated") or {}
-    dcp.load(_without(sd, replicated), checkpoint_id=path, no_dist=d.world == 1, planner=_WeightsOnlyLoadPlanner())
-    _merge(sd, replicated)
-    # dcp.load has filled every key get_state_dict asked for (or raised); strict=False only lets the frozen base
-    # weights, which LoRA checkpoints leave out, stay as they are
-    options = StateDictOptions(ignore_frozen_params=True, strict=False)
-    set_state_dict(net, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"], options=options)
+    try:
+        with _one_process_is_meant():
+            dcp.load(_without(sd, replicated), checkpoint_id=path, no_dist=d.world == 1,
+                     planner=_WeightsOnlyLoadPlanner())  # fmt: skip
+        _merge(sd, replicated)
+        # dcp.load has filled every key get_state_dict asked for (or raised); strict=False only lets the frozen base
+        # weights, which LoRA checkpoints leave out, stay as they are
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)
+        set_state_dict(net, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"], options=options)
+    except (RuntimeError, ValueError, KeyError, dcp.api.CheckpointException) as e:  # DCP's: not an Exception
+        if isinstance(e, dcp.api.CheckpointException):  # the first rank's own exception
+            e = next(iter(e.failures.values()))[0]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: does not fit this run ({first[:300]}); it was written by a run with another "
+                              "model, LoRA or trained-token setting: use another out folder, or resume: false to "
+                              "start anew") from e  # fmt: skip
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["step"], state

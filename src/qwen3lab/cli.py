@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=cmd_serve)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="on an error, the traceback too (or QWEN3LAB_DEBUG=1)")
     return parser
 
 
@@ -377,6 +379,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"qwen3lab {args.command}: unrecognized arguments: {' '.join(extra)}")
         else:
             args.func(args)
-    except (ConfigError, DataError, ChatError, FileNotFoundError) as e:
-        # Bad input: one line that names the file / key / example and the fix, not a traceback.
-        raise SystemExit(f"qwen3lab {args.command}: error: {e}") from None
+    except (ConfigError, DataError, ChatError, ValueError, OSError) as e:
+        # Bad input (a config, data, model or checkpoint a user gave): one line that names the file / key / example
+        # and the fix, not a traceback. qwen3lab's own refusals are ValueErrors (ConfigError, DataError,
+        # CheckpointError, ...) or OSErrors (a missing file); QWEN3LAB_DEBUG=1 or --debug shows the traceback.
+        if args.debug or os.environ.get("QWEN3LAB_DEBUG", "") not in ("", "0"):
+            raise
+        message = " ".join(str(e).split("\n")) or type(e).__name__
+        raise SystemExit(f"qwen3lab {args.command}: error: {message}") from None

@@ -241,8 +241,9 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup, constant, linear decay at the end)
     warmup_steps: int = 0
+    decay_fraction: float = 0.2  # wsd: the share of the steps, at the end, over which the rate decays
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0  # 0: no clipping
 
@@ -299,7 +300,7 @@ class TrainConfig:
     loss_chunk: int = 256  # positions per lm_head chunk in the loss: chunk x vocab fp32 logits at a time
     log_every: int = 1
     eval_every: int = 0  # 0: at the end only
-    save_every: int = 0  # 0: no intermediate checkpoints
+    save_every: int = 0  # checkpoints every N steps and after the last (to continue the run); 0: none
     keep_checkpoints: int = 2
     # where checkpoints go: "" is the run folder's checkpoints/; a node-local path (fast local disks) works too, each
     # node keeping its ranks' shards and a copy of the metadata

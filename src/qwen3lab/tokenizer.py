@@ -270,6 +270,8 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     if path is None:
         return Tokenizer(offline_qwen3_backend(), chat.qwen3_template(), {"eos_token": "<|endoftext|>"})
     folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder")
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{folder}: no tokenizer.json; pass a model folder, or no path for Qwen3's tokenizer")
     config = {}

@@ -124,17 +124,21 @@ def build_tokenizer(model_source: str | None) -> Tokenizer:
 def lr_lambda(cfg: TrainConfig, total_steps: int):
     o = cfg.optim
 
+    # wsd (warmup-stable-decay): constant, then a linear decay over the last decay_fraction of the steps; a longer
+    # run only moves the decay later, so a run continued from its stable phase goes on as if planned that long
+    decay_start = total_steps - max(1, round(o.decay_fraction * total_steps)) if o.schedule == "wsd" else o.warmup_steps
+
     def f(step: int) -> float:
         if step < o.warmup_steps:
             return (step + 1) / (o.warmup_steps + 1)
-        if o.schedule == "constant":
+        if o.schedule == "constant" or step < decay_start:
             return 1.0
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
         decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
 
-    if o.schedule not in ("cosine", "linear", "constant"):
-        raise ValueError(f"optim.schedule {o.schedule!r}: use cosine, linear or constant")
+    if o.schedule not in ("cosine", "linear", "constant", "wsd"):
+        raise ValueError(f"optim.schedule {o.schedule!r}: use cosine, linear, constant or wsd")
     return f
 
 
@@ -430,7 +434,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     cursor = D.Cursor(len(rows), cfg.seed, cfg.data.shuffle)
     ckpts = checkpoints_folder(cfg, out)
-    step = resume(ckpts, cfg, net, optimizer, scheduler, cursor, iterations, d) if cfg.resume else 0
+    step = resume(ckpts, cfg, net, optimizer, scheduler, cursor, iterations, total_steps, d) if cfg.resume else 0
     reporter = Reporter(out, cfg, step) if d.main else None
     data_state = cursor.state()  # what a checkpoint records: the position after its step (GRPO: its round's start)
 
@@ -509,8 +513,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
             reporter.log(metrics)
         if bar is not None:
             bar.update(metrics)
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            save_checkpoint(ckpts, step, net, optimizer, scheduler, cfg.keep_checkpoints, d, data_state)
+        if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):  # the last: to continue from
+            save_checkpoint(ckpts, step, net, optimizer, scheduler, cfg.keep_checkpoints, d, data_state,
+                            {"objective": cfg.objective, "total_steps": total_steps})  # fmt: skip
     if bar is not None:
         bar.close()
     if d.world > 1:
@@ -524,18 +529,32 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     return out
 
 
-def resume(ckpts: Path, cfg: TrainConfig, net, optimizer, scheduler, cursor: D.Cursor, iterations: int, d: Dist) -> int:
+def resume(ckpts: Path, cfg: TrainConfig, net, optimizer, scheduler, cursor: D.Cursor, iterations: int,
+           total_steps: int, d: Dist) -> int:  # fmt: skip
     """Load the latest checkpoint, if any, and move the cursor to its data position; returns its step (0: none).
-    Saved by another number of ranks, the run goes on with this one's global batch (the log says so)."""
+    Saved by another number of ranks, the run goes on with this one's global batch (the log says so). A finished
+    run goes on to this run's total: the learning-rate schedule is that of the new total from the saved step on."""
     if not list_checkpoints(ckpts):
         return 0
     latest = list_checkpoints(ckpts)[-1]
-    step, saved = load_checkpoint(latest, net, optimizer, scheduler, d)
+    step, saved = load_checkpoint(latest, net, optimizer, scheduler, d, cfg.objective)
+    run = saved.get("run") or {}
     if saved.get("data"):
         cursor.epoch, cursor.offset = saved["data"]["epoch"], saved["data"]["offset"]
     else:  # saved before the cursor: the position follows from the step (GRPO: its round's start)
         cursor.at_batch(step // iterations * cfg.grad_accum, cfg.batch_size * saved["world"])
-    log.info("resumed from %s (step %d)", latest, step)
+    # the optimizer's saved learning rate is the old schedule's; LambdaLR computes the new one the same way
+    scheduler._last_lr = []
+    for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * f(scheduler.last_epoch)
+        scheduler._last_lr.append(group["lr"])
+    if run.get("total_steps") == step and total_steps > step:
+        log.info("continuing from step %d of a finished run (%s): %d steps more, the schedule now runs to step %d",
+                 step, latest, total_steps - step, total_steps)  # fmt: skip
+    elif step >= total_steps:
+        log.info("%s is at step %d of %d: nothing left to train; exporting its weights", latest, step, total_steps)
+    else:
+        log.info("resumed from %s (step %d)", latest, step)
     if saved["world"] != d.world:
         log.warning(
             "resumed with %d ranks from a checkpoint of %d: weights and optimizer state resharded, the data "
