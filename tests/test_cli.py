@@ -51,7 +51,7 @@ def train_args(folder: Path, *more: str) -> list[str]:
 def test_training_mistakes_are_one_line(folder, tmp_path):
     assert "nope.jsonl" in refused(train_args(folder, "--data.train", str(tmp_path / "nope.jsonl")))
     assert "optim.lr" in refused(train_args(folder, "--optim.lrr", "1"))
-    assert "objective 'dpoo'" in refused(train_args(folder, "--objective", "dpoo"))
+    assert "objective: 'dpoo'" in refused(train_args(folder, "--objective", "dpoo"))
     assert "'cosin'" in refused(train_args(folder, "--optim.schedule", "cosin"))
     # the finished run's folder, by a run of another objective and of another model
     pairs = ["--data.train", str(folder / "pairs.jsonl"), "--objective", "dpo"]

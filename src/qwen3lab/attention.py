@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .config import ATTENTION_BACKENDS
+
 log = logging.getLogger("qwen3lab")
 
-BACKENDS = ("auto", "sdpa", "varlen", "flex", "dense")
+BACKENDS = ATTENTION_BACKENDS
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:

@@ -400,5 +400,95 @@ def load_train_config(path: str | Path | None = None, overrides: dict | None = N
     return cfg
 
 
+# The values each enumerated key takes (the modules that use them import them from here).
+OBJECTIVES = ("sft", "dpo", "grpo")
+ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flex", "dense")
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
+CHOICES = {
+    "objective": OBJECTIVES,
+    "precision": ("auto", "bf16", "fp32"),
+    "attention": ATTENTION_BACKENDS,
+    "data.pack_order": ("best_fit", "shuffled"),
+    "dpo.ref": ("auto", "model", "precompute"),
+    "optim.name": ("adamw", "muon"),
+    "optim.schedule": ("cosine", "linear", "constant", "wsd"),
+    "grpo.loss_type": GRPO_LOSS_TYPES,
+    "grpo.scale_rewards": ("group", "batch", "none"),
+}
+# (key, the rule its value must meet, the rule in words)
+RANGES = [
+    ("steps", lambda v: v >= 0, ">= 0 (0: epochs)"),
+    ("epochs", lambda v: v > 0, "> 0"),
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("grad_accum", lambda v: v >= 1, ">= 1"),
+    ("loss_chunk", lambda v: v >= 1, ">= 1"),
+    ("log_every", lambda v: v >= 1, ">= 1"),
+    ("eval_every", lambda v: v >= 0, ">= 0"),
+    ("save_every", lambda v: v >= 0, ">= 0"),
+    ("keep_checkpoints", lambda v: v >= 0, ">= 0 (0: keep all)"),
+    ("data.max_length", lambda v: v >= 2, ">= 2"),
+    ("data.eval_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("lora.rank", lambda v: v >= 0, ">= 0 (0: full fine-tuning)"),
+    ("lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.lr", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim.decay_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.max_grad_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    ("dpo.beta", lambda v: v > 0, "> 0"),
+    ("grpo.num_generations", lambda v: v >= 2, ">= 2 (advantages compare a prompt's completions)"),
+    ("grpo.max_completion_length", lambda v: v >= 1, ">= 1"),
+    ("grpo.temperature", lambda v: v > 0, "> 0 (GRPO samples)"),
+    ("grpo.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("grpo.epsilon", lambda v: v >= 0, ">= 0"),
+    ("grpo.num_iterations", lambda v: v >= 1, ">= 1"),
+]
+
+
+def _get(cfg: TrainConfig, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_train_config(cfg: TrainConfig, world: int = 1) -> TrainConfig:
+    """Every value and every combination that cannot work, checked before anything is loaded: one ConfigError
+    naming the key, the value and what it may be. `world`: the number of ranks (torchrun's WORLD_SIZE)."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key, ok, rule in RANGES:
+        if not ok(_get(cfg, key)):
+            raise ConfigError(f"{key}: {_get(cfg, key)!r}; it must be {rule}")
+    for key, allowed in (("lora.targets", LORA_TARGETS), ("report_to", ("tensorboard", "wandb"))):
+        unknown = [v for v in _get(cfg, key) if v not in allowed]
+        if unknown:
+            raise ConfigError(f"{key}: {unknown} not among {', '.join(allowed)}")
+    if not cfg.model:
+        raise ConfigError("model: give an HF model folder or a preset name (e.g. --model tiny)")
+    if not cfg.data.train:
+        raise ConfigError("data.train: give a JSONL / JSON / Parquet file or a datasets folder")
+    if cfg.optim.name == "muon" and world > 1:
+        raise ConfigError("optim.name: muon orthogonalises whole matrices, which FSDP shards; use adamw with torchrun")
+    if cfg.lora.train_tokens and cfg.lora.rank == 0:
+        raise ConfigError("lora.train_tokens: needs lora.rank > 0; full fine-tuning trains every embedding row already")
+    if cfg.dpo.ref != "auto" and cfg.objective != "dpo":
+        raise ConfigError(f"dpo.ref: {cfg.dpo.ref!r} applies to objective: dpo only (this run is {cfg.objective})")
+    g = cfg.grpo
+    if g.reward_weights and len(g.reward_weights) != len(g.rewards):
+        raise ConfigError(f"grpo.reward_weights: {len(g.reward_weights)} weights for {len(g.rewards)} rewards")
+    from .rewards import BUILTIN  # names only: a module:function is imported when the run starts
+
+    for spec in g.rewards:
+        if spec not in BUILTIN and ":" not in spec:
+            raise ConfigError(f"grpo.rewards: {spec!r}; use a built-in ({', '.join(BUILTIN)}) or 'module:function'")
+    if cfg.attention in ("varlen", "flex") and cfg.device in ("cpu", "auto"):
+        import torch
+
+        if cfg.device == "cpu" or not torch.cuda.is_available():
+            raise ConfigError(f"attention: {cfg.attention} needs a CUDA device; use auto or sdpa on the CPU")
+    return cfg
+
+
 def train_config_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)

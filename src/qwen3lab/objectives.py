@@ -14,10 +14,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .config import GRPO_LOSS_TYPES
 from .loss import IGNORE, lm_loss_sum, token_logprobs
 
-OBJECTIVES = ("sft", "dpo", "grpo")
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
+LOSS_TYPES = GRPO_LOSS_TYPES
 
 
 def logprob_loss(hidden, weight, labels, objective: Callable, chunk: int, extra_rows=None, entropy: bool = False):

@@ -61,18 +61,10 @@ class Rollouts:
     """Makes GRPO micro-batches for the training loop (`batch`) and keeps what it saw for the step's metrics."""
 
     def __init__(self, cfg, tok, prompts: list[dict], net, autocast, d: Dist, out: Path):
-        g = cfg.grpo
-        if g.loss_type not in ("dapo", "grpo", "dr_grpo", "bnpo"):
-            raise ValueError(f"grpo.loss_type {g.loss_type!r}: use dapo, grpo, dr_grpo or bnpo")
-        if g.scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"grpo.scale_rewards {g.scale_rewards!r}: use group, batch or none")
-        if g.num_generations < 2:
-            raise ValueError("grpo.num_generations: at least 2 completions per prompt (advantages compare them)")
+        g = cfg.grpo  # its values checked with the config (config.check_train_config)
         self.cfg, self.g, self.tok, self.prompts, self.net, self.autocast = cfg, g, tok, prompts, net, autocast
         self.rewards = {spec: load_reward(spec) for spec in g.rewards}
         self.weights = list(g.reward_weights) or [1.0] * len(self.rewards)
-        if len(self.weights) != len(self.rewards):
-            raise ValueError(f"grpo.reward_weights: {len(self.weights)} weights for {len(self.rewards)} rewards")
         self.d = d
         self.samples = out / "completions.jsonl" if d.main else None
         # the same keys on every rank, in one order: the step's metrics are summed over ranks
