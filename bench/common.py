@@ -61,8 +61,14 @@ def machine() -> str:
             name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
     except OSError:
         pass
-    bf16 = [f for f, ok in (("AMX", torch.cpu._is_amx_tile_supported()),
-                            ("AVX512-BF16", torch.cpu._is_avx512_bf16_supported())) if ok]  # fmt: skip
+    bf16 = [
+        f
+        for f, ok in (
+            ("AMX", torch.cpu._is_amx_tile_supported()),
+            ("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
+        )
+        if ok
+    ]
     capability = torch.backends.cpu.get_cpu_capability()
     return (
         f"{name}, bf16 hardware: {'+'.join(bf16) or 'none'}; torch {torch.__version__}, "

@@ -85,8 +85,10 @@ def main():
         ("qwen3lab generate", tpot_ours),
         (f"qwen3lab --compile ({compile_s:.0f} s to compile)", tpot_compiled),
     ):
-        print(f"{name:40s} {1 / tpot:6.2f} tokens/s  ({1 / tpot / copy_bound:4.0%} of copy bound, "
-              f"{1 / tpot / read_bound:4.0%} of read bound, {tpot_ref / tpot:.2f}x transformers)")  # fmt: skip
+        print(
+            f"{name:40s} {1 / tpot:6.2f} tokens/s  ({1 / tpot / copy_bound:4.0%} of copy bound, "
+            f"{1 / tpot / read_bound:4.0%} of read bound, {tpot_ref / tpot:.2f}x transformers)"
+        )
     print(f"qwen3lab prefill {args.prompt_len / prefill_ours:.0f} tokens/s; batch-8 decode {8 / tpot_b8:.1f} tokens/s")
 
 

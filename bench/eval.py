@@ -60,8 +60,14 @@ def run_one(system: str, folder: Path, hf_batch: int) -> dict:
         from qwen3lab.lm_eval_model import Qwen3LabLM
 
         model, args = Qwen3LabLM(pretrained=str(folder / "model"), dtype="float32", device="cpu"), None
-    out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=["bench_mc", "bench_gen"], device="cpu",
-                                  task_manager=TaskManager(include_path=str(folder)), log_samples=True)  # fmt: skip
+    out = lm_eval.simple_evaluate(
+        model=model,
+        model_args=args,
+        tasks=["bench_mc", "bench_gen"],
+        device="cpu",
+        task_manager=TaskManager(include_path=str(folder)),
+        log_samples=True,
+    )
     seconds = time.perf_counter() - t0
     samples = {t: [s["resps"] for s in sorted(v, key=lambda s: s["doc_id"])] for t, v in out["samples"].items()}
     scores = {t: {k: v for k, v in r.items() if "stderr" not in k and k != "alias"} for t, r in out["results"].items()}
@@ -87,8 +93,10 @@ def main():
     import qwen3lab
 
     print(machine())
-    print(f"lm-eval {args.shape} (random weights, fp32): {args.mc} multiple-choice docs x 4 choices, {args.gen} "
-          f"greedy generations of <= {args.gen_tokens} tokens; hf batch_size {args.hf_batch}")  # fmt: skip
+    print(
+        f"lm-eval {args.shape} (random weights, fp32): {args.mc} multiple-choice docs x 4 choices, {args.gen} "
+        f"greedy generations of <= {args.gen_tokens} tokens; hf batch_size {args.hf_batch}"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "model" / "config.json").is_file():
         model = qwen3lab.new_model(qwen3lab.preset(args.shape), seed=0).float()
@@ -107,9 +115,11 @@ def main():
     for want, got in zip(hf["samples"]["bench_mc"], ours["samples"]["bench_mc"], strict=True):
         worst = max(worst, *(abs(w[0][0] - g[0][0]) for w, g in zip(want, got, strict=True)))
     same_text = hf["samples"]["bench_gen"] == ours["samples"]["bench_gen"]
-    print(f"qwen3lab / hf: {hf['seconds'] / ours['seconds']:.2f}x faster; scores identical: "
-          f"{hf['scores'] == ours['scores']}; generations identical: {same_text}; "
-          f"largest log-likelihood difference {worst:.2e}")  # fmt: skip
+    print(
+        f"qwen3lab / hf: {hf['seconds'] / ours['seconds']:.2f}x faster; scores identical: "
+        f"{hf['scores'] == ours['scores']}; generations identical: {same_text}; "
+        f"largest log-likelihood difference {worst:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -75,10 +75,33 @@ def main():
         for conv in synthetic_conversations(400, seed=0):
             f.write(json.dumps({"messages": conv}) + "\n")
 
-    train = [sys.executable, "-m", "qwen3lab", "train", "configs/qwen3-4b-lora.yaml", "--model", str(ckpt),
-             "--data.train", str(data), "--data.max_length", str(args.max_length), "--data.eval_fraction", "0",
-             "--batch_size", "1", "--grad_accum", "1", "--steps", str(args.steps), "--out", str(out),
-             "--resume", "false", "--progress", "false"]  # fmt: skip
+    train = [
+        sys.executable,
+        "-m",
+        "qwen3lab",
+        "train",
+        "configs/qwen3-4b-lora.yaml",
+        "--model",
+        str(ckpt),
+        "--data.train",
+        str(data),
+        "--data.max_length",
+        str(args.max_length),
+        "--data.eval_fraction",
+        "0",
+        "--batch_size",
+        "1",
+        "--grad_accum",
+        "1",
+        "--steps",
+        str(args.steps),
+        "--out",
+        str(out),
+        "--resume",
+        "false",
+        "--progress",
+        "false",
+    ]
     wall, rss = run(train, work / "train.log")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step_s = [b["elapsed"] - a["elapsed"] for a, b in zip([{"elapsed": 0.0}] + metrics, metrics, strict=False)]
@@ -93,8 +116,18 @@ def main():
     )
     print(f"losses {[round(m['loss'], 4) for m in metrics]}")
 
-    gen = [sys.executable, "-m", "qwen3lab", "generate", "--model", str(out / "model"), "--prompt", "Hello, who are",
-           "--max-new-tokens", str(args.new_tokens)]  # fmt: skip
+    gen = [
+        sys.executable,
+        "-m",
+        "qwen3lab",
+        "generate",
+        "--model",
+        str(out / "model"),
+        "--prompt",
+        "Hello, who are",
+        "--max-new-tokens",
+        str(args.new_tokens),
+    ]
     wall_gen, rss_gen = run(gen, work / "generate.log")
     print(f"generate from the export: {wall_gen:.0f} s, {args.new_tokens} new tokens, peak RSS {rss_gen:.2f} GiB")
     print("  " + (work / "generate.log").read_text().strip().replace("\n", "\n  "))

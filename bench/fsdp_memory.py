@@ -84,28 +84,52 @@ def main():
         del model
     with torch.device("meta"):
         params = sum(p.numel() for p in qwen3lab.model.Qwen3(qwen3lab.preset(args.shape)).parameters())
-    chats = [{"messages": [{"role": "user", "content": f"{a} + {b}?"}, {"role": "assistant", "content": str(a + b)}]}
-             for a in range(4) for b in range(4)]  # fmt: skip
+    chats = [
+        {"messages": [{"role": "user", "content": f"{a} + {b}?"}, {"role": "assistant", "content": str(a + b)}]}
+        for a in range(4)
+        for b in range(4)
+    ]
     (folder / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
-    config = {"model": str(folder / "model"), "data": {"train": str(folder / "chats.jsonl"), "eval_fraction": 0},
-              "steps": 1, "batch_size": 2, "progress": False, "resume": False}  # fmt: skip
+    config = {
+        "model": str(folder / "model"),
+        "data": {"train": str(folder / "chats.jsonl"), "eval_fraction": 0},
+        "steps": 1,
+        "batch_size": 2,
+        "progress": False,
+        "resume": False,
+    }
     (folder / "run.yaml").write_text(json.dumps(config))
-    print(f"{args.shape}: {params / 1e9:.2f} B parameters, bf16 checkpoint ({params * 2 / 2**30:.2f} GiB; fp32 "
-          f"{params * 4 / 2**30:.2f} GiB); full fine-tuning, AdamW, 1 step of 2 rows per rank, export")  # fmt: skip
+    print(
+        f"{args.shape}: {params / 1e9:.2f} B parameters, bf16 checkpoint ({params * 2 / 2**30:.2f} GiB; fp32 "
+        f"{params * 4 / 2**30:.2f} GiB); full fine-tuning, AdamW, 1 step of 2 rows per rank, export"
+    )
     for world in [int(w) for w in args.worlds.split(",")]:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // world))}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-               __file__, "--child", "--folder", str(folder)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(world),
+            __file__,
+            "--child",
+            "--folder",
+            str(folder),
+        ]
         subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
         for rank in range(world):
             m = json.loads((folder / f"rss-{world}-{rank}.json").read_text())
             m.setdefault("trained", m["run"])  # (a rank that does not export)
             share = params / world
             grown = {k: (m[k] - m["before"]) / share for k in ("loaded", "trained", "run")}
-            print(f"world {world} rank {rank}: before {m['before'] / 2**30:.2f} GiB; peak after load "
-                  f"{m['loaded'] / 2**30:.2f} GiB (+{grown['loaded']:.1f} B/param), after the step "
-                  f"{m['trained'] / 2**30:.2f} GiB (+{grown['trained']:.1f}), after the export {m['run'] / 2**30:.2f} "
-                  f"GiB (+{grown['run']:.1f})", flush=True)  # fmt: skip
+            print(
+                f"world {world} rank {rank}: before {m['before'] / 2**30:.2f} GiB; peak after load "
+                f"{m['loaded'] / 2**30:.2f} GiB (+{grown['loaded']:.1f} B/param), after the step "
+                f"{m['trained'] / 2**30:.2f} GiB (+{grown['trained']:.1f}), after the export {m['run'] / 2**30:.2f} "
+                f"GiB (+{grown['run']:.1f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

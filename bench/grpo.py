@@ -37,8 +37,10 @@ def setup(folder: Path, n_prompts: int) -> Path:
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(cfg).save_pretrained(folder)
     qwen3lab.load_tokenizer().save(folder)
-    rows = [{"prompt": [{"role": "user", "content": f"Reverse the digits of {1000 + 37 * i}."}], "answer": "x"}
-            for i in range(n_prompts)]  # fmt: skip
+    rows = [
+        {"prompt": [{"role": "user", "content": f"Reverse the digits of {1000 + 37 * i}."}], "answer": "x"}
+        for i in range(n_prompts)
+    ]
     path = folder / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -92,7 +94,7 @@ def run_trl(folder: Path, prompts: Path, args) -> dict:
             report_to=[],
             save_strategy="no",
             logging_steps=1000,
-        ),  # fmt: skip
+        ),
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=transformers.AutoTokenizer.from_pretrained(folder),
         callbacks=[stamp],
@@ -163,16 +165,34 @@ def main():
         print(json.dumps(result))
         return
     print(machine())
-    print(f"GRPO, hidden 256 x 4 layers, real vocab, fp32; {args.prompts} prompts x G={args.G} per step, "
-          f"{args.completion}-token completions, {args.steps} steps")  # fmt: skip
+    print(
+        f"GRPO, hidden 256 x 4 layers, real vocab, fp32; {args.prompts} prompts x G={args.G} per step, "
+        f"{args.completion}-token completions, {args.steps} steps"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     setup(folder, args.prompts * args.steps)
     results = {}
     for name in args.systems.split(","):
-        cmd = [sys.executable, __file__, "--one", name, "--folder", str(folder), "--steps", str(args.steps),
-               "--generations", str(args.G), "--prompts-per-step", str(args.prompts),
-               "--completion", str(args.completion), "--chunk", str(args.chunk),
-               "--lean-chunk", str(args.lean_chunk)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--folder",
+            str(folder),
+            "--steps",
+            str(args.steps),
+            "--generations",
+            str(args.G),
+            "--prompts-per-step",
+            str(args.prompts),
+            "--completion",
+            str(args.completion),
+            "--chunk",
+            str(args.chunk),
+            "--lean-chunk",
+            str(args.lean_chunk),
+        ]
         # lean: glibc's malloc asked to back its big blocks with transparent huge pages (fewer page faults for the
         # blocks freed memory is given back for): 0.188 -> 0.215 steps/s here, the same RSS
         env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} if name == "qwen3lab-lean" else None
@@ -183,8 +203,10 @@ def main():
     theirs = results.get("trl")
     for name in [n for n in results if n != "trl" and theirs]:
         ours = results[name]
-        print(f"{name} / trl: {ours['steps_per_s'] / theirs['steps_per_s']:.2f}x steps/s, "
-              f"{ours['peak_rss_gib'] / theirs['peak_rss_gib']:.2f}x peak RSS")  # fmt: skip
+        print(
+            f"{name} / trl: {ours['steps_per_s'] / theirs['steps_per_s']:.2f}x steps/s, "
+            f"{ours['peak_rss_gib'] / theirs['peak_rss_gib']:.2f}x peak RSS"
+        )
 
 
 if __name__ == "__main__":

@@ -83,8 +83,11 @@ def main():
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             results[(path, T)] = r
-            print(f"{path:9s} T={T:6d}  {r['s']:7.2f} s/step  {r['tok_s']:7.0f} tok/s  {r['rss_gib']:6.2f} GiB peak RSS"
-                  f"  loss {r['loss']:.5f}", flush=True)  # fmt: skip
+            print(
+                f"{path:9s} T={T:6d}  {r['s']:7.2f} s/step  {r['tok_s']:7.0f} tok/s  {r['rss_gib']:6.2f} GiB peak RSS"
+                f"  loss {r['loss']:.5f}",
+                flush=True,
+            )
     print("\n| T | packed (attention.py) | dense mask | separate rows |\n|---|---|---|---|")
     for T in lengths:
         cells = []
@@ -103,8 +106,10 @@ def main():
         for T in lengths:
             if ("separate", T) in results:
                 sep = results[("separate", T)]
-                print(f"T={T}: packed loss {packed[T]['loss']:.6f} vs separate {sep['loss']:.6f}; "
-                      f"time packed / separate {packed[T]['s'] / sep['s']:.2f}x")  # fmt: skip
+                print(
+                    f"T={T}: packed loss {packed[T]['loss']:.6f} vs separate {sep['loss']:.6f}; "
+                    f"time packed / separate {packed[T]['s'] / sep['s']:.2f}x"
+                )
 
 
 if __name__ == "__main__":

@@ -53,12 +53,13 @@ def run_trl(folder: Path, args) -> dict:
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter())
 
-    real_tokens = []
+    real_tokens, positions = [], []  # per step: tokens of the data, and positions computed (padding too)
 
     def counting(collate):
         def inner(examples):
             batch = collate(examples)
             real_tokens.append(int(batch["attention_mask"].sum()))
+            positions.append(batch["input_ids"].numel())
             return batch
 
         return inner
@@ -89,7 +90,10 @@ def run_trl(folder: Path, args) -> dict:
     trainer.train()
     w = args.warmup
     elapsed = timer.times[-1] - (timer.times[w - 1] if w else t0)
-    return {"tokens_per_s": sum(real_tokens[w : args.steps]) / elapsed, "peak_rss_gib": peak_rss_gib()}
+    real = sum(real_tokens[w : args.steps])
+    # trl runs the whole model, lm_head included, on every position of the padded batch
+    flops = {"body": sum(positions[w : args.steps]) / real, "head": sum(positions[w : args.steps]) / real}
+    return {"tokens_per_s": real / elapsed, "peak_rss_gib": peak_rss_gib(), "positions_per_token": flops}
 
 
 def run_qwen3lab(folder: Path, args) -> dict:
@@ -106,13 +110,19 @@ def run_qwen3lab(folder: Path, args) -> dict:
         False,
     )
     run = qwen3lab.train(cfg)
+    from qwen3lab.data import load_tokenized
+
+    data = load_tokenized(cfg.data.train, qwen3lab.load_tokenizer(folder / "model"), args.max_length, folder / "cache")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     w = args.warmup
     first = rows[w - 1] if w else {"tokens": 0, "elapsed": 0.0}
     last = rows[-1]
+    # packed rows: the decoder on the data's tokens; lm_head (forward and backward) on the supervised ones only
+    supervised = data.supervised_tokens() / int(data.lengths().sum())
     return {
         "tokens_per_s": (last["tokens"] - first["tokens"]) / (last["elapsed"] - first["elapsed"]),
         "peak_rss_gib": peak_rss_gib(),
+        "positions_per_token": {"body": 1.0, "head": supervised},
     }
 
 
@@ -143,21 +153,29 @@ def main():
                 sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
             results[side] = json.loads(line[0][7:])
 
-    n_params = 4 * (256 * 256 + 2 * 256 * 128 + 256 * 256 + 3 * 256 * 768) + 151936 * 256  # matmul weights + head
-    flops_per_token = 6 * n_params
+    body = 4 * (256 * 256 + 2 * 256 * 128 + 256 * 256 + 3 * 256 * 768)  # the decoder's matmul weights
+    head = 151936 * 256
     peak = matmul_peak_flops()
     print(f"# SFT, Qwen3 layout hidden 256 x 4 layers, vocab 151936, fp32, batch {args.batch_size} x {args.max_length}")
     print(
         f"# {args.steps} steps ({args.warmup} untimed); {machine()}; measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s"
     )
+    print("# utilisation: the FLOPs each system performs (6 x matmul weights per position it computes), per second,")
+    print("# over the measured peak")
+    flops = {}
     for side, r in results.items():
-        mfu = r["tokens_per_s"] * flops_per_token / peak
+        p = r["positions_per_token"]
+        flops[side] = 6 * (body * p["body"] + head * p["head"])  # per real token of the data
         print(
-            f"{side:9} {r['tokens_per_s']:9.0f} real tokens/s   peak RSS {r['peak_rss_gib']:6.2f} GiB   MFU {mfu:6.1%}"
+            f"{side:9} {r['tokens_per_s']:9.0f} real tokens/s   peak RSS {r['peak_rss_gib']:6.2f} GiB   "
+            f"{flops[side] / 1e6:6.0f} MFLOP per token   utilisation {flops[side] * r['tokens_per_s'] / peak:6.1%}"
         )
     t, q = results["trl"], results["qwen3lab"]
-    print(f"ratio qwen3lab / trl: tokens/s {q['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
-          f"peak RSS {q['peak_rss_gib'] / t['peak_rss_gib']:.2f}x")  # fmt: skip
+    print(
+        f"ratio qwen3lab / trl: tokens/s {q['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
+        f"peak RSS {q['peak_rss_gib'] / t['peak_rss_gib']:.2f}x, "
+        f"FLOPs per token {flops['qwen3lab'] / flops['trl']:.2f}x (no padding; lm_head on the supervised tokens only)"
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import hf_tiny
+from helpers import hf_tiny
 
 import qwen3lab
 from qwen3lab.attention import Documents, cu_seqlens_from_position_ids, resolve_backend
@@ -25,8 +25,10 @@ def _docs(seed=0):
     g = torch.Generator().manual_seed(seed)
     lengths = [[7, 20, 13], [15, 9]]
     docs = [[torch.randint(0, 512, (n,), generator=g) for n in row] for row in lengths]
-    labels = [[torch.where(torch.rand(n, generator=g) < 0.7, torch.randint(0, 512, (n,), generator=g), IGNORE)
-               for n in row] for row in lengths]  # fmt: skip
+    labels = [
+        [torch.where(torch.rand(n, generator=g) < 0.7, torch.randint(0, 512, (n,), generator=g), IGNORE) for n in row]
+        for row in lengths
+    ]
     return docs, labels
 
 

@@ -13,8 +13,14 @@ import pytest
 from qwen3lab.cli import main
 
 CHATS = [[{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}] for i in range(8)]
-PAIRS = [{"prompt": [{"role": "user", "content": f"hi {i}"}], "chosen": [{"role": "assistant", "content": "a"}],
-          "rejected": [{"role": "assistant", "content": "b"}]} for i in range(4)]  # fmt: skip
+PAIRS = [
+    {
+        "prompt": [{"role": "user", "content": f"hi {i}"}],
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
+    for i in range(4)
+]
 
 
 def refused(argv: list[str]) -> str:
@@ -38,14 +44,43 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     (root / "chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
     (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
-    main(["train", "--model", "tiny", "--data.train", str(root / "chat.jsonl"), "--out", str(root / "run"),
-          "--steps", "2", "--save_every", "2", "--progress", "false"])  # fmt: skip
+    main(
+        [
+            "train",
+            "--model",
+            "tiny",
+            "--data.train",
+            str(root / "chat.jsonl"),
+            "--out",
+            str(root / "run"),
+            "--steps",
+            "2",
+            "--save_every",
+            "2",
+            "--progress",
+            "false",
+        ]
+    )
     return root
 
 
 def train_args(folder: Path, *more: str) -> list[str]:
-    return ["train", "--model", "tiny", "--data.train", str(folder / "chat.jsonl"), "--out", str(folder / "run"),
-            "--steps", "3", "--save_every", "1", "--progress", "false", *more]  # fmt: skip
+    return [
+        "train",
+        "--model",
+        "tiny",
+        "--data.train",
+        str(folder / "chat.jsonl"),
+        "--out",
+        str(folder / "run"),
+        "--steps",
+        "3",
+        "--save_every",
+        "1",
+        "--progress",
+        "false",
+        *more,
+    ]
 
 
 def test_training_mistakes_are_one_line(folder, tmp_path):
@@ -60,14 +95,20 @@ def test_training_mistakes_are_one_line(folder, tmp_path):
     assert "does not fit this run" in refused(train_args(folder, "--lora.rank", "4"))
 
 
-def test_a_tampered_checkpoint_is_one_line_and_runs_nothing(folder, tmp_path, capfd):
+def test_an_old_or_tampered_checkpoint_is_one_line_and_runs_nothing(folder, tmp_path, capfd):
     import shutil
+
+    import torch
 
     run = tmp_path / "run"
     shutil.copytree(folder / "run", run)
-    with open(run / "checkpoints" / "step-000002" / "state-rank0.pt", "wb") as f:
-        pickle.dump(_RunsCode(), f)
     args = train_args(folder, "--out", str(run))
+    state_file = run / "checkpoints" / "step-000002" / "state-rank0.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "data"}, state_file)  # as an older qwen3lab wrote it
+    assert "without the data position" in refused(args)
+    with open(state_file, "wb") as f:
+        pickle.dump(_RunsCode(), f)
     assert "refused: it holds pickled Python objects" in refused(args)
     assert "ran" not in capfd.readouterr().out
     with pytest.raises(ValueError, match="refused"):  # --debug: the exception itself, with its traceback
@@ -81,8 +122,9 @@ def test_inference_and_eval_mistakes_are_one_line(folder, tmp_path):
     assert "no such model folder" in refused(["serve", "--model", missing])
     assert "no such model folder" in refused(["eval", "--model", missing, "--data", str(folder / "chat.jsonl")])
     assert "nope.jsonl" in refused(["eval", "--model", model, "--data", str(tmp_path / "nope.jsonl")])
-    assert "reward 'exactmatch'" in refused(["eval", "--model", model, "--data", str(folder / "chat.jsonl"),
-                                             "--rewards", "exactmatch"])  # fmt: skip
+    assert "reward 'exactmatch'" in refused(
+        ["eval", "--model", model, "--data", str(folder / "chat.jsonl"), "--rewards", "exactmatch"]
+    )
     assert "unknown task" in refused(["demo", "--tasks", "sorting", "--out", str(tmp_path / "d")])
     assert "no such model folder" in refused(["demo", "--model", missing, "--out", str(tmp_path / "d")])
     # a model folder whose index names a shard that is not there
@@ -91,8 +133,9 @@ def test_inference_and_eval_mistakes_are_one_line(folder, tmp_path):
     (broken / "config.json").write_text((folder / "run" / "model" / "config.json").read_text())
     index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert "model-00001-of-00002.safetensors, which is missing" in refused(["generate", "--model", str(broken),
-                                                                           "--prompt", "hi"])  # fmt: skip
+    assert "model-00001-of-00002.safetensors, which is missing" in refused(
+        ["generate", "--model", str(broken), "--prompt", "hi"]
+    )
 
 
 def test_the_command_prints_one_line_and_exits_non_zero(tmp_path):

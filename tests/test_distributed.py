@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import transformers
+from helpers import hf_small
 from safetensors.torch import load_file
 
 import qwen3lab
 from qwen3lab.train import train
 
+transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow  # processes under torchrun's launcher
 WORKER = Path(__file__).with_name("dist_worker.py")
 CHATS = [
@@ -32,12 +33,7 @@ CHATS = [
 def setup(tmp_path_factory, tok):
     """A small random Qwen3 (real vocabulary) saved by transformers, a data file, and a config for 5 steps."""
     root = tmp_path_factory.mktemp("dist")
-    cfg = transformers.Qwen3Config(
-        vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(cfg).save_pretrained(root / "base")
+    hf_small(bos_token_id=151643, eos_token_id=151643).save_pretrained(root / "base")
     tok.save(root / "base")
     (root / "data.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS))
     config = {
@@ -82,8 +78,12 @@ def test_two_ranks_match_one_process_through_a_crash_and_resume(setup):
     assert failed.returncode != 0
     assert "injected failure of rank 0 after step 4" in failed.stdout + failed.stderr
     assert sorted(p.name for p in (two / "checkpoints" / "step-000003").iterdir()) == [
-        ".metadata", "__0_0.distcp", "__1_0.distcp", "state-rank0.pt", "state-rank1.pt",
-    ]  # fmt: skip
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "state-rank0.pt",
+        "state-rank1.pt",
+    ]
     resumed = torchrun(setup, two)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step 3" in resumed.stderr
@@ -104,8 +104,9 @@ def test_lora_under_fsdp_matches_one_process(setup):
     tokens = ["<|im_start|>", "<|im_end|>"]  # trained token rows too: buffers and a delta outside the model
     one = single(setup, setup / "lora-one", steps=3, lora={"rank": 4, "alpha": 8, "train_tokens": tokens})
     two = setup / "lora-two"
-    run = torchrun(setup, two, "--steps", "3", "--lora.rank", "4", "--lora.alpha", "8", "--lora.train_tokens",
-                   json.dumps(tokens))  # fmt: skip
+    run = torchrun(
+        setup, two, "--steps", "3", "--lora.rank", "4", "--lora.alpha", "8", "--lora.train_tokens", json.dumps(tokens)
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
     a, b = weights(one), weights(two)
@@ -170,10 +171,24 @@ def test_grpo_under_fsdp_rolls_out_on_every_rank_and_resumes_exactly(setup):
     over both ranks. Rank 0 dies after step 3: the resumed run logs the uninterrupted run's losses and rewards."""
     rows = [{"prompt": [{"role": "user", "content": f"Reverse {n}"}], "answer": str(n)[::-1]} for n in range(10, 18)]
     (setup / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    grpo = {"num_generations": 4, "max_completion_length": 6, "rewards": ["test_grpo:even_ids", "exact_match"],
-            "beta": 0.04, "num_iterations": 2, "scale_rewards": "batch"}  # fmt: skip
-    config = objective_config(setup, "grpo", data={"train": str(setup / "prompts.jsonl")}, steps=4, grad_accum=2,
-                              save_every=2, optim={"lr": 1e-3}, grpo=grpo)  # fmt: skip
+    grpo = {
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "rewards": ["test_grpo:even_ids", "exact_match"],
+        "beta": 0.04,
+        "num_iterations": 2,
+        "scale_rewards": "batch",
+    }
+    config = objective_config(
+        setup,
+        "grpo",
+        data={"train": str(setup / "prompts.jsonl")},
+        steps=4,
+        grad_accum=2,
+        save_every=2,
+        optim={"lr": 1e-3},
+        grpo=grpo,
+    )
     straight, crashed = setup / "grpo-straight", setup / "grpo-crashed"
     run = torchrun(setup, straight, config=config)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -197,9 +212,17 @@ def test_each_rank_loads_only_its_shards(tmp_path, tok):
     files: its RSS grows by at most 0.65 x the full fp32 model + 100 MB while loading (a full copy per rank, as
     before, grew by more than the whole model)."""
     cfg = transformers.Qwen3Config(
-        vocab_size=151936, hidden_size=512, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=64, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643,
-    )  # fmt: skip
+        vocab_size=151936,
+        hidden_size=512,
+        intermediate_size=3072,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+        bos_token_id=151643,
+        eos_token_id=151643,
+    )
     model = transformers.Qwen3ForCausalLM(cfg)
     size = sum(p.numel() for p in model.parameters()) * 4
     assert size > 450e6  # a few hundred MB in fp32 (above 286 MB a full copy per rank cannot pass)
@@ -266,10 +289,35 @@ def two_nodes(setup, out, locals_, *flags, fail_after=0):
     env = {**os.environ, "QWEN3LAB_TEST_FAIL_AFTER": str(fail_after), "OMP_NUM_THREADS": "1"}
     procs = []
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-               "--rdzv_id", "qwen3lab-test", str(WORKER), "train", str(setup / "run.yaml"), "--out", str(out),
-               "--batch_size", "2", "--checkpoint_dir", str(locals_[node]), "--dist_timeout", "60", *flags]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(node),
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv_id",
+            "qwen3lab-test",
+            str(WORKER),
+            "train",
+            str(setup / "run.yaml"),
+            "--out",
+            str(out),
+            "--batch_size",
+            "2",
+            "--checkpoint_dir",
+            str(locals_[node]),
+            "--dist_timeout",
+            "60",
+            *flags,
+        ]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return [(p.wait(timeout=300), p.stdout.read()) for p in procs]
 
@@ -284,8 +332,10 @@ def test_two_nodes_with_node_local_checkpoints(setup, tmp_path):
     assert any(code != 0 for code, _ in crashed)
     for node in (0, 1):
         assert sorted(p.name for p in (locals_[node] / "step-000002").iterdir()) == [
-            ".metadata", f"__{node}_0.distcp", f"state-rank{node}.pt",
-        ]  # fmt: skip
+            ".metadata",
+            f"__{node}_0.distcp",
+            f"state-rank{node}.pt",
+        ]
     assert not (out / "checkpoints").exists()
     resumed = two_nodes(setup, out, locals_, *flags)
     assert all(code == 0 for code, _ in resumed), resumed[0][1][-3000:] + resumed[1][1][-3000:]

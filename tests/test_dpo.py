@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import crash_after_step, hf_small
+from helpers import crash_after_step, hf_small
 
 import qwen3lab
 from qwen3lab import data as D
@@ -63,7 +63,7 @@ def trl_step(policy, ref, rows, tmp_path, tok_dir, beta, peft_config=None):
             use_cpu=True,
             bf16=False,
             max_length=512,
-        ),  # fmt: skip
+        ),
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=transformers.AutoTokenizer.from_pretrained(tok_dir),
     )
@@ -101,11 +101,17 @@ def test_dpo_loss_rewards_and_gradients_equal_trl(tmp_path, tok, lora):
         want_loss, want, policy = trl_step(base, None, TRL_PAIRS, tmp_path, tmp_path / "tok", beta, config)
         ours = qwen3lab.load_model(tmp_path / "base", dtype="float32", device="cpu")
         apply_lora(ours, LORA["r"], LORA["lora_alpha"], targets=LORA["target_modules"])
-        adapters = {k.replace("base_model.model.", "").replace(".default", ""): v
-                    for k, v in policy.state_dict().items() if "lora_" in k}  # fmt: skip
+        adapters = {
+            k.replace("base_model.model.", "").replace(".default", ""): v
+            for k, v in policy.state_dict().items()
+            if "lora_" in k
+        }
         ours.load_state_dict(adapters, strict=False)
-        grads = {k.replace("base_model.model.", "").replace(".default", ""): p.grad
-                 for k, p in policy.named_parameters() if p.requires_grad}  # fmt: skip
+        grads = {
+            k.replace("base_model.model.", "").replace(".default", ""): p.grad
+            for k, p in policy.named_parameters()
+            if p.requires_grad
+        }
         ref = None
     else:  # the reference: the starting weights; the policy: moved away from them
         base.save_pretrained(tmp_path / "ref")
@@ -132,8 +138,16 @@ def test_dpo_loss_rewards_and_gradients_equal_trl(tmp_path, tok, lora):
 def run(folder, pairs, out, **keys):
     from qwen3lab import train
 
-    cfg = {"model": str(folder), "out": str(out), "objective": "dpo", "data": {"train": str(pairs)}, "steps": 6,
-           "batch_size": 2, "progress": False, "optim": {"lr": 5e-3, "schedule": "constant"}} | keys  # fmt: skip
+    cfg = {
+        "model": str(folder),
+        "out": str(out),
+        "objective": "dpo",
+        "data": {"train": str(pairs)},
+        "steps": 6,
+        "batch_size": 2,
+        "progress": False,
+        "optim": {"lr": 5e-3, "schedule": "constant"},
+    } | keys
     train(cfg)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from conftest import hf_tiny
+from helpers import hf_tiny
 
 import qwen3lab
 from qwen3lab.engine import Engine
@@ -148,8 +148,12 @@ def test_prefix_cache_reuses_a_shared_system_prompt(model, tok):
     same tokens as each request alone (greedy and seeded), and the cache stays within its token budget."""
     system = {"role": "system", "content": "You are a careful assistant who answers in one short line. " * 4}
     questions = ["What is two plus two?", "Name a colour.", "Say hello.", "Count to three."]
-    prompts = [tok.encode_chat([system, {"role": "user", "content": q}], add_generation_prompt=True,
-                               assistant_mask=False).input_ids for q in questions]  # fmt: skip
+    prompts = [
+        tok.encode_chat(
+            [system, {"role": "user", "content": q}], add_generation_prompt=True, assistant_mask=False
+        ).input_ids
+        for q in questions
+    ]
     shared = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[1], strict=False)) if a != b)
     budget = 2 * max(map(len, prompts))
     engine = Engine(model, max_batch=2, prefix_cache_tokens=budget)

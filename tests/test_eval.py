@@ -4,7 +4,7 @@ in-process (the `qwen3lab` model type) against its own `hf` backend on the same 
 import json
 
 import pytest
-from conftest import serving, tiny_server_model
+from helpers import serving, tiny_server_model
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
@@ -35,13 +35,22 @@ def write_tasks(folder):
 def evaluate(model, model_args, folder, **kw):
     from lm_eval.tasks import TaskManager
 
-    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["rev_mc", "rev_gen"],
-                                  task_manager=TaskManager(include_path=str(folder)), log_samples=True,
-                                  random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
-                                  **kw)  # fmt: skip
+    out = lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=["rev_mc", "rev_gen"],
+        task_manager=TaskManager(include_path=str(folder)),
+        log_samples=True,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+        **kw,
+    )
     per_item = {t: [s["resps"] for s in sorted(out["samples"][t], key=lambda s: s["doc_id"])] for t in out["samples"]}
-    metrics = {t: {k: v for k, v in r.items() if k.endswith(",none") and "stderr" not in k}
-               for t, r in out["results"].items()}  # fmt: skip
+    metrics = {
+        t: {k: v for k, v in r.items() if k.endswith(",none") and "stderr" not in k} for t, r in out["results"].items()
+    }
     return per_item, metrics
 
 
@@ -53,12 +62,12 @@ def test_lm_eval_through_the_server_and_in_process_equals_its_hf_backend(tmp_pat
     model = tiny_server_model(tmp_path / "m")
     tok.save(tmp_path / "m")
     write_tasks(tmp_path)
-    hf_items, hf_metrics = evaluate("hf", f"pretrained={tmp_path / 'm'},dtype=float32", tmp_path, device="cpu",
-                                    batch_size=4)  # fmt: skip
+    hf_items, hf_metrics = evaluate(
+        "hf", f"pretrained={tmp_path / 'm'},dtype=float32", tmp_path, device="cpu", batch_size=4
+    )
     ours_items, ours_metrics = evaluate(Qwen3LabLM(model=model, tokenizer=tok), None, tmp_path)
     with serving(create_app(model, tok, "tiny")) as url:  # the tokenizer comes from the server's own routes
-        api_items, api_metrics = evaluate("local-completions", f"base_url={url}/v1/completions,model=tiny",
-                                          tmp_path)  # fmt: skip
+        api_items, api_metrics = evaluate("local-completions", f"base_url={url}/v1/completions,model=tiny", tmp_path)
     assert hf_metrics == ours_metrics == api_metrics
     assert hf_items["rev_gen"] == ours_items["rev_gen"] == api_items["rev_gen"]
     assert any(resps[0][0].strip() for resps in hf_items["rev_gen"])  # something was generated, not all empty
@@ -110,8 +119,14 @@ def test_lm_eval_scores_a_model_that_stops_as_its_hf_backend_does(tmp_path, trai
     def loglikelihoods(model_type, model_args=None, **kw):
         from lm_eval.tasks import TaskManager
 
-        out = lm_eval.simple_evaluate(model=model_type, model_args=model_args, tasks=["sort_mc"], log_samples=True,
-                                      task_manager=TaskManager(include_path=str(tmp_path)), **kw)  # fmt: skip
+        out = lm_eval.simple_evaluate(
+            model=model_type,
+            model_args=model_args,
+            tasks=["sort_mc"],
+            log_samples=True,
+            task_manager=TaskManager(include_path=str(tmp_path)),
+            **kw,
+        )
         samples = sorted(out["samples"]["sort_mc"], key=lambda s: s["doc_id"])
         return [[r[0][0] for r in s["resps"]] for s in samples], out["results"]["sort_mc"]["acc,none"]
 
@@ -168,17 +183,37 @@ def test_qwen3lab_eval_on_data_scores_loss_and_generations_beside_a_baseline(tmp
     with torch.no_grad():
         other.lm_head.weight.mul_(0.5)
     qwen3lab_save(other, tok, tmp_path / "b")
-    rows = [{"messages": [{"role": "user", "content": f"Reverse {w}"}, {"role": "assistant", "content": w[::-1]}]}
-            for w in WORDS[:3]]  # fmt: skip
+    rows = [
+        {"messages": [{"role": "user", "content": f"Reverse {w}"}, {"role": "assistant", "content": w[::-1]}]}
+        for w in WORDS[:3]
+    ]
     first = generate(model, tok, rows[0]["messages"][:1], max_new_tokens=8).text
     rows[0]["answer"] = first.split("</think>")[-1].strip()  # what the model says: one exact match for certain
     rows.append({"prompt": [{"role": "user", "content": "Say hi"}], "answer": "hi"})  # GRPO's form: generation only
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_tasks(tmp_path)
-    main(["eval", "--model", str(tmp_path / "m"), "--baseline", str(tmp_path / "b"),
-          "--data", str(tmp_path / "d.jsonl"), "--rewards", "exact_match", "think_format",
-          "--max-new-tokens", "8", "--tasks", "rev_mc", "--include-path", str(tmp_path),
-          "--out", str(tmp_path / "r.json")])  # fmt: skip
+    main(
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "m"),
+            "--baseline",
+            str(tmp_path / "b"),
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--rewards",
+            "exact_match",
+            "think_format",
+            "--max-new-tokens",
+            "8",
+            "--tasks",
+            "rev_mc",
+            "--include-path",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     ours = report["results"]["model"]
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import hf_tiny
+from helpers import hf_tiny
 
 import qwen3lab
 from qwen3lab.generate import SamplingParams, generate, process_logits, stream

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import crash_after_step, hf_small
+from helpers import crash_after_step, hf_small
 
 import qwen3lab
 from qwen3lab import data as D
@@ -63,8 +63,15 @@ def trl_trainer(folder, tmp_path, cfg: GRPOConfig):
 def test_grpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, beta):
     hf_small().save_pretrained(tmp_path / "m")
     tok.save(tmp_path / "m")
-    cfg = GRPOConfig(num_generations=G, max_completion_length=MAX_COMPLETION, temperature=0.7, loss_type=loss_type,
-                     epsilon=0.2, epsilon_high=0.28, beta=beta)  # fmt: skip
+    cfg = GRPOConfig(
+        num_generations=G,
+        max_completion_length=MAX_COMPLETION,
+        temperature=0.7,
+        loss_type=loss_type,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        beta=beta,
+    )
     trainer = trl_trainer(tmp_path / "m", tmp_path, cfg)
     trainer.current_gradient_accumulation_steps = 1
     hf = trainer.model
@@ -88,8 +95,10 @@ def test_grpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, beta):
     want.backward()
 
     ours = qwen3lab.load_model(tmp_path / "m", dtype="float32", device="cpu")
-    examples = [(p.tolist() + c[: int(m.sum())].tolist(), [0] * PROMPT_LEN + [1] * int(m.sum()))
-                for p, c, m in zip(prompts, completions, mask, strict=True)]  # fmt: skip
+    examples = [
+        (p.tolist() + c[: int(m.sum())].tolist(), [0] * PROMPT_LEN + [1] * int(m.sum()))
+        for p, c, m in zip(prompts, completions, mask, strict=True)
+    ]
     data = D.TokenizedData.from_examples(examples)
     batch = D.collate_sequences(data, [[0, 1, 2], [3], [4, 5], [6, 7]], tok.pad_token_id)  # packed: order kept
     keep = mask.bool()
@@ -154,10 +163,22 @@ def test_reward_functions_see_what_trl_hands_them(tmp_path, tok, monkeypatch, ch
     monkeypatch.setattr(Rollouts, "_generate", lambda self, rows, step, micro: completion_ids)
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompt, "answer": "3579"}) + "\n")
     SEEN.clear()
-    train({"model": str(tmp_path / "m"), "out": str(tmp_path / "ours"), "objective": "grpo", "steps": 1,
-           "batch_size": 1, "progress": False, "data": {"train": str(tmp_path / "p.jsonl")},
-           "grpo": {"num_generations": 4, "max_completion_length": cfg.max_completion_length,
-                    "rewards": ["test_grpo:recording", "exact_match"]}})  # fmt: skip
+    train(
+        {
+            "model": str(tmp_path / "m"),
+            "out": str(tmp_path / "ours"),
+            "objective": "grpo",
+            "steps": 1,
+            "batch_size": 1,
+            "progress": False,
+            "data": {"train": str(tmp_path / "p.jsonl")},
+            "grpo": {
+                "num_generations": 4,
+                "max_completion_length": cfg.max_completion_length,
+                "rewards": ["test_grpo:recording", "exact_match"],
+            },
+        }
+    )
     assert SEEN[0]["completions"] == trl_completions
     assert SEEN[0]["completion_ids"] == completion_ids and SEEN[0]["prompts"] == [prompt] * 4
     metrics = json.loads((tmp_path / "ours" / "metrics.jsonl").read_text())
@@ -199,10 +220,24 @@ def test_grpo_run_rolls_out_scores_and_resumes_exactly(tmp_path, tok, monkeypatc
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def run(out, **keys):
-        cfg = {"model": str(tmp_path / "m"), "out": str(out), "objective": "grpo", "data": {"train": str(prompts)},
-               "steps": 4, "batch_size": 2, "grad_accum": 2, "progress": False, "optim": {"lr": 1e-3},
-               "grpo": {"num_generations": 4, "max_completion_length": 8, "rewards": ["test_grpo:even_ids",
-                        "exact_match"], "reward_weights": [1.0, 2.0], "beta": 0.04}} | keys  # fmt: skip
+        cfg = {
+            "model": str(tmp_path / "m"),
+            "out": str(out),
+            "objective": "grpo",
+            "data": {"train": str(prompts)},
+            "steps": 4,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "progress": False,
+            "optim": {"lr": 1e-3},
+            "grpo": {
+                "num_generations": 4,
+                "max_completion_length": 8,
+                "rewards": ["test_grpo:even_ids", "exact_match"],
+                "reward_weights": [1.0, 2.0],
+                "beta": 0.04,
+            },
+        } | keys
         train(cfg)
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -240,11 +275,24 @@ def test_grpo_with_a_builtin_reward_lifts_a_model_that_answers_right_part_of_the
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def rewards(lr):
-        run = train({"model": str(out / "model"), "out": str(tmp_path / f"lr{lr}"), "objective": "grpo", "steps": 20,
-                     "data": {"train": str(tmp_path / "p.jsonl")}, "batch_size": 4, "progress": False,
-                     "optim": {"lr": lr, "schedule": "constant"},
-                     "grpo": {"num_generations": 8, "max_completion_length": 16, "temperature": 0.7,
-                              "rewards": ["exact_match"]}})  # fmt: skip
+        run = train(
+            {
+                "model": str(out / "model"),
+                "out": str(tmp_path / f"lr{lr}"),
+                "objective": "grpo",
+                "steps": 20,
+                "data": {"train": str(tmp_path / "p.jsonl")},
+                "batch_size": 4,
+                "progress": False,
+                "optim": {"lr": lr, "schedule": "constant"},
+                "grpo": {
+                    "num_generations": 8,
+                    "max_completion_length": 16,
+                    "temperature": 0.7,
+                    "rewards": ["exact_match"],
+                },
+            }
+        )
         return [json.loads(line)["reward"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     learned, still = rewards(1e-4), rewards(0.0)

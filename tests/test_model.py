@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import hf_tiny, transformers
+from helpers import hf_tiny
 
 import qwen3lab
 from qwen3lab.attention import document_mask
+
+transformers = pytest.importorskip("transformers")
 
 SHAPES = {
     "tied-gqa2": dict(tied=True, heads=4, kv_heads=2),

@@ -56,8 +56,14 @@ def test_muon_takes_the_decoder_matrices_only():
     decay, no_decay, muon = param_groups(model, 0.0, muon=True)
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)].split(".")[-2] for p in muon["params"]} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    }  # fmt: skip
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert [names[id(p)] for p in decay["params"]] == ["model.embed_tokens.weight"]
     assert all("norm" in names[id(p)] for p in no_decay["params"])
     opt = build_optimizer(model, OptimConfig(name="muon", lr=1e-3, muon_lr=2e-3))
@@ -73,5 +79,5 @@ def test_unknown_optimizer_is_named(tmp_path):
     cfg = TrainConfig(model="tiny", out=str(tmp_path / "run"), steps=1, progress=False)
     cfg.data.train = str(tmp_path / "x.jsonl")
     cfg.optim.name = "sgd"
-    with pytest.raises(ValueError, match="optim.name 'sgd': use adamw or muon"):
+    with pytest.raises(ValueError, match="optim.name: 'sgd' is not one of adamw, muon"):
         qwen3lab.train(cfg)

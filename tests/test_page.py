@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from conftest import serving, tiny_server_model
+from helpers import serving, tiny_server_model
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = os.environ.get("QWEN3LAB_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -152,9 +152,17 @@ SCRIPTED = sse(
     {"reasoning_content": "I'll answer in markdown."},
     {"content": "Here is <script>window.pwned = 1</script> and <img src=x onerror='window.pwned = 2'>, as text.\n\n"},
     {"content": "**Bold**, *italic* and `inline <code>`:\n\n- one\n- two\n\n```python\nprint('<hi>')\n```\n"},
-    {"tool_calls": [{"index": 0, "id": "c0", "type": "function",
-                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-)  # fmt: skip
+    {
+        "tool_calls": [
+            {
+                "index": 0,
+                "id": "c0",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ]
+    },
+)
 
 
 def test_model_output_is_text_never_html(page, tmp_path):

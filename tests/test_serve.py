@@ -4,7 +4,7 @@ import concurrent.futures
 import time
 
 import pytest
-from conftest import serving, tiny_server_model
+from helpers import serving, tiny_server_model
 
 import qwen3lab
 
@@ -114,8 +114,14 @@ def _metric(url, name):
 @pytest.mark.parametrize("n", [1, 3])
 def test_a_client_that_disconnects_frees_its_row(server, n):
     url = server[0]
-    body = {"model": "tiny", "prompt": "Tell a long story", "max_tokens": 3000, "temperature": 0, "stream": True,
-            "n": n}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "prompt": "Tell a long story",
+        "max_tokens": 3000,
+        "temperature": 0,
+        "stream": True,
+        "n": n,
+    }
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
         chunks = r.iter_lines()
         for _ in range(3):
@@ -222,8 +228,11 @@ def test_echo_logprobs_score_the_prompt_as_transformers_does(client, server, tok
         assert lp.tokens[-1] == tok.decode([generated])
         assert lp.token_logprobs[-1] == pytest.approx(float(want[-1, generated]), abs=1e-4)
         assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
-    scored = httpx.post(server[0] + "/v1/completions", json={"prompt": prompts[0], "max_tokens": 0, "echo": True,
-                                                            "logprobs": 0}, timeout=30).json()  # fmt: skip
+    scored = httpx.post(
+        server[0] + "/v1/completions",
+        json={"prompt": prompts[0], "max_tokens": 0, "echo": True, "logprobs": 0},
+        timeout=30,
+    ).json()
     assert scored["usage"]["completion_tokens"] == 0
     # the same prompt scored alone and in a batch of two: the matmuls' blocking may differ, so not bit for bit
     alone, batched = scored["choices"][0]["logprobs"]["token_logprobs"], r.choices[0].logprobs.token_logprobs[:-1]
@@ -251,14 +260,17 @@ def test_prompt_forms_logprobs_and_streamed_n(client, server, tok):
     assert len(content) == 4 and all(c.top_logprobs[0].logprob == c.logprob for c in content)
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo!"}]}]
     joined = [{"role": "user", "content": "Hel\nlo!"}]
-    assert (client.chat.completions.create(messages=parts, **kw).choices[0].message.content
-            == client.chat.completions.create(messages=joined, **kw).choices[0].message.content)  # fmt: skip
+    assert (
+        client.chat.completions.create(messages=parts, **kw).choices[0].message.content
+        == client.chat.completions.create(messages=joined, **kw).choices[0].message.content
+    )
 
     kw = dict(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0, seed=5, n=3)
     whole = [c.message.content for c in client.chat.completions.create(**kw).choices]
     pieces, usage = ["", "", ""], None
-    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, logprobs=True,
-                                                **kw):  # fmt: skip
+    for chunk in client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True}, logprobs=True, **kw
+    ):
         for c in chunk.choices:
             pieces[c.index] += c.delta.content or ""
         usage = chunk.usage or usage
@@ -267,8 +279,9 @@ def test_prompt_forms_logprobs_and_streamed_n(client, server, tok):
     streamed = ["", "", ""]
     for chunk in client.completions.create(model="tiny", prompt="Hi", max_tokens=5, n=3, seed=5, stream=True):
         streamed[chunk.choices[0].index] += chunk.choices[0].text
-    assert streamed == [c.text for c in client.completions.create(model="tiny", prompt="Hi", max_tokens=5, n=3,
-                                                                    seed=5).choices]  # fmt: skip
+    assert streamed == [
+        c.text for c in client.completions.create(model="tiny", prompt="Hi", max_tokens=5, n=3, seed=5).choices
+    ]
 
 
 def test_api_key_and_tokenizer_routes(server, tok):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import transformers
+from helpers import hf_small
 
 import qwen3lab
 from qwen3lab import data as D
@@ -15,6 +15,7 @@ from qwen3lab.lora import apply_lora, merge_lora
 from qwen3lab.loss import lm_loss_sum
 from qwen3lab.train import micro_batch_loss, train
 
+transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
@@ -40,20 +41,7 @@ PROMPTS = [{"prompt": f"Q: {a}*2=", "completion": f" {2 * a}"} for a in (3, 11, 
 def model_dir(tmp_path_factory, tok):
     """A small random Qwen3 with the real vocabulary, saved by transformers, with qwen3lab's tokenizer."""
     folder = tmp_path_factory.mktemp("base")
-    cfg = transformers.Qwen3Config(
-        vocab_size=151936,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=True,
-        bos_token_id=151643,
-        eos_token_id=151643,
-    )
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(cfg).save_pretrained(folder)
+    hf_small(bos_token_id=151643, eos_token_id=151643).save_pretrained(folder)
     tok.save(folder)
     return folder
 
@@ -548,9 +536,69 @@ def test_parquet_and_datasets_folder(tmp_path, tok):
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_load(path):
+def test_shipped_recipes_run_on_a_tiny_model(path, tmp_path):
+    """Each recipe in configs/, every key as shipped, on the tiny preset and small data for two steps: only the
+    sizes change (model, data, steps, lengths, batch)."""
     cfg = load_train_config(path)  # every key is known and typed
     assert cfg.model and cfg.data.train
+    rows = {
+        "sft": [{"messages": c} for c in CHATS],
+        "dpo": [{"prompt": c[:-1], "chosen": [c[-1]], "rejected": [c[-1] | {"content": "?"}]} for c in CHATS[:6]],
+        "grpo": [{"prompt": c[:-1], "answer": c[-1]["content"]} for c in CHATS[:6]],
+    }[cfg.objective]
+    sizes = {
+        "model": "tiny",
+        "out": str(tmp_path / "run"),
+        "data.train": str(write_jsonl(tmp_path / "d.jsonl", rows)),
+        "steps": 2,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "data.max_length": 128,
+        "grpo.max_completion_length": 8,
+        "progress": False,
+    }
+    run = train(load_train_config(path, sizes))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and (run / "model" / "config.json").is_file()
+    assert (run / "loss.png").is_file()
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "grpo"])
+def test_each_objectives_plot_shows_what_its_users_watch(tmp_path, objective, monkeypatch):
+    """loss.png: SFT the loss per supervised token; DPO the loss per pair, reward margins and accuracy; GRPO the
+    reward mean and the completion length — each in its own units."""
+    import matplotlib.axes
+
+    from qwen3lab.report import Reporter
+
+    cfg = TrainConfig(objective=objective)
+    reporter = Reporter(tmp_path, cfg, 0)
+    for step in (1, 2):
+        reporter.log(
+            {
+                "step": step,
+                "loss": 0.5,
+                "rewards/margins": 0.1 * step,
+                "rewards/chosen": 0.1,
+                "rewards/rejected": 0.0,
+                "rewards/accuracies": 0.5,
+                "reward": 0.2 * step,
+                "reward_std": 0.1,
+                "completion_length": 9.0 + step,
+            }
+        )
+    labels = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda self, text, **kw: labels.append(text))
+    reporter.plot(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").is_file()
+    assert (
+        labels
+        == {
+            "sft": ["loss (nats / supervised token)"],
+            "dpo": ["DPO loss (nats / pair)", "implicit reward (nats)", "share of pairs"],
+            "grpo": ["reward (sampled completions)", "tokens"],
+        }[objective]
+    )
 
 
 def test_shuffled_packing_covers_every_example_once_within_capacity():

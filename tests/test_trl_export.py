@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import transformers
 
 import qwen3lab
 
+transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 

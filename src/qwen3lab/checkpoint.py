@@ -201,8 +201,9 @@ def _shard_rows(param) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def load_sharded(module: torch.nn.Module, path: str | os.PathLike, initial: dict[str, torch.Tensor],
-                 prefix: str = "") -> None:  # fmt: skip
+def load_sharded(
+    module: torch.nn.Module, path: str | os.PathLike, initial: dict[str, torch.Tensor], prefix: str = ""
+) -> None:
     """Fill a module that FSDP2 sharded while on the meta device (and `to_empty` gave storage) from an HF folder.
 
     Each rank reads only the rows of its own shards, a few MiB at a time (the file is opened per piece, so no more
@@ -308,12 +309,20 @@ def save_model(model: Qwen3, path: str | os.PathLike, max_shard_size: int | str 
     cfg = model.config
     state = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
     dtype = dtype or next(iter(state.values())).dtype
-    return write_hf_folder(cfg, path, {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__,
-                           max_shard_size, dtype)  # fmt: skip
+    return write_hf_folder(
+        cfg, path, {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__, max_shard_size, dtype
+    )
 
 
-def write_hf_folder(cfg: ModelConfig, path, shapes: dict[str, tuple], get, max_shard_size: int | str = "5GB",
-                    dtype=torch.float32, write: bool = True) -> Path:  # fmt: skip
+def write_hf_folder(
+    cfg: ModelConfig,
+    path,
+    shapes: dict[str, tuple],
+    get,
+    max_shard_size: int | str = "5GB",
+    dtype=torch.float32,
+    write: bool = True,
+) -> Path:
     """The HF folder of save_model from tensors asked for one at a time: get(name) is called once per name, shard
     by shard, and a shard is written as soon as it is complete, so at most one shard is held. write=False runs the
     same calls without writing (the other ranks of a sharded export, whose part is in each gathering)."""
@@ -389,8 +398,17 @@ def _one_process_is_meant():
         yield
 
 
-def save_checkpoint(root: Path, step: int, net, optimizer, scheduler, keep: int, d: Dist, data: dict | None = None,
-                    run: dict | None = None):  # fmt: skip
+def save_checkpoint(
+    root: Path,
+    step: int,
+    net,
+    optimizer,
+    scheduler,
+    keep: int,
+    d: Dist,
+    data: dict | None = None,
+    run: dict | None = None,
+):
     """torch.distributed.checkpoint: each rank writes its own shards of the trained weights and Adam state, plus its
     scheduler / RNG / data position (`data`: the cursor's rows taken, global) and what the run was (`run`: its
     objective and total steps), into root/step-N.
@@ -415,8 +433,16 @@ def save_checkpoint(root: Path, step: int, net, optimizer, scheduler, keep: int,
     sharded, replicated = _split({"model": model_sd, "optimizer": optim_sd}, d.world > 1)
     with _one_process_is_meant():
         dcp.save(sharded, checkpoint_id=tmp, no_dist=d.world == 1)
-    state = {"format": 3, "step": step, "world": d.world, "scheduler": scheduler.state_dict(), "rng": rng_state(),
-             "data": data, "replicated": replicated, "run": run or {}}  # fmt: skip
+    state = {
+        "format": 3,
+        "step": step,
+        "world": d.world,
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "data": data,
+        "replicated": replicated,
+        "run": run or {},
+    }
     torch.save(state, tmp / f"state-rank{d.rank}.pt")  # tensors and plain data only: loads with weights_only
     metadata = [(tmp / ".metadata").read_bytes() if d.main else None]
     if d.world > 1:
@@ -504,8 +530,13 @@ class _MetadataUnpickler(pickle.Unpickler):
     """DCP's .metadata is a plain pickle: read it allowing only what DCP writes there (its metadata classes, torch
     sizes, dtypes and layouts, paths), so a checkpoint folder from elsewhere cannot run code when it is resumed."""
 
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}  # fmt: skip
+    ALLOWED = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+    }
 
     def find_class(self, module, name):
         if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"):
@@ -545,8 +576,10 @@ def check_checkpoint(path: Path, d: Dist) -> int:
     saved = _read_state(found)["world"]
     local = not all((path / f"state-rank{r}.pt").is_file() for r in range(saved))
     if local and saved != d.world:
-        raise ValueError(f"{path}: a node-local checkpoint of {saved} ranks resumes on {saved} ranks only; to resume "
-                         f"on {d.world}, copy every node's step folder into one shared folder first")  # fmt: skip
+        raise ValueError(
+            f"{path}: a node-local checkpoint of {saved} ranks resumes on {saved} ranks only; to resume "
+            f"on {d.world}, copy every node's step folder into one shared folder first"
+        )
     try:
         with open(path / ".metadata", "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -585,15 +618,18 @@ def load_checkpoint(path: Path, net, optimizer, scheduler, d: Dist, objective: s
     state = _read_state(path / f"state-rank{d.rank if d.rank < saved else 0}.pt")
     was = (state.get("run") or {}).get("objective")
     if objective is not None and was not in (None, objective):
-        raise CheckpointError(f"{path}: a checkpoint of a {was} run, and this run's objective is {objective}; use "
-                              "another out folder, or resume: false to start anew")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: a checkpoint of a {was} run, and this run's objective is {objective}; use "
+            "another out folder, or resume: false to start anew"
+        )
     model_sd, optim_sd = get_state_dict(net, optimizer, options=_STATE_OPTIONS)
     sd = {"model": model_sd, "optimizer": optim_sd}
     replicated = state.get("replicated") or {}
     try:
         with _one_process_is_meant():
-            dcp.load(_without(sd, replicated), checkpoint_id=path, no_dist=d.world == 1,
-                     planner=_WeightsOnlyLoadPlanner())  # fmt: skip
+            dcp.load(
+                _without(sd, replicated), checkpoint_id=path, no_dist=d.world == 1, planner=_WeightsOnlyLoadPlanner()
+            )
         _merge(sd, replicated)
         # dcp.load has filled every key get_state_dict asked for (or raised); strict=False only lets the frozen base
         # weights, which LoRA checkpoints leave out, stay as they are
@@ -603,9 +639,11 @@ def load_checkpoint(path: Path, net, optimizer, scheduler, d: Dist, objective: s
         if isinstance(e, dcp.api.CheckpointException):  # the first rank's own exception
             e = next(iter(e.failures.values()))[0]
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: does not fit this run ({first[:300]}); it was written by a run with another "
-                              "model, LoRA or trained-token setting: use another out folder, or resume: false to "
-                              "start anew") from e  # fmt: skip
+        raise CheckpointError(
+            f"{path}: does not fit this run ({first[:300]}); it was written by a run with another "
+            "model, LoRA or trained-token setting: use another out folder, or resume: false to "
+            "start anew"
+        ) from e
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["step"], state

@@ -323,9 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model folder")
     p.add_argument("--baseline", default=None, help="another HF model folder, scored beside it")
     p.add_argument("--data", default=None, help="JSONL / JSON / Parquet: loss, perplexity, generation-scored metrics")
-    p.add_argument("--rewards", nargs="*", default=None,
-                   help="scorers of the generations: built-ins (exact_match, think_format, tool_call_json) or "
-                   "module:function (default: exact_match when rows have an answer)")  # fmt: skip
+    p.add_argument(
+        "--rewards",
+        nargs="*",
+        default=None,
+        help="scorers of the generations: built-ins (exact_match, think_format, tool_call_json) or "
+        "module:function (default: exact_match when rows have an answer)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, run in-process")
     p.add_argument("--include-path", default=None, help="folder of your own lm-eval task YAMLs")

@@ -125,8 +125,14 @@ def row_format(row, where: str) -> str:
     )
 
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "tool": "tool"}  # fmt: skip
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
 
 
 def sharegpt_messages(turns, where: str) -> list[dict]:
@@ -361,8 +367,9 @@ def load_preferences(path: str | os.PathLike, tok: Tokenizer, max_length: int) -
     if not examples:
         raise DataError(f"{path}: no preference pairs with completion tokens within max_length={max_length}")
     if dropped:
-        log.warning("data: %s — dropped %d pairs left without completion tokens at max_length=%d", path, dropped,
-                    max_length)  # fmt: skip
+        log.warning(
+            "data: %s — dropped %d pairs left without completion tokens at max_length=%d", path, dropped, max_length
+        )
     return TokenizedData.from_examples(examples, dropped)
 
 
@@ -525,13 +532,6 @@ class Cursor:
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
-
-    def at_batch(self, m: int, batch_rows: int) -> Cursor:
-        """The position before global batch m of batch_rows rows (a checkpoint that predates the cursor)."""
-        per_epoch = -(-self.n_rows // batch_rows)
-        self.epoch, k = divmod(m, per_epoch)
-        self.offset = k * batch_rows
-        return self
 
 
 def split_eval(data: TokenizedData, fraction: float, seed: int) -> tuple[TokenizedData, TokenizedData | None]:

@@ -150,9 +150,20 @@ def accuracy(model, tok, examples: list[Example], batch_size: int = 64) -> dict[
     return {task: sum(v) / len(v) for task, v in correct.items()}
 
 
-def run_demo(out: str = "runs/demo", steps: int = 450, tasks=DEFAULT_TASKS, model_dir: str | None = None, seed: int = 0,
-             n_train: int = 4000, n_eval: int = 50, lr: float | None = None, batch_size: int = 2,
-             data_keys: dict | None = None, optim_keys: dict | None = None, log=print) -> dict:  # fmt: skip
+def run_demo(
+    out: str = "runs/demo",
+    steps: int = 450,
+    tasks=DEFAULT_TASKS,
+    model_dir: str | None = None,
+    seed: int = 0,
+    n_train: int = 4000,
+    n_eval: int = 50,
+    lr: float | None = None,
+    batch_size: int = 2,
+    data_keys: dict | None = None,
+    optim_keys: dict | None = None,
+    log=print,
+) -> dict:
     """Generate the tasks, measure accuracy, train, measure again, show samples, save; return the results.
 
     data_keys / optim_keys override the training's data / optimizer settings, e.g. {"packing": False},
@@ -230,9 +241,18 @@ def run_demo(out: str = "runs/demo", steps: int = 450, tasks=DEFAULT_TASKS, mode
     return results
 
 
-def run_rl_demo(out: str = "runs/demo-rl", sft_steps: int = 200, rl_steps: int = 100, task: str = "sort",
-                seed: int = 0, temperature: float = 0.3, lr: float = 1e-4, n_train: int = 4000, n_eval: int = 50,
-                log=print) -> dict:  # fmt: skip
+def run_rl_demo(
+    out: str = "runs/demo-rl",
+    sft_steps: int = 200,
+    rl_steps: int = 100,
+    task: str = "sort",
+    seed: int = 0,
+    temperature: float = 0.3,
+    lr: float = 1e-4,
+    n_train: int = 4000,
+    n_eval: int = 50,
+    log=print,
+) -> dict:
     """The demo's RL stage: a short SFT (`run_demo` with fewer steps) leaves `task` well below its ceiling; GRPO with
     an exact-match reward on that task's training prompts then lifts its held-out accuracy. Returns the results."""
     from . import load_model, load_tokenizer
@@ -254,17 +274,39 @@ def run_rl_demo(out: str = "runs/demo-rl", sft_steps: int = 200, rl_steps: int =
     log(f"\nstage 2: GRPO on {task}: G=8 completions of 8 prompts per step, exact-match reward, {rl_steps} steps")
     log(f"held-out {task} exact match before GRPO: {before:.0%}")
     t0 = time.perf_counter()
-    run = train({"model": sft["model"], "out": str(out_dir / "grpo"), "objective": "grpo", "steps": rl_steps,
-                 "data": {"train": str(prompts)}, "batch_size": 8, "seed": seed, "resume": False,
-                 "optim": {"lr": lr, "schedule": "constant"},
-                 "grpo": {"num_generations": 8, "max_completion_length": 16, "temperature": temperature,
-                          "rewards": ["exact_match"]}})  # fmt: skip
+    run = train(
+        {
+            "model": sft["model"],
+            "out": str(out_dir / "grpo"),
+            "objective": "grpo",
+            "steps": rl_steps,
+            "data": {"train": str(prompts)},
+            "batch_size": 8,
+            "seed": seed,
+            "resume": False,
+            "optim": {"lr": lr, "schedule": "constant"},
+            "grpo": {
+                "num_generations": 8,
+                "max_completion_length": 16,
+                "temperature": temperature,
+                "rewards": ["exact_match"],
+            },
+        }
+    )
     rl_seconds = time.perf_counter() - t0
     after = accuracy(load_model(run / "model", dtype=torch.float32, device="cpu"), tok, held)[task]
-    log(f"held-out {task} exact match after GRPO:  {after:.0%}  ({(after - before) * 100:+.0f} points in "
-        f"{rl_seconds:.0f}s of GRPO)")  # fmt: skip
-    results = {"task": task, "before": before, "after": after, "rl_seconds": rl_seconds, "sft": sft,
-               "model": str(run / "model")}  # fmt: skip
+    log(
+        f"held-out {task} exact match after GRPO:  {after:.0%}  ({(after - before) * 100:+.0f} points in "
+        f"{rl_seconds:.0f}s of GRPO)"
+    )
+    results = {
+        "task": task,
+        "before": before,
+        "after": after,
+        "rl_seconds": rl_seconds,
+        "sft": sft,
+        "model": str(run / "model"),
+    }
     (out_dir / "rl_results.json").write_text(json.dumps(results, indent=2))
     plot_rl(out_dir, run, task, before, after)
     log(f"saved: {run / 'model'}; {out_dir / 'rl.png'} (reward curve and accuracy)")

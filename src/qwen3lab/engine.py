@@ -370,8 +370,9 @@ class Engine:
                 k = group[0].params.prompt_logprobs
                 if k is not None and s < lengths[r] - 1:  # positions s.. predict tokens s + 1.. of the prompt
                     n = min(e, lengths[r] - 1) - s
-                    scored[r].append(logprobs_topk(out[r, :n], self.model.lm_head.weight, ids[r, s + 1 : s + 1 + n],
-                                                   max(k, 1)))  # fmt: skip
+                    scored[r].append(
+                        logprobs_topk(out[r, :n], self.model.lm_head.weight, ids[r, s + 1 : s + 1 + n], max(k, 1))
+                    )
         logits = self.model.lm_head(hidden).float()  # [B, V]
         for r, group in enumerate(groups):
             k = group[0].params.prompt_logprobs

@@ -56,8 +56,9 @@ def data_loss(model, data: D.TokenizedData, max_tokens: int = 4096, chunk: int =
     return total, count
 
 
-def evaluate_data(model, tok, path, rewards: list[str] | None = None, max_new_tokens: int = 256,
-                  max_length: int = 32768) -> tuple[dict, list[dict]]:  # fmt: skip
+def evaluate_data(
+    model, tok, path, rewards: list[str] | None = None, max_new_tokens: int = 256, max_length: int = 32768
+) -> tuple[dict, list[dict]]:
     """Metrics of one model on one data file, and one record per generated row (prompt, completion, scores)."""
     rows = list(D.read_rows(path))
     metrics: dict[str, float] = {}
@@ -85,8 +86,9 @@ def evaluate_data(model, tok, path, rewards: list[str] | None = None, max_new_to
         specs = list(rewards) if rewards is not None else (["exact_match"] if any(columns["answer"]) else [])
         scores = {}
         for spec in specs:
-            values = load_reward(spec)(prompts=prompts, completions=completions,
-                                       completion_ids=[o.ids for o in outs], **columns)  # fmt: skip
+            values = load_reward(spec)(
+                prompts=prompts, completions=completions, completion_ids=[o.ids for o in outs], **columns
+            )
             scores[spec] = values
             kept = [v for v in values if v is not None]
             if kept:
@@ -94,8 +96,16 @@ def evaluate_data(model, tok, path, rewards: list[str] | None = None, max_new_to
         metrics["generated"] = len(outs)
         metrics["completion_tokens_mean"] = float(np.mean([len(o.ids) for o in outs]))
         for i, ((where, _, (prompt, answer)), out) in enumerate(zip(targets, outs, strict=True)):
-            records.append({"where": where, "prompt": prompt, "answer": answer, "completion": out.text,
-                            "finish_reason": out.finish_reason, **{s: v[i] for s, v in scores.items()}})  # fmt: skip
+            records.append(
+                {
+                    "where": where,
+                    "prompt": prompt,
+                    "answer": answer,
+                    "completion": out.text,
+                    "finish_reason": out.finish_reason,
+                    **{s: v[i] for s, v in scores.items()},
+                }
+            )
     if not metrics:
         raise D.DataError(f"{path}: no row to score (rows need messages with an assistant answer, or a prompt)")
     return metrics, records
@@ -105,8 +115,9 @@ def _prompt_only(row: dict) -> bool:
     return "prompt" in row and "completion" not in row and "messages" not in row and "text" not in row
 
 
-def evaluate_tasks(model, tok, tasks: list[str], include_path=None, limit=None, num_fewshot=None,
-                   batch_tokens: int = 8192) -> dict:  # fmt: skip
+def evaluate_tasks(
+    model, tok, tasks: list[str], include_path=None, limit=None, num_fewshot=None, batch_tokens: int = 8192
+) -> dict:
     """lm-eval tasks on the in-process model: {"task/metric": value} (stderr left out)."""
     try:
         import lm_eval
@@ -116,9 +127,13 @@ def evaluate_tasks(model, tok, tasks: list[str], include_path=None, limit=None, 
     from .lm_eval_model import Qwen3LabLM
 
     out = lm_eval.simple_evaluate(
-        model=Qwen3LabLM(model=model, tokenizer=tok, batch_tokens=batch_tokens), tasks=tasks, limit=limit,
-        num_fewshot=num_fewshot, task_manager=TaskManager(include_path=include_path), log_samples=False,
-    )  # fmt: skip
+        model=Qwen3LabLM(model=model, tokenizer=tok, batch_tokens=batch_tokens),
+        tasks=tasks,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        task_manager=TaskManager(include_path=include_path),
+        log_samples=False,
+    )
     metrics = {}
     for task, result in out["results"].items():
         for key, value in result.items():
@@ -144,9 +159,19 @@ def table(columns: dict[str, dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
 
 
-def run_eval(model_dir: str, baseline: str | None, data: str | None, tasks: list[str], out: str | None,
-             rewards: list[str] | None, max_new_tokens: int, include_path=None, limit=None, num_fewshot=None,
-             dtype: str = "auto") -> dict:  # fmt: skip
+def run_eval(
+    model_dir: str,
+    baseline: str | None,
+    data: str | None,
+    tasks: list[str],
+    out: str | None,
+    rewards: list[str] | None,
+    max_new_tokens: int,
+    include_path=None,
+    limit=None,
+    num_fewshot=None,
+    dtype: str = "auto",
+) -> dict:
     """Evaluate the model (and the baseline) on the data file and / or tasks; print the table, write the JSON."""
     from .checkpoint import load_model
     from .generate import prepare_for_inference

@@ -55,8 +55,9 @@ def export_sharded(net, cfg: TrainConfig, tok: Tokenizer, out: Path, source: str
         if loras:
             first = next(iter(loras.values()))
             adapters = {m: (trained[f"model.{m}.lora_A.weight"], trained[f"model.{m}.lora_B.weight"]) for m in loras}
-            write_peft_adapter(out / "adapter", adapters, first.rank, first.alpha, cfg.lora.dropout, source or "",
-                               token_rows)  # fmt: skip
+            write_peft_adapter(
+                out / "adapter", adapters, first.rank, first.alpha, cfg.lora.dropout, source or "", token_rows
+            )
 
 
 def export(model, tok: Tokenizer, extra_tokens, out: Path, source: str | None) -> None:

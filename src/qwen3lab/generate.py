@@ -91,8 +91,9 @@ def _check(out: _Collect) -> None:
         raise RuntimeError(f"generation failed: {out.error}")
 
 
-def generate(model, tok: Tokenizer, prompts, params: SamplingParams | None = None, max_rows: int = MAX_ROWS,
-             **kw) -> list[Generation]:  # fmt: skip
+def generate(
+    model, tok: Tokenizer, prompts, params: SamplingParams | None = None, max_rows: int = MAX_ROWS, **kw
+) -> list[Generation]:
     """Generate for one prompt or a batch. A prompt is text, token ids, or a list of chat messages (rendered with
     the generation prompt). Returns one Generation per prompt (a list for a batch). max_rows: rows decoded together
     at most (more rows: fewer decode steps, each larger)."""

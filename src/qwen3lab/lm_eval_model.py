@@ -28,8 +28,18 @@ from .tokenizer import load_tokenizer
 
 @register_model("qwen3lab")
 class Qwen3LabLM(TemplateLM):
-    def __init__(self, pretrained=None, model=None, tokenizer=None, batch_tokens: int = 8192, max_length=None,
-                 dtype: str = "auto", device: str | None = None, compile: bool = False, **_):  # fmt: skip
+    def __init__(
+        self,
+        pretrained=None,
+        model=None,
+        tokenizer=None,
+        batch_tokens: int = 8192,
+        max_length=None,
+        dtype: str = "auto",
+        device: str | None = None,
+        compile: bool = False,
+        **_,
+    ):
         """pretrained: an HF model folder (or pass a loaded `model` and `tokenizer`). batch_tokens: padded tokens per
         log-likelihood forward at most. max_length: context used (the model's by default)."""
         super().__init__()
@@ -125,8 +135,9 @@ class Qwen3LabLM(TemplateLM):
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # key is prefix or of my segment
         mask = (causal & same & (seg[:, None, :] >= 0)) | torch.eye(T, dtype=torch.bool)  # padding sees itself
-        hidden = self.model(ids.to(self._device), pos.to(self._device), mask[:, None].to(self._device),
-                            return_hidden=True)  # fmt: skip
+        hidden = self.model(
+            ids.to(self._device), pos.to(self._device), mask[:, None].to(self._device), return_hidden=True
+        )
         picked, targets, owners = [], [], []
         for r, (_, members) in enumerate(rows):
             for (i, cont), at in zip(members, built[r][3], strict=True):
@@ -147,9 +158,11 @@ class Qwen3LabLM(TemplateLM):
         out = []
         for (text,) in [r.args for r in requests]:
             windows = utils.get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                token_list=self.tok_encode(text),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
                 context_len=1,
-            )  # fmt: skip
+            )
             parts = [(None, *utils.make_disjoint_window(w)) for w in windows]
             out.append(sum(logp for logp, _ in self._loglikelihood_tokens(parts)))
         return out

@@ -128,8 +128,9 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model: str
     return write_peft_adapter(path, adapters, first.rank, first.alpha, dropout, base_model, trained_tokens)
 
 
-def write_peft_adapter(path, adapters: dict, rank: int, alpha: float, dropout: float = 0.0, base_model: str = "",
-                       trained_tokens=None) -> Path:  # fmt: skip
+def write_peft_adapter(
+    path, adapters: dict, rank: int, alpha: float, dropout: float = 0.0, base_model: str = "", trained_tokens=None
+) -> Path:
     """save_peft_adapter from tensors: adapters maps each wrapped module's name to its (lora_A, lora_B) weights."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)

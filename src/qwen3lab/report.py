@@ -10,12 +10,33 @@ from pathlib import Path
 
 from .config import TrainConfig, train_config_dict
 
+# What each objective's plot shows: panels of (y label, [(metric, legend)]), what its users watch.
+PANELS = {
+    "sft": [("loss (nats / supervised token)", [("loss", "train"), ("eval_loss", "eval")])],
+    "dpo": [
+        ("DPO loss (nats / pair)", [("loss", "train"), ("eval_loss", "eval")]),
+        (
+            "implicit reward (nats)",
+            [
+                ("rewards/margins", "margin: chosen - rejected"),
+                ("rewards/chosen", "chosen"),
+                ("rewards/rejected", "rejected"),
+            ],
+        ),
+        ("share of pairs", [("rewards/accuracies", "accuracy: chosen above rejected")]),
+    ],
+    "grpo": [
+        ("reward (sampled completions)", [("reward", "mean"), ("reward_std", "std")]),
+        ("tokens", [("completion_length", "completion length")]),
+    ],
+}
+
 
 class Reporter:
     """metrics.jsonl always; TensorBoard / W&B when asked for and installed."""
 
     def __init__(self, out: Path, cfg: TrainConfig, resumed_step: int):
-        self.path = out / "metrics.jsonl"
+        self.path, self.objective = out / "metrics.jsonl", cfg.objective
         if resumed_step == 0:
             self.path.unlink(missing_ok=True)
         else:  # drop lines past the checkpoint, which the resumed run writes again
@@ -45,23 +66,24 @@ class Reporter:
             sink(metrics)
 
     def plot(self, png: Path) -> None:
+        """The objective's panels side by side (PANELS), each in its own units."""
         rows = self._read()
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-        if train:
-            ax.plot(*zip(*train, strict=True), label="train loss")
-        if evals:
-            ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats / supervised token)")
-        ax.legend()
-        ax.grid(alpha=0.3)
+        panels = PANELS[self.objective]
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+        for ax, (ylabel, series) in zip(axes[0], panels, strict=True):
+            for key, legend in series:
+                points = [(r["step"], r[key]) for r in rows if key in r]
+                if points:
+                    ax.plot(*zip(*points, strict=True), "o-" if key.startswith("eval") else "-", label=legend)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(ylabel)
+            ax.legend()
+            ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(png, dpi=110)
         plt.close(fig)

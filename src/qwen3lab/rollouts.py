@@ -119,8 +119,13 @@ class Rollouts:
         longest = max(len(r["ids"]) for r in rows) + g.max_completion_length
         # one seeded generator for the micro-batch and one SamplingParams object: every decode step samples all
         # rows in one call, and the same submissions give the same completions (a resumed run's rollouts)
-        engine = Engine(self.net.model, len(rows) * G, capacity=longest, max_waiting=len(rows),
-                        seed=self.seed(step, micro, self.d.rank))  # fmt: skip
+        engine = Engine(
+            self.net.model,
+            len(rows) * G,
+            capacity=longest,
+            max_waiting=len(rows),
+            seed=self.seed(step, micro, self.d.rank),
+        )
         params = SamplingParams(max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p)
         events: list[list] = [[] for _ in range(len(rows) * G)]  # what the engine emitted for each completion
         requests = []
@@ -139,8 +144,10 @@ class Rollouts:
     def _training_batch(self, rows, completion_ids, rewards, batch_std) -> dict:
         """prompt + completion per sequence, learned on the completion, packed; advantages per sequence."""
         g, G = self.g, self.g.num_generations
-        examples = [(rows[j // G]["ids"] + ids, [0] * len(rows[j // G]["ids"]) + [1] * len(ids))
-                    for j, ids in enumerate(completion_ids)]  # fmt: skip
+        examples = [
+            (rows[j // G]["ids"] + ids, [0] * len(rows[j // G]["ids"]) + [1] * len(ids))
+            for j, ids in enumerate(completion_ids)
+        ]
         keep = [j for j, (_, mask) in enumerate(examples) if any(mask[1:])]  # an empty completion teaches nothing
         if not keep:
             return D.empty_batch(self.tok.pad_token_id, "grpo")
@@ -161,8 +168,10 @@ class Rollouts:
         chat = isinstance(rows[0]["prompt"], list)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
         prompts = [rows[j // G]["prompt"] for j in range(len(texts))]
-        columns = {key: [rows[j // G]["columns"].get(key) for j in range(len(texts))]
-                   for key in {k for r in rows for k in r["columns"]}}  # fmt: skip
+        columns = {
+            key: [rows[j // G]["columns"].get(key) for j in range(len(texts))]
+            for key in {k for r in rows for k in r["columns"]}
+        }
         total = np.zeros(len(texts))
         for (spec, fn), w in zip(self.rewards.items(), self.weights, strict=True):
             scores = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)

@@ -200,8 +200,10 @@ def _text_content(messages: list[dict]) -> list[dict]:
             for p, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise APIError(f"messages[{m}].content[{p}]: only text parts are supported, not {kind!r}",
-                                   f"messages[{m}].content")  # fmt: skip
+                    raise APIError(
+                        f"messages[{m}].content[{p}]: only text parts are supported, not {kind!r}",
+                        f"messages[{m}].content",
+                    )
                 texts.append(part["text"])
             message = message | {"content": "\n".join(texts)}
         out.append(message)
@@ -311,8 +313,9 @@ def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _chat_events(tok: Tokenizer, jobs: list[_Job], params: SamplingParams, head: dict, prompt_tokens: int,
-                       timeout: float):  # fmt: skip
+async def _chat_events(
+    tok: Tokenizer, jobs: list[_Job], params: SamplingParams, head: dict, prompt_tokens: int, timeout: float
+):
     """The stream of every choice (interleaved as they come), then usage and [DONE]; a failed choice sends an
     error event and ends the stream there."""
     try:
@@ -485,8 +488,13 @@ def create_app(
     # the tokenizer over HTTP, as vLLM serves it (lm-eval's `local-completions` finds and uses these)
     @app.get("/tokenizer_info")
     async def tokenizer_info():
-        return {"eos_token": tok.eos_token, "bos_token": None, "pad_token": tok.pad_token,
-                "chat_template": tok.chat_template, "model_max_length": max_context}  # fmt: skip
+        return {
+            "eos_token": tok.eos_token,
+            "bos_token": None,
+            "pad_token": tok.pad_token,
+            "chat_template": tok.chat_template,
+            "model_max_length": max_context,
+        }
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeBody):
@@ -522,9 +530,12 @@ def create_app(
         kwargs = dict(body.chat_template_kwargs or {})
         try:
             ids = tok.encode_chat(
-                _text_content(body.messages), tools=body.tools, add_generation_prompt=True, assistant_mask=False,
+                _text_content(body.messages),
+                tools=body.tools,
+                add_generation_prompt=True,
+                assistant_mask=False,
                 **kwargs,
-            ).input_ids  # fmt: skip
+            ).input_ids
         except ChatError as e:
             raise APIError(f"messages: {e}", "messages") from None
         if body.top_logprobs is not None and not body.logprobs:
@@ -648,8 +659,9 @@ def serve(
     model = load_model(model_dir, dtype=dtype)
     prepare_for_inference(model, compile)
     tok = load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else load_tokenizer()
-    app = create_app(model, tok, Path(model_dir).name, max_batch, max_queue, request_timeout, prefix_cache_tokens,
-                     api_key)  # fmt: skip
+    app = create_app(
+        model, tok, Path(model_dir).name, max_batch, max_queue, request_timeout, prefix_cache_tokens, api_key
+    )
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name

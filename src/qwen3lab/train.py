@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from . import data as D
 from .checkpoint import (
+    CheckpointError,
     cpu_bf16_is_fast,
     list_checkpoints,
     load_checkpoint,
@@ -200,8 +201,18 @@ class WithLoss(torch.nn.Module):
     forward(None, call=f) -> f(): work on self.model that needs the root's parameters, e.g. generation.
     """
 
-    def __init__(self, model, extra_tokens: TrainableTokens | None, packing: bool, chunk: int, upcast=False,
-                 objective: str = "sft", beta: float = 0.1, ref_model=None, grpo=None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        extra_tokens: TrainableTokens | None,
+        packing: bool,
+        chunk: int,
+        upcast=False,
+        objective: str = "sft",
+        beta: float = 0.1,
+        ref_model=None,
+        grpo=None,
+    ):
         super().__init__()
         self.model, self.extra_tokens, self.packing, self.chunk = model, extra_tokens, packing, chunk
         self.upcast, self.objective, self.beta, self.grpo = upcast, objective, beta, grpo
@@ -239,8 +250,7 @@ class WithLoss(torch.nn.Module):
 def shard(net: WithLoss, source: str | None, device: torch.device, bf16: bool) -> None:
     """FSDP2 over the model and its loss; a model built on the meta device is then filled shard by shard from its
     folder (the rows of each rank's shards only), the adapters and trained token rows from their starting values."""
-    initial = {name: t.detach().clone() for name, t in [*net.named_parameters(), *net.named_buffers()]
-               if not t.is_meta}  # fmt: skip
+    initial = {name: t.detach().clone() for name, t in [*net.named_parameters(), *net.named_buffers()] if not t.is_meta}
     apply_fsdp(net, net.model.model.layers, bf16=bf16)
     if net.model.lm_head.weight.is_meta:
         net.to_empty(device=device)
@@ -367,8 +377,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         ref_model.attn_implementation = cfg.attention
         if upcast:  # a bf16 base computed in fp32
             ref_model.float()
-    net = WithLoss(model, extra_tokens, cfg.data.packing, cfg.loss_chunk, upcast, cfg.objective, cfg.dpo.beta,
-                   ref_model, cfg.grpo)  # fmt: skip
+    net = WithLoss(
+        model, extra_tokens, cfg.data.packing, cfg.loss_chunk, upcast, cfg.objective, cfg.dpo.beta, ref_model, cfg.grpo
+    )
     if d.world > 1:
         shard(net, source, device, use_bf16)
         if net.ref_net is not None:
@@ -383,8 +394,14 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     iterations = cfg.grpo.num_iterations if grpo else 1  # optimizer steps per batch of rollouts
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum) * iterations)
     if grpo:
-        log.info("data: %d prompts; %d steps of %d x %d prompts x %d completions", len(rows), total_steps,
-                 cfg.grad_accum, cfg.batch_size, cfg.grpo.num_generations)  # fmt: skip
+        log.info(
+            "data: %d prompts; %d steps of %d x %d prompts x %d completions",
+            len(rows),
+            total_steps,
+            cfg.grad_accum,
+            cfg.batch_size,
+            cfg.grpo.num_generations,
+        )
     else:
         log.info(
             "data: %d %s (%d supervised tokens) in %d rows%s; %d steps of %d x %d rows x %d ranks",
@@ -403,8 +420,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         ref_logps = _precomputed(out / "ref_logps.npy", net, data, d, device, autocast, tok.pad_token_id, cfg)
         eval_ref_logps = ref_logps
         if cfg.data.eval:
-            eval_ref_logps = _precomputed(out / "ref_logps_eval.npy", net, eval_data, d, device, autocast,
-                                          tok.pad_token_id, cfg)  # fmt: skip
+            eval_ref_logps = _precomputed(
+                out / "ref_logps_eval.npy", net, eval_data, d, device, autocast, tok.pad_token_id, cfg
+            )
 
     def eval_batches():
         step = cfg.batch_size * d.world
@@ -417,7 +435,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     cursor = D.Cursor(len(rows), cfg.seed, cfg.data.shuffle)
     ckpts = checkpoints_folder(cfg, out)
-    step = resume(ckpts, cfg, net, optimizer, scheduler, cursor, iterations, total_steps, d) if cfg.resume else 0
+    step = resume(ckpts, cfg, net, optimizer, scheduler, cursor, total_steps, d) if cfg.resume else 0
     reporter = Reporter(out, cfg, step) if d.main else None
     data_state = cursor.state()  # what a checkpoint records: the position after its step (GRPO: its round's start)
 
@@ -497,8 +515,17 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         if bar is not None:
             bar.update(metrics)
         if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):  # the last: to continue from
-            save_checkpoint(ckpts, step, net, optimizer, scheduler, cfg.keep_checkpoints, d, data_state,
-                            {"objective": cfg.objective, "total_steps": total_steps})  # fmt: skip
+            save_checkpoint(
+                ckpts,
+                step,
+                net,
+                optimizer,
+                scheduler,
+                cfg.keep_checkpoints,
+                d,
+                data_state,
+                {"objective": cfg.objective, "total_steps": total_steps},
+            )
     if bar is not None:
         bar.close()
     if d.world > 1:
@@ -512,8 +539,16 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     return out
 
 
-def resume(ckpts: Path, cfg: TrainConfig, net, optimizer, scheduler, cursor: D.Cursor, iterations: int,
-           total_steps: int, d: Dist) -> int:  # fmt: skip
+def resume(
+    ckpts: Path,
+    cfg: TrainConfig,
+    net,
+    optimizer,
+    scheduler,
+    cursor: D.Cursor,
+    total_steps: int,
+    d: Dist,
+) -> int:
     """Load the latest checkpoint, if any, and move the cursor to its data position; returns its step (0: none).
     Saved by another number of ranks, the run goes on with this one's global batch (the log says so). A finished
     run goes on to this run's total: the learning-rate schedule is that of the new total from the saved step on."""
@@ -522,18 +557,24 @@ def resume(ckpts: Path, cfg: TrainConfig, net, optimizer, scheduler, cursor: D.C
     latest = list_checkpoints(ckpts)[-1]
     step, saved = load_checkpoint(latest, net, optimizer, scheduler, d, cfg.objective)
     run = saved.get("run") or {}
-    if saved.get("data"):
-        cursor.epoch, cursor.offset = saved["data"]["epoch"], saved["data"]["offset"]
-    else:  # saved before the cursor: the position follows from the step (GRPO: its round's start)
-        cursor.at_batch(step // iterations * cfg.grad_accum, cfg.batch_size * saved["world"])
+    if not saved.get("data"):
+        raise CheckpointError(
+            f"{latest}: written by an older qwen3lab without the data position; resume: false to start anew"
+        )
+    cursor.epoch, cursor.offset = saved["data"]["epoch"], saved["data"]["offset"]
     # the optimizer's saved learning rate is the old schedule's; LambdaLR computes the new one the same way
     scheduler._last_lr = []
     for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base * f(scheduler.last_epoch)
         scheduler._last_lr.append(group["lr"])
     if run.get("total_steps") == step and total_steps > step:
-        log.info("continuing from step %d of a finished run (%s): %d steps more, the schedule now runs to step %d",
-                 step, latest, total_steps - step, total_steps)  # fmt: skip
+        log.info(
+            "continuing from step %d of a finished run (%s): %d steps more, the schedule now runs to step %d",
+            step,
+            latest,
+            total_steps - step,
+            total_steps,
+        )
     elif step >= total_steps:
         log.info("%s is at step %d of %d: nothing left to train; exporting its weights", latest, step, total_steps)
     else:
@@ -542,9 +583,14 @@ def resume(ckpts: Path, cfg: TrainConfig, net, optimizer, scheduler, cursor: D.C
         log.warning(
             "resumed with %d ranks from a checkpoint of %d: weights and optimizer state resharded, the data "
             "continues at epoch %d, row %d; the global batch is now %d rows (was %d), so losses will not equal "
-            "an uninterrupted run's", d.world, saved["world"], cursor.epoch, cursor.offset, cfg.batch_size * d.world,
+            "an uninterrupted run's",
+            d.world,
+            saved["world"],
+            cursor.epoch,
+            cursor.offset,
+            cfg.batch_size * d.world,
             cfg.batch_size * saved["world"],
-        )  # fmt: skip
+        )
     return step
 
 
