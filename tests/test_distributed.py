@@ -121,14 +121,14 @@ def test_lora_under_fsdp_matches_one_process(setup):
 def test_missing_shard_is_a_clear_error_on_every_rank(setup):
     run = setup / "broken"
     assert torchrun(setup, run, "--steps", "4").returncode == 0
-    ckpt = run / "checkpoints" / "step-000003"
+    ckpt = run / "checkpoints" / "step-000004"  # the last step's, which a longer rerun continues from
     (ckpt / "__1_0.distcp").unlink()
-    failed = torchrun(setup, run, "--steps", "4")
+    failed = torchrun(setup, run, "--steps", "6")
     assert failed.returncode != 0
     out = failed.stdout + failed.stderr
     assert out.count("checkpoint shard __1_0.distcp is missing") == 2  # both ranks stop, neither waits
-    shutil.rmtree(ckpt)  # the remedy the message names; with no checkpoint left the run starts over
-    assert torchrun(setup, run, "--steps", "4").returncode == 0
+    shutil.rmtree(ckpt)  # the remedy the message names: the run resumes from the checkpoint before
+    assert torchrun(setup, run, "--steps", "6").returncode == 0
 
 
 def objective_config(setup, name, **keys):

@@ -371,10 +371,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .chat import ChatError
-    from .config import ConfigError
-    from .data import DataError
-
     args, extra = build_parser().parse_known_args(argv)
     try:
         if getattr(args, "takes_extra", False):
@@ -383,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"qwen3lab {args.command}: unrecognized arguments: {' '.join(extra)}")
         else:
             args.func(args)
-    except (ConfigError, DataError, ChatError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:
         # Bad input (a config, data, model or checkpoint a user gave): one line that names the file / key / example
         # and the fix, not a traceback. qwen3lab's own refusals are ValueErrors (ConfigError, DataError,
         # CheckpointError, ...) or OSErrors (a missing file); QWEN3LAB_DEBUG=1 or --debug shows the traceback.

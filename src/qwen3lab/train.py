@@ -4,6 +4,10 @@
     qwen3lab train configs/demo.yaml --optim.lr 1e-4     # the same from the command line
     qwen3lab train cfg.yaml --objective dpo              # preference pairs; grpo: prompts, rollouts and rewards
 
+In torchtitan's shape: `build_run` builds the run once (model, adapters, reference, data, optimizer, schedule, the
+position of a resumed run), `train_step(run, batches) -> metrics` is one optimizer step, and `_train` is the short
+loop around it (logging, eval, checkpoints, export). One loop for every objective.
+
 The loss of a step is the summed loss of all its micro-batches divided by their units — supervised tokens for SFT
 (not a mean of per-batch means, so it equals trl's first-step loss on the same batch), pairs for DPO, and for GRPO
 what its loss type normalises by. DPO and GRPO losses live in objectives.py, GRPO's rollouts in rollouts.py.
@@ -17,6 +21,8 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -322,7 +328,123 @@ def train(config) -> Path:
             torch.distributed.destroy_process_group()
 
 
+@dataclass
+class Run:
+    """Everything a training run is made of, built once (`build_run`); `train_step` and the loop read it."""
+
+    cfg: TrainConfig
+    d: Dist
+    device: torch.device
+    out: Path
+    tok: Tokenizer
+    model: Qwen3
+    source: str | None  # the folder the weights came from (None: a preset)
+    net: WithLoss
+    extra_tokens: TrainableTokens | None
+    autocast: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    step: int  # optimizer steps done (a resumed run starts past 0)
+    batches: Iterator[dict]  # this rank's micro-batches, from the data position on
+    data_state: dict  # what a checkpoint records: the data position after the step (GRPO: its round's start)
+    eval_batches: Callable[[], Iterator[dict]]
+    has_eval: bool
+    rollouts: Rollouts | None
+    checkpoints: Path
+    tokens_seen: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
 def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
+    """The loop: a step, then logging, eval and checkpoints as configured; the export at the end."""
+    run = build_run(cfg, d, device)
+    reporter = Reporter(run.out, cfg, run.step) if d.main else None
+    bar = Progress(run.total_steps, run.step) if cfg.progress and d.main else None
+    while run.step < run.total_steps:
+        metrics = train_step(run, [next(run.batches) for _ in range(cfg.grad_accum)])
+        step, last = run.step, run.step == run.total_steps
+        if run.has_eval and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+            metrics["eval_loss"] = evaluate(run.net, run.eval_batches(), d, device, run.autocast)
+        if reporter and (step % cfg.log_every == 0 or last or "eval_loss" in metrics):
+            reporter.log(metrics)
+        if bar is not None:
+            bar.update(metrics)
+        if cfg.save_every and (step % cfg.save_every == 0 or last):  # the last too: a longer rerun continues it
+            run_info = {"objective": cfg.objective, "total_steps": run.total_steps}
+            save_checkpoint(
+                run.checkpoints,
+                step,
+                run.net,
+                run.optimizer,
+                run.scheduler,
+                cfg.keep_checkpoints,
+                d,
+                run.data_state,
+                run_info,
+            )
+    if bar is not None:
+        bar.close()
+    if d.world > 1:
+        export_sharded(run.net, cfg, run.tok, run.out, run.source, d)
+    elif d.main:
+        export(run.model, run.tok, run.extra_tokens, run.out, run.source)
+    if d.main:
+        reporter.plot(run.out / "loss.png")
+        log.info("run folder %s: model/ (HF format), metrics.jsonl, loss.png", run.out)
+    d.barrier()
+    return run.out
+
+
+def train_step(run: Run, batches: list[dict]) -> dict:
+    """One optimizer step over this rank's micro-batches -> the step's metrics (over every rank).
+
+    The loss is the sum over every supervised token (DPO: pair) of the step on all ranks, over their global count;
+    FSDP averages gradients over ranks, hence the factor world."""
+    d = run.d
+    (n_units,) = d.all_sum(sum(units(b) for b in batches))
+    loss_total, step_tokens, sums = 0.0, 0, {}
+    for b in batches:
+        b = to_device(b, run.device)
+        with run.autocast():
+            loss_sum, batch_metrics = run.net(b)
+        (loss_sum * (d.world / n_units)).backward()
+        loss_total += float(loss_sum.detach())
+        step_tokens += int(b["num_tokens"])
+        for k, v in batch_metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+    grad_norm = None
+    if run.cfg.optim.max_grad_norm > 0:
+        trainable = [p for p in run.net.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(trainable, run.cfg.optim.max_grad_norm)
+        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    loss_total, step_tokens, *summed = d.all_sum(loss_total, step_tokens, *sums.values())
+    run.tokens_seen += int(step_tokens)
+    elapsed = time.perf_counter() - run.started
+    metrics = {
+        "step": run.step,
+        "loss": loss_total / n_units,
+        "lr": lr,
+        "tokens": run.tokens_seen,
+        "elapsed": elapsed,
+        "tokens_per_s": run.tokens_seen / elapsed,
+    }
+    metrics |= {k: v / n_units for k, v in zip(sums, summed, strict=True)}  # means over the step's units
+    if run.rollouts is not None:
+        metrics |= run.rollouts.pop_metrics()
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+    return metrics
+
+
+def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
+    """The run folder, the tokenizer, the model (adapters, reference, sharding), the data, the optimizer and
+    schedule, and the position of a resumed run."""
     out = Path(cfg.out)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -332,8 +454,71 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    # tokenizer, model, adapters
     tok = build_tokenizer(None if cfg.model in PRESETS else cfg.model)
+    model, source, net, extra_tokens, autocast = build_net(cfg, d, device, tok)
+    dpo, grpo = cfg.objective == "dpo", cfg.objective == "grpo"
+
+    # data: a row is a list of examples (SFT), a pair's index (DPO) or a prompt's index (GRPO)
+    data, rows, eval_data, eval_rows = load_data(cfg, tok)
+    global_rows = cfg.batch_size * d.world  # rows of one micro-batch over all ranks
+    iterations = cfg.grpo.num_iterations if grpo else 1  # optimizer steps per batch of rollouts
+    total_steps = cfg.steps or max(
+        1, math.ceil(cfg.epochs * math.ceil(len(rows) / global_rows) / cfg.grad_accum) * iterations
+    )
+    _log_data(cfg, d, data, rows, total_steps)
+    ref_logps = eval_ref_logps = None
+    if dpo and _reference(cfg) == "precompute":  # from the starting weights, kept in the run folder for a resume
+        ref_logps = _precomputed(out / "ref_logps.npy", net, data, d, device, autocast, tok.pad_token_id, cfg)
+        eval_ref_logps = ref_logps
+        if cfg.data.eval:
+            eval_ref_logps = _precomputed(
+                out / "ref_logps_eval.npy", net, eval_data, d, device, autocast, tok.pad_token_id, cfg
+            )
+
+    def eval_batches():
+        for start in range(0, len(eval_rows), global_rows):
+            yield rank_batch(
+                eval_data, eval_rows[start : start + global_rows], d, tok.pad_token_id, dpo, eval_ref_logps
+            )
+
+    optimizer = build_optimizer(net, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    cursor = D.Cursor(len(rows), cfg.seed, cfg.data.shuffle)
+    checkpoints = checkpoints_folder(cfg, out)
+    step = resume(checkpoints, cfg, net, optimizer, scheduler, cursor, total_steps, d) if cfg.resume else 0
+    rollouts = Rollouts(cfg, tok, data, net, autocast, d, out) if grpo else None
+    run = Run(
+        cfg,
+        d,
+        device,
+        out,
+        tok,
+        model,
+        source,
+        net,
+        extra_tokens,
+        autocast,
+        optimizer,
+        scheduler,
+        total_steps,
+        step,
+        iter(()),
+        cursor.state(),
+        eval_batches,
+        bool(eval_rows),
+        rollouts,
+        checkpoints,
+    )
+    if grpo:
+        run.batches = _rollout_batches(run, cursor, rows, iterations)
+    else:
+        run.batches = _micro_batches(run, cursor, data, rows, ref_logps)
+    return run
+
+
+def build_net(cfg: TrainConfig, d: Dist, device: torch.device, tok: Tokenizer):
+    """The model with its adapters and trained token rows, the reference where the objective needs a copy, all in
+    WithLoss and sharded under torchrun -> (model, source folder, net, trained token rows, autocast)."""
     # under FSDP a model from a folder is built on the meta device, each rank loading only its shards (`shard`)
     model, source = build_model(cfg, torch.device("cpu") if d.world > 1 else device, d.world)
     model.attn_implementation = cfg.attention
@@ -351,7 +536,6 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and d.world == 1)
 
     extra_tokens = None
-    on_meta = model.lm_head.weight.is_meta
     if cfg.lora.rank > 0:
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
         if upcast:
@@ -361,17 +545,16 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
             unknown = [t for t, i in zip(cfg.lora.train_tokens, ids, strict=True) if i is None]
             if unknown:
                 raise ValueError(f"lora.train_tokens: {unknown} are not tokens of this tokenizer")
-            c, where = model.config, "cpu" if on_meta else model.model.embed_tokens.weight.device
+            c = model.config
+            where = "cpu" if model.lm_head.weight.is_meta else model.model.embed_tokens.weight.device
             extra_tokens = TrainableTokens(c.vocab_size, c.hidden_size, ids, device=where)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
         apply_compile(model)
-    dpo, grpo = cfg.objective == "dpo", cfg.objective == "grpo"
-    ref_mode = cfg.dpo.ref if cfg.dpo.ref != "auto" else ("adapters" if cfg.lora.rank > 0 else "model")
     ref_model = None
-    needs_copy = (dpo and ref_mode == "model") or (grpo and cfg.grpo.beta != 0 and cfg.lora.rank == 0)
-    if needs_copy:  # a frozen copy of the starting weights
+    grpo_copy = cfg.objective == "grpo" and cfg.grpo.beta != 0 and cfg.lora.rank == 0
+    if (cfg.objective == "dpo" and _reference(cfg) == "model") or grpo_copy:  # a frozen copy of the starting weights
         ref_model = build_model(cfg, torch.device("cpu") if d.world > 1 else device, d.world)[0]
         ref_model.eval().requires_grad_(False)
         ref_model.attn_implementation = cfg.attention
@@ -385,15 +568,16 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
         if net.ref_net is not None:
             shard(net.ref_net, source, device, use_bf16)
     net.train()
+    return model, source, net, extra_tokens, autocast
 
-    # data: a row is a list of examples (SFT), a pair's index (DPO) or a prompt's index (GRPO)
-    data, rows, eval_data, eval_rows = load_data(cfg, tok)
-    rollouts = Rollouts(cfg, tok, data, net, autocast, d, out) if grpo else None
-    global_rows = cfg.batch_size * d.world  # rows of one micro-batch over all ranks
-    batches_per_epoch = math.ceil(len(rows) / global_rows)
-    iterations = cfg.grpo.num_iterations if grpo else 1  # optimizer steps per batch of rollouts
-    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum) * iterations)
-    if grpo:
+
+def _reference(cfg: TrainConfig) -> str:
+    """DPO's reference: adapters (LoRA with them off), model (a frozen copy) or precompute."""
+    return cfg.dpo.ref if cfg.dpo.ref != "auto" else ("adapters" if cfg.lora.rank > 0 else "model")
+
+
+def _log_data(cfg: TrainConfig, d: Dist, data, rows: list, total_steps: int) -> None:
+    if cfg.objective == "grpo":
         log.info(
             "data: %d prompts; %d steps of %d x %d prompts x %d completions",
             len(rows),
@@ -402,141 +586,46 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> Path:
             cfg.batch_size,
             cfg.grpo.num_generations,
         )
-    else:
-        log.info(
-            "data: %d %s (%d supervised tokens) in %d rows%s; %d steps of %d x %d rows x %d ranks",
-            len(rows) if dpo else len(data),
-            "pairs" if dpo else "examples",
-            data.supervised_tokens(),
-            len(rows),
-            " packed" if cfg.data.packing or dpo else "",
-            total_steps,
-            cfg.grad_accum,
-            cfg.batch_size,
-            d.world,
-        )
-    ref_logps = eval_ref_logps = None
-    if dpo and ref_mode == "precompute":  # from the starting weights, kept in the run folder for a resume
-        ref_logps = _precomputed(out / "ref_logps.npy", net, data, d, device, autocast, tok.pad_token_id, cfg)
-        eval_ref_logps = ref_logps
-        if cfg.data.eval:
-            eval_ref_logps = _precomputed(
-                out / "ref_logps_eval.npy", net, eval_data, d, device, autocast, tok.pad_token_id, cfg
-            )
+        return
+    dpo = cfg.objective == "dpo"
+    log.info(
+        "data: %d %s (%d supervised tokens) in %d rows%s; %d steps of %d x %d rows x %d ranks",
+        len(rows) if dpo else len(data),
+        "pairs" if dpo else "examples",
+        data.supervised_tokens(),
+        len(rows),
+        " packed" if cfg.data.packing or dpo else "",
+        total_steps,
+        cfg.grad_accum,
+        cfg.batch_size,
+        d.world,
+    )
 
-    def eval_batches():
-        step = cfg.batch_size * d.world
-        for start in range(0, len(eval_rows), step):
-            yield rank_batch(eval_data, eval_rows[start : start + step], d, tok.pad_token_id, dpo, eval_ref_logps)
 
-    # optimizer
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = build_optimizer(net, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    cursor = D.Cursor(len(rows), cfg.seed, cfg.data.shuffle)
-    ckpts = checkpoints_folder(cfg, out)
-    step = resume(ckpts, cfg, net, optimizer, scheduler, cursor, total_steps, d) if cfg.resume else 0
-    reporter = Reporter(out, cfg, step) if d.main else None
-    data_state = cursor.state()  # what a checkpoint records: the position after its step (GRPO: its round's start)
+def _micro_batches(run: Run, cursor: D.Cursor, data, rows: list, ref_logps) -> Iterator[dict]:
+    """This rank's micro-batches from the cursor on; the rows of global micro-batch m depend on (seed, epoch, rows
+    taken) alone."""
+    while True:
+        taken = [rows[i] for i in cursor.take(run.cfg.batch_size * run.d.world)]
+        run.data_state = cursor.state()
+        yield rank_batch(data, taken, run.d, run.tok.pad_token_id, run.cfg.objective == "dpo", ref_logps)
 
-    def micro_batches():
-        """This rank's micro-batches from the cursor on; the rows of global micro-batch m depend on (seed, epoch,
-        rows taken) alone."""
-        nonlocal data_state
-        while True:
-            rows_m = [rows[i] for i in cursor.take(global_rows)]
-            data_state = cursor.state()
-            yield rank_batch(data, rows_m, d, tok.pad_token_id, dpo, ref_logps)
 
-    def rollout_batches(start_step: int):
-        """GRPO: each round of grad_accum micro-batches is rolled out with the weights of its first step, then
-        trained on for num_iterations steps. A resume inside a round rolls it out again with the resumed weights."""
-        nonlocal data_state
-        step = start_step
-        while True:
-            round_, done = divmod(step, iterations)
-            round_rows = [[rows[i] for i in cursor.take(global_rows)] for _ in range(cfg.grad_accum)]
-            batches = [
-                rollouts.batch(r[d.rank :: d.world], round_ * iterations + 1, j) for j, r in enumerate(round_rows)
-            ]
-            for i in range(iterations - done):
-                if i == iterations - done - 1:
-                    data_state = cursor.state()  # the round is done: a checkpoint after it starts the next
-                yield from batches
-                step += 1
-
-    stream = rollout_batches(step) if grpo else micro_batches()
-    bar = Progress(total_steps, step) if cfg.progress and d.main else None
-    t_start, tokens_seen = time.perf_counter(), 0
-    while step < total_steps:
-        batches = [next(stream) for _ in range(cfg.grad_accum)]
-        # the loss is the sum over every supervised token (DPO: pair) of the step on all ranks, over their global
-        # count; FSDP averages gradients over ranks, hence the factor world
-        (n_units,) = d.all_sum(sum(units(b) for b in batches))
-        loss_total, step_tokens, sums = 0.0, 0, {}
-        for b in batches:
-            b = to_device(b, device)
-            with autocast():
-                loss_sum, batch_metrics = net(b)
-            (loss_sum * (d.world / n_units)).backward()
-            loss_total += float(loss_sum.detach())
-            step_tokens += int(b["num_tokens"])
-            for k, v in batch_metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-        grad_norm = None
-        if cfg.optim.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
-            grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss_total, step_tokens, *summed = d.all_sum(loss_total, step_tokens, *sums.values())
-        tokens_seen += int(step_tokens)
-        elapsed = time.perf_counter() - t_start
-        metrics = {
-            "step": step,
-            "loss": loss_total / n_units,
-            "lr": lr,
-            "tokens": tokens_seen,
-            "elapsed": elapsed,
-            "tokens_per_s": tokens_seen / elapsed,
-        }
-        metrics |= {k: v / n_units for k, v in zip(sums, summed, strict=True)}  # means over the step's units
-        if grpo:
-            metrics |= rollouts.pop_metrics()
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
-        if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-            metrics["eval_loss"] = evaluate(net, eval_batches(), d, device, autocast)
-        if reporter and (step % cfg.log_every == 0 or step == total_steps or "eval_loss" in metrics):
-            reporter.log(metrics)
-        if bar is not None:
-            bar.update(metrics)
-        if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):  # the last: to continue from
-            save_checkpoint(
-                ckpts,
-                step,
-                net,
-                optimizer,
-                scheduler,
-                cfg.keep_checkpoints,
-                d,
-                data_state,
-                {"objective": cfg.objective, "total_steps": total_steps},
-            )
-    if bar is not None:
-        bar.close()
-    if d.world > 1:
-        export_sharded(net, cfg, tok, out, source, d)
-    elif d.main:
-        export(model, tok, extra_tokens, out, source)
-    if d.main:
-        reporter.plot(out / "loss.png")
-        log.info("run folder %s: model/ (HF format), metrics.jsonl, loss.png", out)
-    d.barrier()
-    return out
+def _rollout_batches(run: Run, cursor: D.Cursor, rows: list, iterations: int) -> Iterator[dict]:
+    """GRPO: each round of grad_accum micro-batches is rolled out with the weights of its first step, then trained
+    on for num_iterations steps. A resume inside a round rolls it out again with the resumed weights."""
+    d, step = run.d, run.step
+    while True:
+        round_, done = divmod(step, iterations)
+        round_rows = [[rows[i] for i in cursor.take(run.cfg.batch_size * d.world)] for _ in range(run.cfg.grad_accum)]
+        batches = [
+            run.rollouts.batch(r[d.rank :: d.world], round_ * iterations + 1, j) for j, r in enumerate(round_rows)
+        ]
+        for i in range(iterations - done):
+            if i == iterations - done - 1:
+                run.data_state = cursor.state()  # the round is done: a checkpoint after it starts the next
+            yield from batches
+            step += 1
 
 
 def resume(
