@@ -342,6 +342,7 @@ class Run:
     net: WithLoss
     extra_tokens: TrainableTokens | None
     autocast: Callable
+    trainable: list[torch.nn.Parameter]  # what the optimizer steps (and the gradient norm clips)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
@@ -415,8 +416,7 @@ def train_step(run: Run, batches: list[dict]) -> dict:
             sums[k] = sums.get(k, 0.0) + v
     grad_norm = None
     if run.cfg.optim.max_grad_norm > 0:
-        trainable = [p for p in run.net.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(trainable, run.cfg.optim.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(run.trainable, run.cfg.optim.max_grad_norm)
         grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
@@ -498,6 +498,7 @@ def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
         net=net,
         extra_tokens=extra_tokens,
         autocast=autocast,
+        trainable=[p for p in net.parameters() if p.requires_grad],
         optimizer=optimizer,
         scheduler=scheduler,
         total_steps=total_steps,

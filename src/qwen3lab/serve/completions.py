@@ -50,10 +50,11 @@ async def completions(body: CompletionBody, request: Request):
     done = await asyncio.gather(*(collect(s.tok, job, stop, s.request_timeout) for _, job in choices))
     out = []
     for index, ((prompt, _), (text, reason, job)) in enumerate(zip(choices, done, strict=True)):
-        prefix = prompt.as_text(s.tok) if body.echo else ""
-        choice = {"index": index, "text": prefix + text, "finish_reason": reason, "logprobs": None}
+        prompt_text = prompt.as_text(s.tok)
+        text = prompt_text + text if body.echo else text
+        choice = {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
         if body.logprobs is not None:
-            offset = 0 if body.echo else len(prompt.as_text(s.tok))
+            offset = 0 if body.echo else len(prompt_text)
             choice["logprobs"] = _logprobs_of(s.tok, job, prompt, 0, offset, body.echo)
         out.append(choice)
     n_in, n_out = sum(len(p.ids) for p in prompts), sum(job.tokens for _, job in choices)
@@ -63,10 +64,10 @@ async def completions(body: CompletionBody, request: Request):
 
 async def _choice_stream(tok, body, head: dict, index: int, prompt: Prompt, job: Job, stop, timeout: float):
     """One choice's chunks; the first carries the echoed prompt, each the log-probs of the tokens since the last."""
-    sent, echo = 0, body.echo
-    offset = 0 if echo else len(prompt.as_text(tok))
+    sent, echo, prompt_text = 0, body.echo, prompt.as_text(tok)
+    offset = 0 if echo else len(prompt_text)
     async for piece, finish in texts(tok, job, stop, timeout):
-        text = prompt.as_text(tok) + piece if echo else piece
+        text = prompt_text + piece if echo else piece
         choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
         if body.logprobs is not None:
             choice["logprobs"] = _logprobs_of(tok, job, prompt, sent, offset, echo)
