@@ -11,7 +11,7 @@ import transformers
 from common import machine, synthetic_conversations
 
 import qwen3lab
-from qwen3lab.chat import qwen3_template
+from qwen3lab.text.chat import qwen3_template
 
 
 def main():

@@ -103,7 +103,8 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[list[dict]]:
 def token_times(model, prompts: list[list[int]], new_tokens: int, sync=lambda: None) -> tuple[float, float]:
     """One engine run (what generate() does) over these prompts: seconds to the first token, then seconds per
     decode step, as seen by the first row."""
-    from qwen3lab.engine import Engine, SamplingParams
+    from qwen3lab.infer.engine import Engine
+    from qwen3lab.infer.sampling import SamplingParams
 
     engine = Engine(model, len(prompts), capacity=max(map(len, prompts)) + new_tokens)
     stamps = []

@@ -17,7 +17,7 @@ import torch
 from common import hf_from_qwen3lab, machine, token_times
 
 import qwen3lab
-from qwen3lab.parallel import apply_compile
+from qwen3lab.model.runtime import apply_compile
 
 
 def memory_bandwidth(gib: float = 1.0) -> tuple[float, float]:

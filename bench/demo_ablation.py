@@ -10,7 +10,6 @@ wall time. Tokens/s counts every real (non-padding) token the model reads.
 import argparse
 import json
 
-from qwen3lab.cli import DEMO_STEPS
 from qwen3lab.demo import run_demo
 
 ARMS = {  # name: (data settings, optimizer settings)
@@ -23,7 +22,7 @@ ARMS = {  # name: (data settings, optimizer settings)
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=DEMO_STEPS)
+    ap.add_argument("--steps", type=int, default=None, help="default: configs/demo.yaml's")
     ap.add_argument("--out", default="runs/ablation")
     args = ap.parse_args()
     results = {}

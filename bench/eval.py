@@ -57,7 +57,7 @@ def run_one(system: str, folder: Path, hf_batch: int) -> dict:
     if system == "hf":
         model, args = "hf", f"pretrained={folder / 'model'},dtype=float32,batch_size={hf_batch}"
     else:
-        from qwen3lab.lm_eval_model import Qwen3LabLM
+        from qwen3lab.eval.lm_eval_model import Qwen3LabLM
 
         model, args = Qwen3LabLM(pretrained=str(folder / "model"), dtype="float32", device="cpu"), None
     out = lm_eval.simple_evaluate(

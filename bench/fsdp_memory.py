@@ -24,7 +24,8 @@ from common import machine
 
 def child(folder: Path) -> None:
     """One rank: `qwen3lab train` with RSS recorded before the model is built and once it is loaded."""
-    T = importlib.import_module("qwen3lab.train")
+    T = importlib.import_module("qwen3lab.train.build")
+    L = importlib.import_module("qwen3lab.train.loop")
     marks = {}
 
     def rss_now():
@@ -51,7 +52,7 @@ def child(folder: Path) -> None:
         return run
 
     T.build_model, T.build_optimizer = measured_build_model, measured_build_optimizer
-    T.export, T.export_sharded = measured(T.export), measured(getattr(T, "export_sharded", T.export))
+    L.export, L.export_sharded = measured(L.export), measured(L.export_sharded)
     from qwen3lab.cli import main
 
     main(["train", str(folder / "run.yaml"), "--out", str(folder / f"run-{os.environ['WORLD_SIZE']}")])
@@ -83,7 +84,7 @@ def main():
         qwen3lab.load_tokenizer().save(folder / "model")
         del model
     with torch.device("meta"):
-        params = sum(p.numel() for p in qwen3lab.model.Qwen3(qwen3lab.preset(args.shape)).parameters())
+        params = sum(p.numel() for p in qwen3lab.Qwen3(qwen3lab.preset(args.shape)).parameters())
     chats = [
         {"messages": [{"role": "user", "content": f"{a} + {b}?"}, {"role": "assistant", "content": str(a + b)}]}
         for a in range(4)

@@ -24,12 +24,12 @@ import torch
 from common import machine, token_times
 
 import qwen3lab
-from qwen3lab.attention import BACKENDS, Documents, attend, resolve_backend
-from qwen3lab.config import OptimConfig
-from qwen3lab.lora import apply_lora
-from qwen3lab.optim import build_optimizer
-from qwen3lab.parallel import apply_activation_checkpointing
-from qwen3lab.train import TrainableTokens, WithLoss
+from qwen3lab.model.attention import BACKENDS, Documents, attend, resolve_backend
+from qwen3lab.train.config import OptimConfig
+from qwen3lab.train.lora import apply_lora
+from qwen3lab.train.net import TrainableTokens, WithLoss
+from qwen3lab.train.optim import build_optimizer
+from qwen3lab.train.parallel import apply_activation_checkpointing
 
 
 def sync(device):

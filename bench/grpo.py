@@ -108,7 +108,7 @@ def run_ours(folder: Path, prompts: Path, args, lean: bool = False) -> dict:
     if lean:
         os.environ["QWEN3LAB_KEEP_FREED_MEMORY"] = "0"
     import qwen3lab
-    from qwen3lab.train import Reporter
+    from qwen3lab.train.report import Reporter
 
     times = StepTimes()
     original = Reporter.log

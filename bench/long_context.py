@@ -27,8 +27,8 @@ SHAPE = SMALL_QWEN3 | {"num_hidden_layers": 8, "max_position_embeddings": 32768}
 
 def one(path: str, T: int, doc: int, steps: int) -> dict:
     import qwen3lab
-    from qwen3lab.loss import lm_loss_sum
-    from qwen3lab.parallel import keep_freed_cpu_memory
+    from qwen3lab.model.runtime import keep_freed_cpu_memory
+    from qwen3lab.train.loss import lm_loss_sum
 
     keep_freed_cpu_memory()  # as `qwen3lab train` does on CPUs
     model = qwen3lab.new_model(qwen3lab.ModelConfig(**SHAPE), seed=0).train()

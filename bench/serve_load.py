@@ -23,8 +23,8 @@ import torch
 from common import hf_from_qwen3lab, machine
 
 import qwen3lab
-from qwen3lab.engine import Engine
-from qwen3lab.generate import SamplingParams
+from qwen3lab.infer.engine import Engine
+from qwen3lab.infer.sampling import SamplingParams
 
 
 def workload(n: int, gap: float, vocab: int, shared: int = 0, seed: int = 0) -> list[dict]:

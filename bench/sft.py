@@ -98,7 +98,7 @@ def run_trl(folder: Path, args) -> dict:
 
 def run_qwen3lab(folder: Path, args) -> dict:
     import qwen3lab
-    from qwen3lab.config import TrainConfig
+    from qwen3lab.train.config import TrainConfig
 
     cfg = TrainConfig(
         model=str(folder / "model"), out=str(folder / "q3l"), steps=args.steps, batch_size=args.batch_size
@@ -110,7 +110,7 @@ def run_qwen3lab(folder: Path, args) -> dict:
         False,
     )
     run = qwen3lab.train(cfg)
-    from qwen3lab.data import load_tokenized
+    from qwen3lab.train.data import load_tokenized
 
     data = load_tokenized(cfg.data.train, qwen3lab.load_tokenizer(folder / "model"), args.max_length, folder / "cache")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

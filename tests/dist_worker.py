@@ -11,19 +11,20 @@ import resource
 from pathlib import Path
 
 from qwen3lab.cli import main
+from qwen3lab.train.report import Reporter
 
-T = importlib.import_module("qwen3lab.train")  # the module (qwen3lab.train is also the name of the function)
+T = importlib.import_module("qwen3lab.train.build")  # where the run is built (patched below)
 
 fail_after = int(os.environ.get("QWEN3LAB_TEST_FAIL_AFTER", "0"))
 if fail_after:
-    log = T.Reporter.log
+    log = Reporter.log
 
     def log_then_fail(self, metrics):
         log(self, metrics)
         if metrics["step"] == fail_after:
             raise RuntimeError(f"injected failure of rank 0 after step {fail_after}")
 
-    T.Reporter.log = log_then_fail
+    Reporter.log = log_then_fail
 
 if os.environ.get("QWEN3LAB_TEST_ROWS"):
     rank_batch = T.rank_batch

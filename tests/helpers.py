@@ -89,7 +89,7 @@ def tiny_server_model(folder):
 @contextlib.contextmanager
 def crash_after_step(monkeypatch, step: int):
     """The training run in the block stops as a crash would, right after it logs `step`."""
-    from qwen3lab.train import Reporter
+    from qwen3lab.train.report import Reporter
 
     original = Reporter.log
 

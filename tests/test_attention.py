@@ -6,9 +6,10 @@ import torch
 from helpers import hf_tiny
 
 import qwen3lab
-from qwen3lab.attention import Documents, cu_seqlens_from_position_ids, resolve_backend
-from qwen3lab.data import TokenizedData, collate
-from qwen3lab.loss import IGNORE, lm_loss_sum
+from qwen3lab.model.attention import Documents, cu_seqlens_from_position_ids, resolve_backend
+from qwen3lab.train.batching import collate
+from qwen3lab.train.data import TokenizedData
+from qwen3lab.train.loss import IGNORE, lm_loss_sum
 
 CPU_BACKENDS = ["sdpa", "dense"]  # varlen and flex are CUDA-only: bench/gpu.py checks them on a GPU
 
@@ -125,7 +126,7 @@ def test_backend_selection():
 
 def test_chunked_prefill_after_cache_is_causal(model):
     """A chunk of several tokens after cached keys (the causal mask aligned to the end of the keys)."""
-    from qwen3lab.engine import _PrefillLayer
+    from qwen3lab.infer.engine import _PrefillLayer
 
     ids = torch.randint(0, 512, (1, 30))
     cfg = model.config

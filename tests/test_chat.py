@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import qwen3lab
-from qwen3lab.chat import ChatError, qwen3_template
+from qwen3lab.text.chat import ChatError, qwen3_template
 
 # Qwen3's official template, as trl ships a copy of it
 OFFICIAL = (Path(pytest.importorskip("trl").__file__).parent / "chat_templates" / "qwen3.jinja").read_text()
@@ -193,7 +193,7 @@ def test_bad_conversations(tok, messages, message):
 
 
 def test_parse_assistant_think_and_tool_calls():
-    from qwen3lab.chat import parse_assistant
+    from qwen3lab.text.chat import parse_assistant
 
     out = parse_assistant(
         '<think>\nneed weather\n</think>\n\nLet me check.\n<tool_call>\n{"name": "get_weather", '
@@ -206,7 +206,7 @@ def test_parse_assistant_think_and_tool_calls():
 
 
 def test_parse_assistant_plain_and_malformed():
-    from qwen3lab.chat import parse_assistant
+    from qwen3lab.text.chat import parse_assistant
 
     assert parse_assistant("just text") == {
         "role": "assistant",

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qwen3lab
-from qwen3lab.checkpoint import CheckpointError, resolve_dtype
-from qwen3lab.config import ConfigError, ModelConfig
+from qwen3lab.model.config import ConfigError, ModelConfig
+from qwen3lab.model.hf import CheckpointError
+from qwen3lab.model.runtime import resolve_dtype
 
 
 @pytest.fixture
@@ -128,17 +129,17 @@ def test_dtype_auto_policy(monkeypatch, caplog):
     cpu = torch.device("cpu")
     assert resolve_dtype("float32", cpu, "bfloat16") == torch.float32
     assert resolve_dtype("auto", cpu, "float32") == torch.float32
-    monkeypatch.setattr("qwen3lab.checkpoint.cpu_bf16_is_fast", lambda: False)
+    monkeypatch.setattr("qwen3lab.model.runtime.cpu_bf16_is_fast", lambda: False)
     assert resolve_dtype("auto", cpu, "bfloat16") == torch.float32
     assert "multiplies bf16 slower than fp32" in caplog.text
-    monkeypatch.setattr("qwen3lab.checkpoint.cpu_bf16_is_fast", lambda: True)
+    monkeypatch.setattr("qwen3lab.model.runtime.cpu_bf16_is_fast", lambda: True)
     assert resolve_dtype("auto", cpu, "bfloat16") == torch.bfloat16
     with pytest.raises(ValueError, match="dtype 'float33'"):
         resolve_dtype("float33", cpu, "bfloat16")
 
 
 def test_cpu_bf16_speed_is_measured_only_where_the_hardware_has_bf16(monkeypatch):
-    from qwen3lab import checkpoint
+    from qwen3lab.model import runtime as checkpoint
 
     checkpoint.cpu_bf16_is_fast.cache_clear()
     monkeypatch.setattr(checkpoint, "cpu_has_native_bf16", lambda: False)
@@ -150,7 +151,7 @@ def test_cpu_bf16_speed_is_measured_only_where_the_hardware_has_bf16(monkeypatch
 
 
 def test_saved_files_are_readable_by_others(tmp_path):
-    from qwen3lab.lora import apply_lora, save_peft_adapter
+    from qwen3lab.train.lora import apply_lora, save_peft_adapter
 
     old = os.umask(0o022)
     try:

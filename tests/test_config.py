@@ -7,8 +7,9 @@ import json
 import pytest
 
 import qwen3lab
-from qwen3lab.config import ConfigError, check_train_config, load_train_config
+from qwen3lab.model.config import ConfigError
 from qwen3lab.train import train
+from qwen3lab.train.config import check_train_config, load_train_config
 
 BAD = [
     ({"objective": "ppo"}, r"objective: 'ppo' is not one of sft, dpo, grpo"),
@@ -67,7 +68,7 @@ def test_a_bad_config_fails_before_anything_loads(weightless, tmp_path, keys, me
 
 def test_a_good_config_on_that_folder_fails_on_its_weights(weightless, tmp_path):
     """The control: what the bad configs would have hit had anything been loaded first."""
-    from qwen3lab.checkpoint import CheckpointError
+    from qwen3lab.model.hf import CheckpointError
 
     config = good(weightless, tmp_path)
     with pytest.raises(CheckpointError, match="no model.safetensors"):

@@ -1,10 +1,13 @@
 """The demo's task generator, its scorer, and a shortened demo run that learns."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from qwen3lab.demo import DEFAULT_TASKS, accuracy, make_tasks, score
+from qwen3lab.demo import DEFAULT_TASKS, DEMO_CONFIG, accuracy, demo_config, make_tasks
+from qwen3lab.train.config import load_train_config
+from qwen3lab.train.objectives.rewards import exact_match
 
 
 def test_tasks_are_deterministic_and_held_out_is_disjoint():
@@ -21,13 +24,32 @@ def test_tasks_are_deterministic_and_held_out_is_disjoint():
 
 
 def test_scorer_exact_match():
-    assert score({"content": "42"}, "<think>\n\n</think>\n\n42")
-    assert not score({"content": "42"}, "<think>\n\n</think>\n\n42.")
-    assert not score({"content": "42"}, "41")
+    """The demo scores with GRPO's and `qwen3lab eval`'s exact_match: text after the think block, or a tool call
+    (an assistant message as the answer) by its name and arguments."""
+
+    def score(answer, text):
+        return exact_match(None, [text], answer=[answer])[0] == 1.0
+
+    assert score("42", "<think>\n\n</think>\n\n42")
+    assert not score("42", "<think>\n\n</think>\n\n42.")
+    assert not score("42", "41")
     call = {"content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"zip": "02139"}}}]}
     assert score(call, '<tool_call>\n{"name": "get_weather", "arguments": {"zip": "02139"}}\n</tool_call>')
     assert not score(call, '<tool_call>\n{"name": "get_weather", "arguments": {"zip": "02193"}}\n</tool_call>')
     assert not score(call, "<tool_call>\n{broken\n</tool_call>")
+    assert not score(call, '<tool_call>\n{"name": "get_weather", "arguments": {"zip": "02139"}}\n</tool_call> Done.')
+    assert not score({"content": "42"}, '42<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>')
+
+
+def test_demo_trains_with_configs_demo_yaml():
+    """One source: `qwen3lab demo`'s training settings are configs/demo.yaml's, which ships in the package."""
+    root = Path(__file__).parents[1]
+    assert (root / "configs" / "demo.yaml").resolve() == Path(str(DEMO_CONFIG)).resolve()
+    shipped = load_train_config(root / "configs" / "demo.yaml")
+    assert demo_config(Path(shipped.out), None, None, shipped.seed, None, {}) == shipped
+    shorter = demo_config(Path("x"), 120, None, 1, None, {"data.packing": False})
+    assert (shorter.steps, shorter.eval_every, shorter.optim.warmup_steps, shorter.seed) == (120, 12, 12, 1)
+    assert shorter.data.train == str(Path("x") / "data" / "train.jsonl") and shorter.data.packing is False
 
 
 def test_untrained_model_scores_about_zero(tok):
@@ -49,6 +71,12 @@ def test_short_demo_run_learns_and_saves(trained_sort):
     assert evals[-1] < 0.1 * rows[0]["loss"]  # held-out loss falls far below its start (~12 nats)
     assert json.loads((out / "demo_results.json").read_text())["after"] == results["after"]
     assert (out / "demo.png").is_file() and (out / "model" / "tokenizer.json").is_file()
+    held_out = [json.loads(line) for line in (out / "data" / "held_out.jsonl").read_text().splitlines()]
+    assert len(held_out) == 25 and {r["task"] for r in held_out} == {"sort"}
+    from qwen3lab.eval.evaluation import run_eval
+
+    report = run_eval(str(out / "model"), None, str(out / "data" / "held_out.jsonl"), [], None, None, 256)
+    assert report["results"]["model"]["exact_match/sort"] == results["after"]["sort"]  # the demo's own number
 
 
 def test_held_out_answers_use_only_tokens_seen_in_training(tok):
@@ -102,3 +130,14 @@ def test_the_demo_as_shipped_reaches_what_the_readme_says(tmp_path):
     results = run_demo(out=str(tmp_path / "demo"), log=lambda *_: None)
     assert max(results["before"].values()) == 0
     assert min(results["after"].values()) >= 0.96, results["after"]
+    # and `qwen3lab eval` on the held-out split the demo wrote gives the demo's own numbers: the same rows, scorer and
+    # engine settings, so the same computation (equal, not close)
+    from qwen3lab.cli import main
+
+    report = tmp_path / "eval.json"
+    main(
+        ["eval", "--model", results["model"], "--data", str(tmp_path / "demo" / "data" / "held_out.jsonl")]
+        + ["--out", str(report)]
+    )
+    found = json.loads(report.read_text())["results"]["model"]
+    assert {task: found[f"exact_match/{task}"] for task in results["after"]} == results["after"]

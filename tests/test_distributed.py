@@ -273,7 +273,7 @@ def test_resume_on_another_number_of_ranks(setup, tmp_path, before, after):
     assert f"resumed with {after} ranks from a checkpoint of {before}" in resumed.stderr
     taken = saved_rows + rows_taken(log)
     assert len(taken) == 2 * 2 * before + 2 * 2 * after and len(set(map(tuple, taken))) == len(taken)
-    from qwen3lab.data import epoch_order
+    from qwen3lab.train.batching import epoch_order
 
     assert [r[0] for r in taken] == epoch_order(len(CHATS), 0, 0, True)[: len(taken)]  # in order, none skipped
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]

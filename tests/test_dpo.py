@@ -10,9 +10,10 @@ import torch
 from helpers import crash_after_step, hf_small
 
 import qwen3lab
-from qwen3lab import data as D
-from qwen3lab.lora import apply_lora
-from qwen3lab.train import WithLoss
+from qwen3lab.train import batching as B
+from qwen3lab.train import data as D
+from qwen3lab.train.lora import apply_lora
+from qwen3lab.train.net import WithLoss
 
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
@@ -79,7 +80,7 @@ def ours_step(model, rows, tmp_path, tok, beta, ref_model=None):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = D.load_preferences(path, tok, 512)
-    batch = D.collate_pairs(data, list(range(len(rows))), tok.pad_token_id)
+    batch = B.collate_pairs(data, list(range(len(rows))), tok.pad_token_id)
     net = WithLoss(model, None, True, 7, objective="dpo", beta=beta, ref_model=ref_model)
     loss_sum, metrics = net(batch)
     (loss_sum / len(rows)).backward()

@@ -7,8 +7,9 @@ import torch
 from helpers import hf_tiny
 
 import qwen3lab
-from qwen3lab.engine import Engine
-from qwen3lab.generate import SamplingParams, generate
+from qwen3lab.generate import generate
+from qwen3lab.infer.engine import Engine
+from qwen3lab.infer.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ def evaluate(model, model_args, folder, **kw):
 
 @pytest.mark.slow
 def test_lm_eval_through_the_server_and_in_process_equals_its_hf_backend(tmp_path, tok):
-    from qwen3lab.lm_eval_model import Qwen3LabLM
+    from qwen3lab.eval.lm_eval_model import Qwen3LabLM
     from qwen3lab.serve import create_app
 
     model = tiny_server_model(tmp_path / "m")
@@ -97,7 +97,7 @@ def test_lm_eval_scores_a_model_that_stops_as_its_hf_backend_does(tmp_path, trai
 
     import qwen3lab
     from qwen3lab.demo import make_tasks, prompt_ids
-    from qwen3lab.lm_eval_model import Qwen3LabLM
+    from qwen3lab.eval.lm_eval_model import Qwen3LabLM
     from qwen3lab.serve import create_app
 
     folder = trained_sort[1] / "model"
@@ -175,6 +175,7 @@ def test_qwen3lab_eval_on_data_scores_loss_and_generations_beside_a_baseline(tmp
     import transformers
 
     from qwen3lab.cli import main
+    from qwen3lab.demo import WEATHER_TOOL as TOOL
     from qwen3lab.generate import generate
 
     model = tiny_server_model(tmp_path / "m")
@@ -190,6 +191,13 @@ def test_qwen3lab_eval_on_data_scores_loss_and_generations_beside_a_baseline(tmp
     first = generate(model, tok, rows[0]["messages"][:1], max_new_tokens=8).text
     rows[0]["answer"] = first.split("</think>")[-1].strip()  # what the model says: one exact match for certain
     rows.append({"prompt": [{"role": "user", "content": "Say hi"}], "answer": "hi"})  # GRPO's form: generation only
+    for row in rows:
+        row["task"] = "greet" if "prompt" in row else "reverse"
+    ask = [{"role": "user", "content": "Weather at 02139?"}]
+    with_tools = tok.encode_chat(ask, tools=[TOOL], add_generation_prompt=True, assistant_mask=False).input_ids
+    said = generate(model, tok, with_tools, max_new_tokens=8).text.split("</think>")[-1].strip()
+    assert said != generate(model, tok, ask, max_new_tokens=8).text.split("</think>")[-1].strip()
+    rows.append({"messages": ask + [{"role": "assistant", "content": said}], "tools": [TOOL], "task": "tool"})
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_tasks(tmp_path)
     main(
@@ -219,14 +227,16 @@ def test_qwen3lab_eval_on_data_scores_loss_and_generations_beside_a_baseline(tmp
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
     total, count = 0.0, 0
-    for row in rows[:3]:
-        enc = tok.encode_chat(row["messages"])
+    for row in rows[:3] + rows[4:]:
+        enc = tok.encode_chat(row["messages"], tools=row.get("tools"))
         ids, mask = torch.tensor([enc.input_ids]), torch.tensor(enc.assistant_mask)
         with torch.no_grad():
             logp = hf(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
         total, count = total - float((logp * mask[1:]).sum()), count + int(mask[1:].sum())
     assert ours["loss_tokens"] == count and ours["loss"] == pytest.approx(total / count, rel=1e-5)
-    assert ours["generated"] == 4 and ours["exact_match"] == pytest.approx(1 / 4)
+    assert ours["generated"] == 5 and ours["exact_match"] == pytest.approx(2 / 5)
+    # per task; the tool row's prompt rendered with its tools, as training renders it
+    assert (ours["exact_match/reverse"], ours["exact_match/greet"], ours["exact_match/tool"]) == (1 / 3, 0, 1)
     assert "think_format" in ours and 0 <= ours["rev_mc/acc"] <= 1
     assert report["results"]["baseline"]["loss"] != ours["loss"]
     assert report["samples"]["model"][0]["completion"] == first and report["samples"]["model"][0]["exact_match"] == 1

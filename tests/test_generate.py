@@ -5,7 +5,8 @@ import torch
 from helpers import hf_tiny
 
 import qwen3lab
-from qwen3lab.generate import SamplingParams, generate, process_logits, stream
+from qwen3lab.generate import generate, stream
+from qwen3lab.infer.sampling import SamplingParams, process_logits
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_stream_joins_to_the_text_and_never_splits_characters(models, tok):
 
 def test_default_stop_ids_include_both_chat_ends(models):
     _, ours = models
-    from qwen3lab.generate import default_stop_ids
+    from qwen3lab.infer.sampling import default_stop_ids
 
     assert {151643, 151645} <= set(default_stop_ids(ours))
 
@@ -115,7 +116,7 @@ def test_compiled_decode_equals_eager(tmp_path, tok):
     recompile per decode step."""
     from torch._dynamo.utils import counters
 
-    from qwen3lab.parallel import apply_compile
+    from qwen3lab.model.runtime import apply_compile
 
     hf = hf_tiny(vocab=151936, hidden=64, heads=4, kv_heads=2, head_dim=16, initializer_range=0.3, layers=2)
     hf.save_pretrained(tmp_path)
@@ -144,7 +145,7 @@ def test_long_prompt_prefill_without_mask_equals_masked_batch_and_transformers(m
 
 @pytest.mark.parametrize("stop", [[], ["界 🙂"], ["llo"], ["🙂 st", "zzz"], ["end."]])
 def test_text_stream_is_incremental_never_splits_characters_nor_leaks_stops(tok, stop):
-    from qwen3lab.generate import TextStream
+    from qwen3lab.infer.detokenize import TextStream
 
     text = "héllo 世界 🙂 stop, ünïcödé 🎉🎉 and the end. " * 40
     ids = tok.encode(text)
@@ -174,7 +175,7 @@ def test_text_stream_is_incremental_never_splits_characters_nor_leaks_stops(tok,
 def test_sampling_draws_each_token_with_its_probability():
     """The engine's sampler (inverse CDF, one uniform per row): frequencies follow the probabilities, a token of
     probability 0 is never drawn, and a seeded generator repeats itself."""
-    from qwen3lab.engine import sample
+    from qwen3lab.infer.sampling import sample
 
     probs = torch.tensor([[0.5, 0.3, 0.2, 0.0]])
     logits = probs.log().expand(40_000, -1)

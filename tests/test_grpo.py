@@ -8,10 +8,11 @@ import torch
 from helpers import crash_after_step, hf_small
 
 import qwen3lab
-from qwen3lab import data as D
-from qwen3lab.config import GRPOConfig
-from qwen3lab.objectives import LOSS_TYPES, grpo_loss
-from qwen3lab.train import hidden_states
+from qwen3lab.train import batching as B
+from qwen3lab.train import data as D
+from qwen3lab.train.config import GRPOConfig
+from qwen3lab.train.net import hidden_states
+from qwen3lab.train.objectives.grpo import LOSS_TYPES, grpo_loss
 
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
@@ -100,7 +101,7 @@ def test_grpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, beta):
         for p, c, m in zip(prompts, completions, mask, strict=True)
     ]
     data = D.TokenizedData.from_examples(examples)
-    batch = D.collate_sequences(data, [[0, 1, 2], [3], [4, 5], [6, 7]], tok.pad_token_id)  # packed: order kept
+    batch = B.collate_sequences(data, [[0, 1, 2], [3], [4, 5], [6, 7]], tok.pad_token_id)  # packed: order kept
     keep = mask.bool()
     n_tokens, n_seq = int(mask.sum()), 2 * G
     batch |= {
@@ -146,7 +147,7 @@ def test_reward_functions_see_what_trl_hands_them(tmp_path, tok, monkeypatch, ch
     import json
 
     from qwen3lab import train
-    from qwen3lab.rollouts import Rollouts
+    from qwen3lab.train.objectives.rollouts import Rollouts
 
     hf_small().save_pretrained(tmp_path / "m")
     tok.save(tmp_path / "m")
@@ -186,8 +187,8 @@ def test_reward_functions_see_what_trl_hands_them(tmp_path, tok, monkeypatch, ch
 
 
 def test_builtin_rewards_and_advantages():
-    from qwen3lab.rewards import exact_match, load_reward, think_format, tool_call_json
-    from qwen3lab.rollouts import advantages
+    from qwen3lab.train.objectives.rewards import exact_match, load_reward, think_format, tool_call_json
+    from qwen3lab.train.objectives.rollouts import advantages
 
     chat = [[{"role": "assistant", "content": c}] for c in ("<think>\nhm\n</think>\n\n42", " 42 ", "41", "<think>x")]
     assert exact_match(None, chat, answer=["42", 42, "42", "42"]) == [1.0, 1.0, 0.0, 0.0]

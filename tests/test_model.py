@@ -7,7 +7,7 @@ import torch
 from helpers import hf_tiny
 
 import qwen3lab
-from qwen3lab.attention import document_mask
+from qwen3lab.model.attention import document_mask
 
 transformers = pytest.importorskip("transformers")
 

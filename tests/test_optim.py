@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import qwen3lab
-from qwen3lab.config import OptimConfig
-from qwen3lab.optim import MuonAdamW, build_optimizer, orthogonalize, param_groups
+from qwen3lab.train.config import OptimConfig
+from qwen3lab.train.optim import MuonAdamW, build_optimizer, orthogonalize, param_groups
 
 
 def _run(params, opt, steps=3, seed=0):
@@ -72,7 +72,7 @@ def test_muon_takes_the_decoder_matrices_only():
 
 
 def test_unknown_optimizer_is_named(tmp_path):
-    from qwen3lab.config import TrainConfig
+    from qwen3lab.train.config import TrainConfig
 
     chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     (tmp_path / "x.jsonl").write_text(json.dumps({"messages": chat}) + "\n")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import qwen3lab
-from qwen3lab.loss import lm_loss_sum
-from qwen3lab.parallel import apply_activation_checkpointing, unwrap_activation_checkpointing
+from qwen3lab.train.loss import lm_loss_sum
+from qwen3lab.train.parallel import apply_activation_checkpointing, unwrap_activation_checkpointing
 
 
 def test_activation_checkpointing_same_loss_grads_and_names():
@@ -39,7 +39,7 @@ def test_keep_freed_cpu_memory_serves_big_tensors_from_the_heap():
     In a child process: the setting is process-wide."""
     child = """
 import ctypes, torch
-from qwen3lab.parallel import keep_freed_cpu_memory
+from qwen3lab.model.runtime import keep_freed_cpu_memory
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]

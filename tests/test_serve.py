@@ -37,7 +37,7 @@ def test_chat_completion_matches_library_generate(client, server, tok):
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
     ids = tok.encode_chat(MESSAGES, add_generation_prompt=True, assistant_mask=False).input_ids
     want = generate(server[1], tok, ids, max_new_tokens=12)
-    assert r.choices[0].message.content == qwen3lab.chat.parse_assistant(want.text)["content"]
+    assert r.choices[0].message.content == qwen3lab.text.chat.parse_assistant(want.text)["content"]
     assert r.choices[0].finish_reason == want.finish_reason
     assert r.usage.prompt_tokens == len(ids) and r.object == "chat.completion"
 
@@ -197,7 +197,7 @@ def test_n_completions_share_one_prompt_and_follow_their_seeds(client, server, t
 
 
 def parse(text):
-    from qwen3lab.chat import parse_assistant
+    from qwen3lab.text.chat import parse_assistant
 
     return parse_assistant(text)["content"]
 

@@ -5,7 +5,7 @@ import unicodedata
 import pytest
 
 import qwen3lab
-from qwen3lab.tokenizer import FIRST_ADDED_ID, NOT_SPECIAL, SPECIAL
+from qwen3lab.text.tokenizer import FIRST_ADDED_ID, NOT_SPECIAL, SPECIAL
 
 # transformers' Qwen2 tokenizer integration test (tests/models/qwen2/test_tokenization_qwen2.py), padding removed.
 INTEGRATION = [
@@ -253,7 +253,7 @@ def test_missing_tokenizer_file(tmp_path):
 
 
 def test_tampered_vocabulary_is_refused(monkeypatch, tmp_path):
-    from qwen3lab import tokenizer as tokenizer_module
+    from qwen3lab.text import tokenizer as tokenizer_module
 
     monkeypatch.setattr(tokenizer_module, "QWEN_TIKTOKEN_SHA256", "0" * 64)
     with pytest.raises(RuntimeError, match="is not the Qwen vocabulary"):

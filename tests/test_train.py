@@ -9,11 +9,14 @@ import torch
 from helpers import hf_small
 
 import qwen3lab
-from qwen3lab import data as D
-from qwen3lab.config import ConfigError, TrainConfig, load_train_config
-from qwen3lab.lora import apply_lora, merge_lora
-from qwen3lab.loss import lm_loss_sum
-from qwen3lab.train import micro_batch_loss, train
+from qwen3lab.model.config import ConfigError
+from qwen3lab.train import batching as B
+from qwen3lab.train import data as D
+from qwen3lab.train import train
+from qwen3lab.train.config import TrainConfig, load_train_config
+from qwen3lab.train.lora import apply_lora, merge_lora
+from qwen3lab.train.loss import lm_loss_sum
+from qwen3lab.train.net import micro_batch_loss
 
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
@@ -77,7 +80,7 @@ def ours_first_batch_loss(model_dir, rows, tmp_path, tok, all_tokens=False):
     data = D.tokenize_rows(tok, [(f"row {i}", r) for i, r in enumerate(rows)], 512)
     data = data.all_tokens_supervised() if all_tokens else data
     model = qwen3lab.load_model(model_dir, dtype="float32", device="cpu")
-    batch = D.collate(data, [[i] for i in range(len(data))], tok.pad_token_id)
+    batch = B.collate(data, [[i] for i in range(len(data))], tok.pad_token_id)
     with torch.no_grad():
         loss, n = micro_batch_loss(model, batch, packing=False, chunk=7, extra_tokens=None)
     return float(loss) / n
@@ -110,12 +113,12 @@ def test_loss_on_all_tokens_equals_trl_without_assistant_only_loss(model_dir, tm
 
 def test_packed_equals_unpacked_loss_and_grads(model_dir, tok):
     data = D.tokenize_rows(tok, [(f"row {i}", {"messages": c}) for i, c in enumerate(CHATS)], 512)
-    rows = D.pack_best_fit(data.lengths(), 64)
+    rows = B.pack_best_fit(data.lengths(), 64)
     assert len(rows) < len(data)  # several examples share a row
     results = []
     for packing, row_list in [(True, rows), (False, [[i] for i in range(len(data))])]:
         model = qwen3lab.load_model(model_dir, dtype="float32", device="cpu")
-        loss, n = micro_batch_loss(model, D.collate(data, row_list, tok.pad_token_id), packing, 1024, None)
+        loss, n = micro_batch_loss(model, B.collate(data, row_list, tok.pad_token_id), packing, 1024, None)
         (loss / n).backward()
         results.append((float(loss), n, {k: p.grad.clone() for k, p in model.named_parameters()}))
     (l1, n1, g1), (l2, n2, g2) = results
@@ -125,7 +128,7 @@ def test_packed_equals_unpacked_loss_and_grads(model_dir, tok):
 
 def test_best_fit_decreasing_packs_tightly():
     lengths = [7, 5, 4, 3, 3, 2, 1, 1]
-    bins = D.pack_best_fit(lengths, 10)
+    bins = B.pack_best_fit(lengths, 10)
     assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
     assert len(bins) == 3  # 26 tokens need at least 3 rows of 10
@@ -220,10 +223,10 @@ def test_lora_train_tokens_moves_only_those_rows(model_dir, tmp_path, tok):
 def test_trained_token_rows_equal_a_materialised_embedding(model_dir, tok):
     """The delta on trained rows (embedding and tied logits, never a [vocab, hidden] copy) gives the loss and
     gradients of the old way: the whole embedding with the delta added, used for input and lm_head."""
-    from qwen3lab.train import TrainableTokens
+    from qwen3lab.train.net import TrainableTokens
 
     data = D.tokenize_rows(tok, [(f"row {i}", {"messages": c}) for i, c in enumerate(CHATS)], 512)
-    batch = D.collate(data, [[0, 1, 2], [6]], tok.pad_token_id)
+    batch = B.collate(data, [[0, 1, 2], [6]], tok.pad_token_id)
     model = qwen3lab.load_model(model_dir, dtype="float32", device="cpu")
     apply_lora(model, 4, 8.0)
     for name, p in model.named_parameters():
@@ -260,7 +263,7 @@ def test_lora_on_bf16_checkpoint_keeps_base_bf16_and_exports_like_fp32(
     bf16 (CPUs fast at it), the loss follows the fp32 run and the export is the fp32 merge of its own adapters."""
     from safetensors.torch import load_file
 
-    T = importlib.import_module("qwen3lab.train")  # the module: the package's `train` is the function
+    T = importlib.import_module("qwen3lab.train.build")
     bf16_dir = tmp_path / "bf16"
     qwen3lab.save_model(qwen3lab.load_model(model_dir, dtype="float32", device="cpu").to(torch.bfloat16), bf16_dir)
     tok.save(bf16_dir)
@@ -314,7 +317,7 @@ def test_resume_gives_the_same_losses(model_dir, tmp_path, monkeypatch, keys):
     data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
     straight = train(run_config(model_dir, data_path, tmp_path / "a", steps=6, **keys))
 
-    from qwen3lab.train import Reporter
+    from qwen3lab.train.report import Reporter
 
     original_log = Reporter.log
 
@@ -377,7 +380,7 @@ def test_continuing_a_decayed_schedule_takes_the_new_totals_learning_rate(model_
 
 
 def test_wsd_schedule_warms_up_holds_then_decays():
-    from qwen3lab.train import lr_lambda
+    from qwen3lab.train.build import lr_lambda
 
     cfg = TrainConfig()
     cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_fraction, cfg.optim.min_lr_ratio = "wsd", 2, 0.4, 0.1
@@ -569,7 +572,7 @@ def test_each_objectives_plot_shows_what_its_users_watch(tmp_path, objective, mo
     reward mean and the completion length — each in its own units."""
     import matplotlib.axes
 
-    from qwen3lab.report import Reporter
+    from qwen3lab.train.report import Reporter
 
     cfg = TrainConfig(objective=objective)
     reporter = Reporter(tmp_path, cfg, 0)
@@ -603,7 +606,7 @@ def test_each_objectives_plot_shows_what_its_users_watch(tmp_path, objective, mo
 
 def test_shuffled_packing_covers_every_example_once_within_capacity():
     lengths = [5, 17, 3, 30, 8, 8, 1, 25, 12, 40]
-    rows = D.pack_shuffled(lengths, 40, seed=1)
+    rows = B.pack_shuffled(lengths, 40, seed=1)
     assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in r) <= 40 for r in rows)
-    assert rows == D.pack_shuffled(lengths, 40, seed=1) and rows != D.pack_shuffled(lengths, 40, seed=2)
+    assert rows == B.pack_shuffled(lengths, 40, seed=1) and rows != B.pack_shuffled(lengths, 40, seed=2)

@@ -3,10 +3,9 @@
 import logging
 import sys
 
-from .checkpoint import load_model, new_model, save_model
-from .config import ModelConfig, preset
-from .model import Qwen3
-from .tokenizer import Tokenizer, load_tokenizer
+from . import generate as generate  # the module: qwen3lab.generate.generate(model, tok, prompt)
+from .model import ModelConfig, Qwen3, load_model, new_model, preset, save_model
+from .text import Tokenizer, load_tokenizer
 from .train import train
 
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 def cmd_info(args) -> None:
     """Print a model's config and parameter counts (a folder or a preset name)."""
-    from .config import PRESETS, ModelConfig, preset
+    from .model.config import PRESETS, ModelConfig, preset
 
     cfg = preset(args.model) if args.model in PRESETS else ModelConfig.from_file(args.model)
     for key, value in cfg.to_hf_dict().items():
@@ -24,8 +24,8 @@ def cmd_smoke(args) -> None:
     """Build a small random Qwen3, run a forward pass, save it as an HF folder and load it back."""
     import torch
 
-    from .checkpoint import load_model, new_model, save_model
-    from .config import preset
+    from .model.config import preset
+    from .model.hf import load_model, new_model, save_model
 
     cfg = preset(args.preset)
     t0 = time.perf_counter()
@@ -46,8 +46,9 @@ def cmd_smoke(args) -> None:
 
 def cmd_train(args, extra: list[str]) -> None:
     """Supervised fine-tuning from a YAML config, with any key overridden as --section.key value."""
-    from .config import ConfigError, config_keys, load_train_config
+    from .model.config import ConfigError
     from .train import train
+    from .train.config import config_keys, load_train_config
 
     overrides = {k: getattr(args, k) for k in config_keys() if getattr(args, k, None) is not None}
     for flag in extra:  # anything argparse did not know: let the config say what is near
@@ -60,7 +61,8 @@ def cmd_train(args, extra: list[str]) -> None:
 
 
 def _near_key_message(key: str) -> str:
-    from .config import ConfigError, TrainConfig, set_key
+    from .model.config import ConfigError
+    from .train.config import TrainConfig, set_key
 
     try:
         set_key(TrainConfig(), key, None)
@@ -71,16 +73,16 @@ def _near_key_message(key: str) -> str:
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One --flag per config key (dotted for sections), so YAML keys and flags never drift apart."""
-    from .config import config_keys
+    from .train.config import config_keys
 
     for key, kind in config_keys().items():
         p.add_argument(f"--{key}", dest=key, default=None, metavar=kind.__name__.upper())
 
 
 def _load_for_inference(args):
-    from .checkpoint import load_model
-    from .generate import prepare_for_inference
-    from .tokenizer import load_tokenizer
+    from .model.hf import load_model
+    from .model.runtime import prepare_for_inference
+    from .text.tokenizer import load_tokenizer
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     prepare_for_inference(model, args.compile)
@@ -89,7 +91,7 @@ def _load_for_inference(args):
 
 
 def _sampling(args, **extra):
-    from .generate import SamplingParams
+    from .infer.sampling import SamplingParams
 
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -125,8 +127,8 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 def cmd_chat(args) -> None:
     """Interactive chat that keeps history through the template. /think /no_think /reset /system TEXT /save FILE"""
-    from .chat import parse_assistant
     from .generate import stream
+    from .text.chat import parse_assistant
 
     model, tok = _load_for_inference(args)
     system, history, thinking = None, [], not args.no_think
@@ -213,7 +215,7 @@ def cmd_demo(args) -> None:
 
 def cmd_eval(args) -> None:
     """Score a model (and a --baseline) on a data file and / or lm-evaluation-harness tasks; a table and JSON."""
-    from .evaluation import run_eval
+    from .eval.evaluation import run_eval
 
     run_eval(
         args.model,
@@ -278,9 +280,6 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
 COMPILE_HELP = "torch.compile the decoder blocks: compiles once (seconds), then decodes faster"
 
 
-DEMO_STEPS = 450
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -311,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__)
-    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    p.add_argument("--steps", type=int, default=None, help="default: configs/demo.yaml's steps")
     p.add_argument("--tasks", default="", help="comma-separated from add,max,reverse,sort,tool (default: all but add)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default=None, help="fine-tune this HF folder instead of a small model from scratch")

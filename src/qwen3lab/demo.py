@@ -11,11 +11,17 @@ import json
 import random
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .chat import parse_assistant
+from .eval.evaluation import MAX_NEW_TOKENS
+from .model.runtime import keep_freed_cpu_memory
+from .text.chat import parse_assistant
+from .train.config import load_train_config, set_key
+
+DEMO_CONFIG = resources.files("qwen3lab").joinpath("configs/demo.yaml")  # `configs/demo.yaml` in the repository
 
 SYSTEM = "Answer exactly."
 # The weather tool takes a ZIP code. A town name would not do: a held-out town ends in tokens that never occur in
@@ -107,28 +113,15 @@ def make_tasks(n_train: int, n_eval: int, tasks=DEFAULT_TASKS, seed: int = 0) ->
     return train, held_out
 
 
-def score(expected: dict, generated_text: str) -> bool:
-    """Exact match of the final assistant turn: its content, or its tool call's name and arguments."""
-    got = parse_assistant(generated_text)
-    if expected.get("tool_calls"):
-        want = expected["tool_calls"][0]["function"]
-        calls = got["tool_calls"] or []
-        return (
-            len(calls) == 1
-            and calls[0]["function"]["name"] == want["name"]
-            and (json.loads(calls[0]["function"]["arguments"]) == want["arguments"])
-        )
-    return got["content"] == expected["content"] and not got["tool_calls"]
-
-
-def eval_items(examples: list[Example]) -> list[tuple[str, list[dict], list | None, dict]]:
-    """(task, prompt messages, tools, expected assistant turn): the answer turn, and for tool tasks the call too."""
-    items = []
+def held_out_rows(examples: list[Example]) -> list[dict]:
+    """The rows `qwen3lab eval` scores: each checked assistant turn after its conversation, with the chat's tools and
+    its task — the answer turn, and for the tool task the call too (matched as a tool call by exact_match)."""
+    rows = []
     for ex in examples:
-        items.append((ex.task, ex.messages[:-1], ex.tools, ex.messages[-1]))
-        if ex.task == "tool":
-            items.append(("tool", ex.messages[:2], ex.tools, ex.messages[2]))
-    return items
+        turns = [len(ex.messages) - 1] + ([2] if ex.task == "tool" else [])
+        for last in turns:
+            rows.append({"messages": ex.messages[: last + 1]} | _tools(ex) | {"task": ex.task})
+    return rows
 
 
 def prompt_ids(tok, messages, tools=None) -> list[int]:
@@ -136,95 +129,84 @@ def prompt_ids(tok, messages, tools=None) -> list[int]:
 
 
 @torch.no_grad()
-def accuracy(model, tok, examples: list[Example], batch_size: int = 64) -> dict[str, float]:
-    from .generate import generate
+def accuracy(model, tok, examples: list[Example], max_new_tokens: int = 48) -> dict[str, float]:
+    """Held-out exact match per task, scored as `qwen3lab eval` scores held_out.jsonl (the same rows and code)."""
+    from .eval.evaluation import score_generations
 
-    items = eval_items(examples)
-    prompts = [prompt_ids(tok, m, t) for _, m, t, _ in items]
-    correct: dict[str, list[bool]] = {}
     model.eval()
-    for start in range(0, len(items), batch_size):
-        outs = generate(model, tok, prompts[start : start + batch_size], max_new_tokens=48)
-        for (task, _, _, want), out in zip(items[start : start + batch_size], outs, strict=True):
-            correct.setdefault(task, []).append(score(want, out.text))
-    return {task: sum(v) / len(v) for task, v in correct.items()}
+    rows = [(f"held-out row {i}", row) for i, row in enumerate(held_out_rows(examples))]
+    metrics, _ = score_generations(model, tok, rows, ["exact_match"], max_new_tokens)
+    return {task: metrics[f"exact_match/{task}"] for task in dict.fromkeys(ex.task for ex in examples)}
+
+
+def demo_config(out: Path, steps: int | None, model_dir: str | None, seed: int, lr: float | None, keys: dict):
+    """configs/demo.yaml (shipped in the package) made this run's TrainConfig: its folder and seed; a shorter or
+    longer run scales its warmup and eval interval; a pretrained `model_dir` is fine-tuned with AdamW at a small
+    learning rate (Muon is for the from-scratch model: held-out mean 99% against AdamW's 51% over seeds 0-2)."""
+    cfg = load_train_config(DEMO_CONFIG)
+    cfg.out, cfg.seed, cfg.data.train = str(out), seed, str(out / "data" / "train.jsonl")
+    if steps is not None and steps != cfg.steps:
+        cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, steps // 10)
+        cfg.eval_every, cfg.steps = max(1, steps // 10), steps
+    if model_dir is not None:
+        cfg.model, cfg.optim.name, cfg.optim.lr = model_dir, "adamw", 2e-5
+    if lr is not None:
+        cfg.optim.lr, cfg.optim.muon_lr = lr, 2 * lr
+    for key, value in keys.items():  # e.g. {"data.packing": False}
+        set_key(cfg, key, value)
+    return cfg
+
+
+def write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 def run_demo(
     out: str = "runs/demo",
-    steps: int = 450,
+    steps: int | None = None,
     tasks=DEFAULT_TASKS,
     model_dir: str | None = None,
     seed: int = 0,
     n_train: int = 4000,
     n_eval: int = 50,
     lr: float | None = None,
-    batch_size: int = 2,
+    batch_size: int | None = None,
     data_keys: dict | None = None,
     optim_keys: dict | None = None,
     log=print,
 ) -> dict:
-    """Generate the tasks, measure accuracy, train, measure again, show samples, save; return the results.
-
-    data_keys / optim_keys override the training's data / optimizer settings, e.g. {"packing": False},
-    {"assistant_only": False} or {"name": "adamw"}."""
-    from . import load_model, load_tokenizer
-    from .checkpoint import new_model
-    from .config import TrainConfig, preset
-    from .generate import generate
-    from .parallel import keep_freed_cpu_memory
-    from .train import train
+    """Generate the tasks, measure accuracy, train as configs/demo.yaml says, measure again, show samples, save;
+    return the results. steps None: the config's. data_keys / optim_keys override the training's data / optimizer
+    settings, e.g. {"packing": False}, {"assistant_only": False} or {"name": "adamw"}."""
+    from . import load_model, load_tokenizer, new_model, preset, train
 
     t0 = time.perf_counter()
     keep_freed_cpu_memory()  # all of the demo runs on the CPU
     out_dir = Path(out)
-    (out_dir / "data").mkdir(parents=True, exist_ok=True)
     train_set, held_out = make_tasks(n_train, n_eval, tuple(tasks), seed)
-    with open(out_dir / "data" / "train.jsonl", "w") as f:
-        for ex in train_set:
-            f.write(json.dumps({"messages": ex.messages, **({"tools": ex.tools} if ex.tools else {})}) + "\n")
+    write_jsonl(out_dir / "data" / "train.jsonl", ({"messages": e.messages} | _tools(e) for e in train_set))
+    write_jsonl(out_dir / "data" / "held_out.jsonl", held_out_rows(held_out))
     log(f"tasks: {', '.join(tasks)} — {len(train_set)} training chats, {len(held_out)} held-out chats")
+    keys = {f"data.{k}": v for k, v in (data_keys or {}).items()}
+    keys |= {f"optim.{k}": v for k, v in (optim_keys or {}).items()}
+    keys |= {"batch_size": batch_size} if batch_size else {}
+    cfg = demo_config(out_dir, steps, model_dir, seed, lr, keys)
 
     tok = load_tokenizer(model_dir) if model_dir else load_tokenizer()
     if model_dir:
         model = load_model(model_dir, dtype=torch.float32, device="cpu")
     else:
-        model = new_model(preset("demo"), seed=seed)
+        model = new_model(preset(cfg.model), seed=seed)
     before = accuracy(model, tok, held_out)
     log("held-out exact match before training: " + _fmt(before))
-
-    cfg = TrainConfig(
-        model=model_dir or "demo", out=str(out_dir), steps=steps, batch_size=batch_size, seed=seed, resume=False
-    )
-    cfg.data.train = str(out_dir / "data" / "train.jsonl")
-    cfg.data.max_length = 512
-    cfg.data.eval_fraction = 0.02
-    cfg.data.pack_order = "shuffled"  # best-fit would put the long tool chats in rows of their own
-    for key, value in (data_keys or {}).items():
-        setattr(cfg.data, key, value)
-    # From scratch: Muon for the matrices (held-out mean 99% vs 51% with AdamW over seeds 0-2); a pretrained
-    # checkpoint is fine-tuned with the AdamW it was trained with.
-    cfg.optim.name = "muon" if model_dir is None else "adamw"
-    cfg.optim.lr = lr or (1e-3 if model_dir is None else 2e-5)
-    cfg.optim.muon_lr = 2 * cfg.optim.lr
-    cfg.optim.warmup_steps = min(30, steps // 10)
-    cfg.optim.weight_decay = 0.0
-    for key, value in (optim_keys or {}).items():
-        setattr(cfg.optim, key, value)
-    cfg.eval_every = max(1, steps // 10)
     run = train(cfg)
     model = load_model(run / "model", dtype=torch.float32, device="cpu")
-    after = accuracy(model, tok, held_out)
+    after = accuracy(model, tok, held_out, MAX_NEW_TOKENS)  # as `qwen3lab eval` on data/held_out.jsonl scores it
     log("held-out exact match after training:  " + _fmt(after))
-
-    log("\nsample chats from the trained model (held out; the last assistant turn is generated):")
-    for ex in held_out[:: max(1, len(held_out) // 4)][:4]:
-        prompt = ex.messages[:-1]
-        reply = generate(model, tok, prompt_ids(tok, prompt, ex.tools), max_new_tokens=48)
-        last_user = max(i for i, m in enumerate(prompt) if m["role"] == "user")
-        for m in prompt[last_user:] + [parse_assistant(reply.text)]:
-            log(f"  {m['role'] + ':':10} {_turn_text(m)}")
-        log("")
+    _show_samples(model, tok, held_out, log)
     last = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])
     results = {
         "before": before,
@@ -238,7 +220,25 @@ def run_demo(
     plot_demo(out_dir, before, after)
     log(f"saved: {run / 'model'} (HF format: transformers or `qwen3lab chat --model {run / 'model'}`)")
     log(f"       {out_dir / 'demo.png'} (loss curves and accuracy); done in {results['seconds']:.0f}s")
+    log(f"again: qwen3lab eval --model {run / 'model'} --data {out_dir / 'data' / 'held_out.jsonl'}")
     return results
+
+
+def _tools(ex: Example) -> dict:
+    return {"tools": ex.tools} if ex.tools else {}
+
+
+def _show_samples(model, tok, held_out: list[Example], log) -> None:
+    from .generate import generate
+
+    log("\nsample chats from the trained model (held out; the last assistant turn is generated):")
+    for ex in held_out[:: max(1, len(held_out) // 4)][:4]:
+        prompt = ex.messages[:-1]
+        reply = generate(model, tok, prompt_ids(tok, prompt, ex.tools), max_new_tokens=48)
+        last_user = max(i for i, m in enumerate(prompt) if m["role"] == "user")
+        for m in prompt[last_user:] + [parse_assistant(reply.text)]:
+            log(f"  {m['role'] + ':':10} {_turn_text(m)}")
+        log("")
 
 
 def run_rl_demo(

@@ -17,8 +17,8 @@ from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..engine import Engine
-from ..tokenizer import Tokenizer
+from ..infer.engine import Engine
+from ..text.tokenizer import Tokenizer
 from . import chat_completions, completions, tokens
 from .protocol import APIError, error_response
 
@@ -129,7 +129,7 @@ class _EngineCollector:
 def _chat_page() -> tuple[str, str]:
     """The page and its Content-Security-Policy: only its own inline script and style run (pinned by hash), it
     connects only to this server, and loads no images — model output is only ever text, and this backs that up."""
-    page = (Path(__file__).parents[1] / "static" / "chat.html").read_text(encoding="utf-8")
+    page = (Path(__file__).parent / "static" / "chat.html").read_text(encoding="utf-8")
 
     def digest(tag: str) -> str:
         body = re.search(rf"<{tag}>(.*?)</{tag}>", page, re.S).group(1)
@@ -158,9 +158,9 @@ def serve(
 
     import uvicorn
 
-    from ..checkpoint import load_model
-    from ..generate import prepare_for_inference
-    from ..tokenizer import load_tokenizer
+    from ..model.hf import load_model
+    from ..model.runtime import prepare_for_inference
+    from ..text.tokenizer import load_tokenizer
 
     model = load_model(model_dir, dtype=dtype)
     prepare_for_inference(model, compile)

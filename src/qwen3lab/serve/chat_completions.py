@@ -10,9 +10,9 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..chat import ChatError, parse_assistant
-from ..generate import SamplingParams
-from ..tokenizer import Tokenizer
+from ..infer.sampling import SamplingParams
+from ..text.chat import ChatError, parse_assistant
+from ..text.tokenizer import Tokenizer
 from .jobs import Job, collect, merged, submit, texts
 from .protocol import APIError, ChatBody, sampling_params, sse
 

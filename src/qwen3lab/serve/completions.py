@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 from .jobs import Job, collect, merged, submit, texts
 from .protocol import APIError, CompletionBody, sampling_params, sse, stop_strings
 

@@ -7,9 +7,10 @@ import asyncio
 import time
 from dataclasses import replace
 
-from ..engine import Engine, EngineFull
-from ..generate import SamplingParams, TextStream
-from ..tokenizer import Tokenizer
+from ..infer.detokenize import TextStream
+from ..infer.engine import Engine, EngineFull
+from ..infer.sampling import SamplingParams
+from ..text.tokenizer import Tokenizer
 from .protocol import APIError
 
 

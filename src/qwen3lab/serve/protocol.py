@@ -9,7 +9,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from ..generate import SamplingParams
+from ..infer.sampling import SamplingParams
 
 
 class ChatBody(BaseModel):

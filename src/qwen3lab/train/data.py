@@ -11,23 +11,19 @@ supervised, else -100), so packed documents never predict across their boundary.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import logging
 import os
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .attention import cu_seqlens_from_position_ids
-from .chat import ChatError
+from ..text.chat import ChatError
+from ..text.tokenizer import Tokenizer
 from .loss import IGNORE
-from .tokenizer import Tokenizer
 
 log = logging.getLogger("qwen3lab")
 CACHE_VERSION = 1
@@ -371,175 +367,3 @@ def load_preferences(path: str | os.PathLike, tok: Tokenizer, max_length: int) -
             "data: %s — dropped %d pairs left without completion tokens at max_length=%d", path, dropped, max_length
         )
     return TokenizedData.from_examples(examples, dropped)
-
-
-def collate_sequences(data: TokenizedData, rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """collate's batch plus sequence_ids [B, T]: the examples numbered 0, 1, ... in the order they appear, row by
-    row (-1 on padding), for objectives summing log-probs per sequence."""
-    batch = collate(data, rows, pad_id)
-    sequence_ids = torch.full_like(batch["input_ids"], -1)
-    lengths, n = data.lengths(), 0
-    for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            sequence_ids[r, at : at + lengths[i]] = n
-            at, n = at + int(lengths[i]), n + 1
-    batch["sequence_ids"] = sequence_ids
-    return batch
-
-
-def collate_pairs(data: TokenizedData, pairs: list[int], pad_id: int, ref_logps=None) -> dict[str, torch.Tensor]:
-    """Pairs -> one packed row each (chosen, then rejected: no attention between them; sequences 2r and 2r + 1),
-    num_items (pairs) and, when precomputed, ref_logps [2B]."""
-    batch = collate_sequences(data, [[2 * p, 2 * p + 1] for p in pairs], pad_id)
-    batch["num_items"] = torch.tensor(len(pairs))
-    if ref_logps is not None:
-        batch["ref_logps"] = torch.from_numpy(np.stack([ref_logps[[2 * p, 2 * p + 1]] for p in pairs]).reshape(-1))
-    return batch
-
-
-def empty_batch(pad_id: int, objective: str = "sft") -> dict[str, torch.Tensor]:
-    """One padding token with no label: the micro-batch of a rank left with no rows, which must still run each
-    forward and backward for FSDP's collectives. Carries the keys the objective's loss reads, with nothing in them."""
-    none = torch.zeros(1, 1, dtype=torch.long)
-    batch = {
-        "input_ids": none + pad_id,
-        "labels": none + IGNORE,
-        "position_ids": none,
-        "cu_seqlens": torch.tensor([0, 1], dtype=torch.int32),
-        "num_tokens": none.sum(),
-    }
-    if objective != "sft":
-        batch |= {"sequence_ids": none - 1, "num_items": none.sum()}
-    if objective == "grpo":
-        batch["advantages"] = torch.zeros(0)
-    return batch
-
-
-# ---- packing and batching ----
-
-
-def pack_best_fit(lengths, capacity: int) -> list[list[int]]:
-    """Best-fit-decreasing: longest example first, each into the fullest row it still fits. Returns index lists."""
-    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin index)
-    for i in order:
-        n = int(lengths[i])
-        k = bisect.bisect_left(free, (n, -1))
-        if k < len(free):
-            room, b = free.pop(k)
-        else:
-            room, b = capacity, len(bins)
-            bins.append([])
-        bins[b].append(i)
-        if room - n > 0:
-            bisect.insort(free, (room - n, b))
-    return bins
-
-
-def pack_shuffled(lengths, capacity: int, seed: int) -> list[list[int]]:
-    """Next-fit over a seeded shuffle: each row holds a random mix of examples (rows are less full than
-    best-fit's, which groups examples of similar length, and so often of the same kind, into the same rows)."""
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
-    rows, used = [], capacity
-    for i in order:
-        n = int(lengths[i])
-        if used + n > capacity:
-            rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
-    return rows
-
-
-def make_rows(data: TokenizedData, max_length: int, packing: bool, order: str = "best_fit", seed: int = 0):
-    """Example indices per training row: packed rows (best_fit or shuffled), or one example per row."""
-    if not packing:
-        return [[i] for i in range(len(data))]
-    if order == "best_fit":
-        return pack_best_fit(data.lengths(), max_length)
-    if order == "shuffled":
-        return pack_shuffled(data.lengths(), max_length, seed)
-    raise DataError(f"data.pack_order {order!r}: use best_fit or shuffled")
-
-
-def collate(data: TokenizedData, rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows of examples -> input_ids, labels, position_ids [B, T], right-padded to the longest row.
-
-    Positions restart at 0 for every example, so the model's document mask keeps packed examples apart.
-    """
-    built = []
-    for row in rows:
-        parts = [data.example(i) for i in row]
-        ids = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
-        pos = np.concatenate([np.arange(len(p[0])) for p in parts])
-        built.append((ids, labels, pos))
-    T = max(len(b[0]) for b in built)
-    B = len(built)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((B, T), dtype=torch.long)
-    for r, (ids, lab, pos) in enumerate(built):
-        n = len(ids)
-        input_ids[r, :n] = torch.from_numpy(ids.astype(np.int64))
-        labels[r, :n] = torch.from_numpy(lab.astype(np.int64))
-        position_ids[r, :n] = torch.from_numpy(pos)
-        position_ids[r, n:] = torch.arange(T - n)  # padding: one more "document" that nothing attends to
-    # document boundaries over the flattened B*T tokens, once per batch, for attention.py (padding is a document too)
-    cu_seqlens = cu_seqlens_from_position_ids(position_ids)
-    num_tokens = torch.tensor(sum(len(b[0]) for b in built))  # real (non-pad) tokens
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "cu_seqlens": cu_seqlens,
-        "num_tokens": num_tokens,
-    }
-
-
-def epoch_order(n_rows: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
-    order = list(range(n_rows))
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
-@dataclass
-class Cursor:
-    """Where the run is in its stream of rows: an epoch and how many rows of that epoch's order it has taken. It
-    counts rows, not steps, so a resume with another number of ranks (another global batch) takes up exactly where
-    the saved run stopped: no row skipped or repeated."""
-
-    n_rows: int
-    seed: int
-    shuffle: bool
-    epoch: int = 0
-    offset: int = 0
-    _order: tuple[int, list[int]] | None = None  # (epoch, its order): shuffled once per epoch, not per batch
-
-    def take(self, k: int) -> list[int]:
-        """The next k row indices, fewer at the end of an epoch (its last batch is short, as a DataLoader's)."""
-        if self._order is None or self._order[0] != self.epoch:
-            self._order = (self.epoch, epoch_order(self.n_rows, self.epoch, self.seed, self.shuffle))
-        out = self._order[1][self.offset : self.offset + k]
-        self.offset += len(out)
-        if self.offset >= self.n_rows:
-            self.epoch, self.offset = self.epoch + 1, 0
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-
-def split_eval(data: TokenizedData, fraction: float, seed: int) -> tuple[TokenizedData, TokenizedData | None]:
-    if fraction <= 0:
-        return data, None
-    order = list(range(len(data)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(len(data) * fraction))
-    if n_eval >= len(data):
-        raise DataError(f"eval_fraction={fraction} leaves no training examples out of {len(data)}")
-    return data.subset(sorted(order[n_eval:])), data.subset(sorted(order[:n_eval]))

@@ -3,7 +3,7 @@
 Parameter names are HF's, so a state dict loads from and saves to an HF folder as a plain copy. Operation order
 follows `modeling_qwen3.py` exactly (see ../shared/QWEN3_FACTS.md): RMSNorm in fp32 then cast then weight; q/k norm
 per head before RoPE; rotate-half RoPE with cos/sin in fp32; GQA; scale head_dim**-0.5. Parallelism (FSDP2,
-activation checkpointing, compile) is applied from outside, in parallel.py.
+activation checkpointing, compile) is applied from outside, in train/parallel.py and model/runtime.py.
 """
 
 from __future__ import annotations
@@ -205,9 +205,10 @@ class Qwen3(nn.Module):
         """input_ids [B, T] -> logits [B, T, vocab] (or final hidden states [B, T, hidden] with return_hidden).
 
         position_ids [B, T] default to 0..T-1. mask is an SDPA mask ([B, 1, T, S] bool, True = attend); without one
-        attention is plainly causal; for packed rows, use `forward_packed`. kv_cache (per layer, engine.py) appends this
-        forward's keys and values. inputs_embeds [B, T, hidden] replaces the embedding lookup (e.g. with some
-        embedding rows being trained apart). docs (attention.Documents) marks packed documents instead of a mask.
+        attention is plainly causal; for packed rows, use `forward_packed`. kv_cache (per layer, infer/engine.py)
+        appends this forward's keys and values. inputs_embeds [B, T, hidden] replaces the embedding lookup (e.g.
+        with some embedding rows being trained apart). docs (attention.Documents) marks packed documents instead of
+        a mask.
         """
         B, T = input_ids.shape
         if position_ids is None:

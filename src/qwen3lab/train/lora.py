@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_write
+from ..model.hf import atomic_write
 from .config import LORA_TARGETS as TARGETS
 
 

@@ -5,7 +5,8 @@ On a data file (any format training reads; GRPO's prompt rows too):
   the file, through the chunked lm_head path;
 - generation-scored metrics: greedy completions of each row's prompt (the conversation before its last assistant
   message, or `prompt`), scored by exact match against the row's `answer` (else the last assistant message, or
-  `completion`) and by any reward function (rewards.py: one set of scorers for GRPO and for evaluation).
+  `completion`) and by any reward function (train/objectives/rewards.py: one set of scorers for GRPO and for
+  evaluation).
 On lm-eval tasks: lm_eval.simple_evaluate with the in-process `qwen3lab` model type (lm_eval_model.py).
 """
 
@@ -19,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data as D
-from .engine import SamplingParams
-from .generate import generate
-from .rewards import load_reward, text_of
-from .train import micro_batch_loss, to_device
+from ..generate import generate
+from ..infer.sampling import SamplingParams
+from ..train import batching as B
+from ..train import data as D
+from ..train.batching import to_device
+from ..train.net import micro_batch_loss
+from ..train.objectives.rewards import load_reward, text_of
 
 log = logging.getLogger("qwen3lab")
 
@@ -35,8 +38,8 @@ def _prompt_and_answer(row: dict):
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         if last is None or last == 0:
             return None
-        reference = row.get("answer", messages[last].get("content"))
-        return messages[:last], reference
+        answer = messages[last] if messages[last].get("tool_calls") else messages[last].get("content")
+        return messages[:last], row.get("answer", answer)  # a tool call is matched as a message (exact_match)
     if "prompt" in row:
         completion = row.get("completion")
         reference = row.get("answer", text_of(completion) if completion is not None else None)
@@ -49,15 +52,18 @@ def data_loss(model, data: D.TokenizedData, max_tokens: int = 4096, chunk: int =
     """Summed loss over the supervised tokens of every example, and their count; examples packed into rows of at
     most max_tokens (each its own document): the loss training computes."""
     total, count = 0.0, 0
-    for row in D.make_rows(data, max(max_tokens, int(data.lengths().max())), packing=True):
-        batch = to_device(D.collate(data, [row], 0), model.lm_head.weight.device)
+    for row in B.make_rows(data, max(max_tokens, int(data.lengths().max())), packing=True):
+        batch = to_device(B.collate(data, [row], 0), model.lm_head.weight.device)
         loss, n = micro_batch_loss(model, batch, True, chunk, None)
         total, count = total + float(loss), count + n
     return total, count
 
 
+MAX_NEW_TOKENS = 256  # `qwen3lab eval --max-new-tokens`'s default
+
+
 def evaluate_data(
-    model, tok, path, rewards: list[str] | None = None, max_new_tokens: int = 256, max_length: int = 32768
+    model, tok, path, rewards: list[str] | None = None, max_new_tokens: int = MAX_NEW_TOKENS, max_length: int = 32768
 ) -> tuple[dict, list[dict]]:
     """Metrics of one model on one data file, and one record per generated row (prompt, completion, scores)."""
     rows = list(D.read_rows(path))
@@ -68,46 +74,65 @@ def evaluate_data(
         if len(data):
             total, count = data_loss(model, data)
             metrics |= {"loss": total / count, "perplexity": math.exp(total / count), "loss_tokens": count}
-    targets = [(where, row, pa) for where, row in rows if (pa := _prompt_and_answer(row)) is not None]
-    records = []
-    if targets:
-        prompts = [pa[0] for _, _, pa in targets]
-        try:
-            outs = generate(model, tok, prompts, SamplingParams(max_new_tokens=max_new_tokens))
-        except D.ChatError as e:
-            raise D.DataError(f"{path}: {e}") from None
-        chat = [isinstance(p, list) for p in prompts]
-        completions = [
-            [{"role": "assistant", "content": o.text}] if c else o.text for o, c in zip(outs, chat, strict=True)
-        ]
-        columns = {"answer": [pa[1] for _, _, pa in targets]}
-        for key in {k for _, row, _ in targets for k in row} - {"messages", "prompt", "completion", "answer"}:
-            columns[key] = [row.get(key) for _, row, _ in targets]
-        specs = list(rewards) if rewards is not None else (["exact_match"] if any(columns["answer"]) else [])
-        scores = {}
-        for spec in specs:
-            values = load_reward(spec)(
-                prompts=prompts, completions=completions, completion_ids=[o.ids for o in outs], **columns
-            )
-            scores[spec] = values
-            kept = [v for v in values if v is not None]
-            if kept:
-                metrics[spec] = float(np.mean(kept))
-        metrics["generated"] = len(outs)
-        metrics["completion_tokens_mean"] = float(np.mean([len(o.ids) for o in outs]))
-        for i, ((where, _, (prompt, answer)), out) in enumerate(zip(targets, outs, strict=True)):
-            records.append(
-                {
-                    "where": where,
-                    "prompt": prompt,
-                    "answer": answer,
-                    "completion": out.text,
-                    "finish_reason": out.finish_reason,
-                    **{s: v[i] for s, v in scores.items()},
-                }
-            )
+    try:
+        found, records = score_generations(model, tok, rows, rewards, max_new_tokens)
+    except D.ChatError as e:
+        raise D.DataError(f"{path}: {e}") from None
+    metrics |= found
     if not metrics:
         raise D.DataError(f"{path}: no row to score (rows need messages with an assistant answer, or a prompt)")
+    return metrics, records
+
+
+def score_generations(
+    model, tok, rows: list[tuple[str, dict]], rewards: list[str] | None = None, max_new_tokens: int = MAX_NEW_TOKENS
+) -> tuple[dict, list[dict]]:
+    """Greedy completions of each row's prompt, scored by the rewards (default: exact_match where rows have an
+    answer) -> (metrics, one record per row). Rows with a `task` column are scored per task too (`exact_match/max`)."""
+    targets = [(where, row, pa) for where, row in rows if (pa := _prompt_and_answer(row)) is not None]
+    if not targets:
+        return {}, []
+    prompts = [pa[0] for _, _, pa in targets]
+    inputs = [  # chat prompts rendered with the row's tools, as training renders them
+        tok.encode_chat(p, tools=row.get("tools"), add_generation_prompt=True, assistant_mask=False).input_ids
+        if isinstance(p, list)
+        else p
+        for (_, row, _), p in zip(targets, prompts, strict=True)
+    ]
+    outs = generate(model, tok, inputs, SamplingParams(max_new_tokens=max_new_tokens))
+    completions = [
+        [{"role": "assistant", "content": o.text}] if isinstance(p, list) else o.text
+        for o, p in zip(outs, prompts, strict=True)
+    ]
+    columns = {"answer": [pa[1] for _, _, pa in targets]}
+    for key in {k for _, row, _ in targets for k in row} - {"messages", "prompt", "completion", "answer"}:
+        columns[key] = [row.get(key) for _, row, _ in targets]
+    specs = list(rewards) if rewards is not None else (["exact_match"] if any(columns["answer"]) else [])
+    metrics, scores = {}, {}
+    for spec in specs:
+        scores[spec] = load_reward(spec)(
+            prompts=prompts, completions=completions, completion_ids=[o.ids for o in outs], **columns
+        )
+        groups = {None: scores[spec]}
+        for task in dict.fromkeys(columns.get("task", [])):
+            groups[task] = [v for v, t in zip(scores[spec], columns["task"], strict=True) if t == task]
+        for task, values in groups.items():
+            kept = [v for v in values if v is not None]
+            if kept:
+                metrics[spec if task is None else f"{spec}/{task}"] = float(np.mean(kept))
+    metrics["generated"] = len(outs)
+    metrics["completion_tokens_mean"] = float(np.mean([len(o.ids) for o in outs]))
+    records = [
+        {
+            "where": where,
+            "prompt": prompt,
+            "answer": answer,
+            "completion": out.text,
+            "finish_reason": out.finish_reason,
+            **{s: v[i] for s, v in scores.items()},
+        }
+        for i, ((where, _, (prompt, answer)), out) in enumerate(zip(targets, outs, strict=True))
+    ]
     return metrics, records
 
 
@@ -173,9 +198,9 @@ def run_eval(
     dtype: str = "auto",
 ) -> dict:
     """Evaluate the model (and the baseline) on the data file and / or tasks; print the table, write the JSON."""
-    from .checkpoint import load_model
-    from .generate import prepare_for_inference
-    from .tokenizer import load_tokenizer
+    from ..model.hf import load_model
+    from ..model.runtime import prepare_for_inference
+    from ..text.tokenizer import load_tokenizer
 
     if not data and not tasks:
         raise SystemExit("qwen3lab eval: give --data FILE and / or --tasks NAMES")

@@ -14,6 +14,8 @@ import json
 import re
 from collections.abc import Callable
 
+from ...text.chat import parse_assistant
+
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(.*)$", re.S)
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 
@@ -30,13 +32,25 @@ def final_answer(completion) -> str:
 
 
 def exact_match(prompts, completions, answer=None, **_) -> list[float | None]:
-    """1 where the answer after the think block equals the row's `answer` column (stripped), else 0."""
+    """1 where the completion answers as the row's `answer` column says, else 0. A text answer is compared with what
+    follows the think block (both stripped); an assistant message ({"content", "tool_calls"}) with the completion
+    parsed as one: the same content and the same calls (names, and arguments as JSON values)."""
     if answer is None:
         raise ValueError("reward exact_match needs an 'answer' column in the data")
-    return [
-        None if a is None else float(final_answer(c) == str(a).strip())
-        for c, a in zip(completions, answer, strict=True)
-    ]
+    return [None if a is None else float(_matches(c, a)) for c, a in zip(completions, answer, strict=True)]
+
+
+def _matches(completion, answer) -> bool:
+    if not isinstance(answer, dict):
+        return final_answer(completion) == str(answer).strip()
+    got = parse_assistant(text_of(completion))
+    return got["content"] == (answer.get("content") or "").strip() and _calls(got) == _calls(answer)
+
+
+def _calls(message: dict) -> list[tuple[str, object]]:
+    """(name, arguments) of each call, arguments as JSON values (parse_assistant gives them as a string)."""
+    calls = [c["function"] for c in message.get("tool_calls") or []]
+    return [(f["name"], json.loads(a) if isinstance(a := f["arguments"], str) else a) for f in calls]
 
 
 def think_format(prompts, completions, **_) -> list[float]:

@@ -30,7 +30,7 @@ class ChatError(ValueError):
 
 def qwen3_template() -> str:
     """qwen3lab's patched Qwen3 template: the official one plus {% generation %} tags."""
-    return resources.files("qwen3lab").joinpath("templates/chat_template.jinja").read_text()
+    return resources.files("qwen3lab.text").joinpath("chat_template.jinja").read_text()
 
 
 # sha256 of the official Qwen3 hybrid-thinking template with all whitespace removed (as shipped in the Qwen3

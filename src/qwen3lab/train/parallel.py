@@ -1,5 +1,5 @@
-"""What is applied to the single-device model from outside: activation checkpointing, torch.compile, FSDP2;
-and the process around it: torchrun ranks, devices, the CPU allocator.
+"""What training applies to the single-device model from outside: activation checkpointing and FSDP2; and the
+process around it: torchrun ranks and devices (torch.compile and the CPU allocator: model/runtime.py).
 
 The model code knows nothing of these; each wraps the decoder blocks after the model is built.
 """
@@ -7,9 +7,7 @@ The model code knows nothing of these; each wraps the decoder blocks after the m
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from ..model.runtime import keep_freed_cpu_memory
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -35,16 +35,6 @@ def unwrap_activation_checkpointing(model: nn.Module) -> None:
     layers = model.model.layers
     for i, block in enumerate(layers):
         layers[i] = getattr(block, "_checkpoint_wrapped_module", block)
-
-
-def apply_compile(model: nn.Module, dynamic: bool | None = None) -> None:
-    """Compile each decoder block (they share one graph, so it compiles once) and leave the loss eager.
-
-    dynamic=True compiles for any sequence and cache length at once, as generation needs (a prompt, then one token
-    at a time over a growing cache); None lets a second shape trigger the one dynamic recompile.
-    """
-    for block in model.model.layers:
-        block.compile(dynamic=dynamic)
 
 
 # ---- data parallel: torchrun + FSDP2 ----
@@ -112,29 +102,6 @@ def init_distributed(device: str, timeout_s: float) -> tuple[Dist, torch.device]
                 backend, timeout=timedelta(seconds=timeout_s), device_id=dev if dev.type == "cuda" else None
             )
     return Dist(rank, world, local_rank), dev
-
-
-def keep_freed_cpu_memory() -> None:
-    """On glibc, serve large CPU tensors from the heap and keep freed memory for reuse instead of unmapping it.
-
-    PyTorch's CPU allocator is plain malloc, and glibc maps every block over 32 MiB afresh and unmaps it on free,
-    so each [tokens x vocab] logits block of a training step is page-faulted and zeroed by the kernel again. Measured
-    on the demo (2 cores, 80 steps): 19 s of system time and 2250 tokens/s before, 1 s and 3340 tokens/s after; on
-    bench/sft.py's qwen3lab side 1074 -> 1372 tokens/s, peak RSS 2.18 -> 2.97 GiB (3.82 GiB with a heap per thread).
-    Process-wide, so it is called where qwen3lab owns the process's CPU work; QWEN3LAB_KEEP_FREED_MEMORY=0 turns it
-    off (e.g. when sharing the process with other memory-hungry work).
-    """
-    if not sys.platform.startswith("linux") or os.environ.get("QWEN3LAB_KEEP_FREED_MEMORY", "1") == "0":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl): its allocator has no such switches
-        return
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # from glibc's malloc.h
-    mallopt(m_mmap_max, 0)  # no mmap'd blocks: everything from the heap
-    mallopt(m_trim_threshold, 2**31 - 1)  # and do not give freed heap back to the kernel
-    mallopt(m_arena_max, 1)  # one heap for all threads, so a block freed by one is reused by the others
 
 
 def apply_fsdp(root: nn.Module, blocks: nn.ModuleList, bf16: bool) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model.head import chunked_logps, head_logits
+
 IGNORE = -100
 
 
@@ -28,7 +30,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             # logits in the compute dtype, then fp32 as transformers does; log_softmax is one fused row-wise kernel,
             # where logsumexp + sub + exp would stream the [n, vocab] block through memory several times
-            logp = torch.log_softmax(_logits(h, weight, extra_ids, extra_delta).float(), dim=-1)  # [n, V]
+            logp = torch.log_softmax(head_logits(h, weight, extra_ids, extra_delta).float(), dim=-1)  # [n, V]
             w = None if token_weights is None else token_weights[start : start + chunk_size, None].float()
             target_logp = logp.gather(1, t[:, None])
             loss -= (target_logp if w is None else target_logp * w).sum()
@@ -67,13 +69,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, grad_d, None
 
 
-def _logits(h, weight, extra_ids, extra_delta):
-    logits = h @ weight.T
-    if extra_delta is not None:
-        logits.index_add_(1, extra_ids, (h @ extra_delta.to(h.dtype).T).to(logits.dtype))
-    return logits
-
-
 def _supervised(hidden, weight, labels):
     """hidden [B, T, H], labels [B, T] -> hidden [N, H] and targets [N] of the supervised positions, and the
     weight to multiply them with (a bf16-stored frozen base computed in fp32: converted once per call)."""
@@ -96,7 +91,7 @@ def lm_loss_sum(
 
     hidden [B, T, H] final hidden states; weight [V, H] lm_head weight; labels [B, T] already shifted (label t is the
     token after position t). extra_rows: (token_ids [k], delta [k, H]) added to those rows of weight, for trained
-    token rows of a tied embedding. token_weights [N]: one weight per supervised position, in order (objectives.py).
+    token rows of a tied embedding. token_weights [N]: one weight per supervised position, in order (objectives/).
     Returns (loss_sum, number of supervised tokens).
     """
     h, targets, weight = _supervised(hidden, weight, labels)
@@ -108,19 +103,10 @@ def lm_loss_sum(
         return loss, int(targets.numel())
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], chunk_size):
-        logits = _logits(h[start : start + chunk_size], weight, extra_ids, extra_delta).float()
+        logits = head_logits(h[start : start + chunk_size], weight, extra_ids, extra_delta).float()
         ce = torch.nn.functional.cross_entropy(logits, targets[start : start + chunk_size], reduction="none")
         loss += (ce if token_weights is None else ce * token_weights[start : start + chunk_size]).sum()
     return loss, int(targets.numel())
-
-
-def _chunked_logps(h, weight, chunk_size: int, extra_ids=None, extra_delta=None):
-    """(start, log_softmax(lm_head(h[start : start + chunk_size])) [n, V] fp32) for each chunk of h [N, H]."""
-    for start in range(0, h.shape[0], chunk_size):
-        yield (
-            start,
-            torch.log_softmax(_logits(h[start : start + chunk_size], weight, extra_ids, extra_delta).float(), -1),
-        )
 
 
 @torch.no_grad()
@@ -130,25 +116,10 @@ def token_logprobs(hidden, weight, labels, chunk_size: int = 1024, extra_rows=No
     h, targets, weight = _supervised(hidden, weight, labels)
     extra_ids, extra_delta = extra_rows if extra_rows is not None else (None, None)
     logps, entropies = [], []
-    for start, logp in _chunked_logps(h, weight, chunk_size, extra_ids, extra_delta):
+    for start, logp in chunked_logps(h, weight, chunk_size, extra_ids, extra_delta):
         logps.append(logp.gather(1, targets[start : start + chunk_size, None])[:, 0])
         if entropy:
             entropies.append(-(logp.exp() * logp).sum(-1))
     empty = h.new_zeros(0, dtype=torch.float32)
     logps = torch.cat(logps) if logps else empty
     return (logps, torch.cat(entropies) if entropies else empty) if entropy else logps
-
-
-@torch.no_grad()
-def logprobs_topk(hidden, weight, targets, k: int, chunk_size: int = 256):
-    """hidden [N, H] -> the log-prob [N] (fp32) of each target under lm_head(hidden), and the k most likely tokens
-    at each position: ids [N, k] and log-probs [N, k] — chunk by chunk, never a [N, vocab] tensor in all."""
-    logps, top_ids, top_logps = [], [], []
-    for start, logp in _chunked_logps(hidden, weight, chunk_size):
-        logps.append(logp.gather(1, targets[start : start + chunk_size, None])[:, 0])
-        top = logp.topk(k, -1)
-        top_ids.append(top.indices)
-        top_logps.append(top.values)
-    if not logps:
-        return hidden.new_zeros(0).float(), targets.new_zeros(0, k), hidden.new_zeros(0, k).float()
-    return torch.cat(logps), torch.cat(top_ids), torch.cat(top_logps)

@@ -19,11 +19,12 @@ from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from .checkpoint import load_model
-from .engine import SamplingParams
-from .generate import generate, prepare_for_inference
-from .loss import logprobs_topk
-from .tokenizer import load_tokenizer
+from ..generate import generate
+from ..infer.sampling import SamplingParams
+from ..model.head import logprobs_topk
+from ..model.hf import load_model
+from ..model.runtime import prepare_for_inference
+from ..text.tokenizer import load_tokenizer
 
 
 @register_model("qwen3lab")

@@ -9,11 +9,11 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from .checkpoint import save_model, write_hf_folder
+from ..model.hf import save_model, write_hf_folder
+from ..text.tokenizer import Tokenizer
 from .config import TrainConfig
 from .lora import lora_modules, merge_lora, save_peft_adapter, write_peft_adapter
 from .parallel import Dist, unwrap_activation_checkpointing
-from .tokenizer import Tokenizer
 
 
 def export_sharded(net, cfg: TrainConfig, tok: Tokenizer, out: Path, source: str | None, d: Dist) -> None:

@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data as D
-from .engine import Engine, SamplingParams
-from .parallel import Dist, gathered
+from ...infer.engine import Engine
+from ...infer.sampling import SamplingParams
+from .. import batching as B
+from .. import data as D
+from ..parallel import Dist, gathered
 from .rewards import load_reward
 
 
@@ -150,12 +152,12 @@ class Rollouts:
         ]
         keep = [j for j, (_, mask) in enumerate(examples) if any(mask[1:])]  # an empty completion teaches nothing
         if not keep:
-            return D.empty_batch(self.tok.pad_token_id, "grpo")
+            return B.empty_batch(self.tok.pad_token_id, "grpo")
         adv = advantages(rewards, len(rows), g.scale_rewards, batch_std)
         data = D.TokenizedData.from_examples([examples[j] for j in keep])
         longest = max(len(r["ids"]) for r in rows) + g.max_completion_length
-        packed = D.pack_best_fit(data.lengths(), max(int(data.lengths().max()), longest))
-        batch = D.collate_sequences(data, packed, self.tok.pad_token_id)
+        packed = B.pack_best_fit(data.lengths(), max(int(data.lengths().max()), longest))
+        batch = B.collate_sequences(data, packed, self.tok.pad_token_id)
         order = [keep[i] for row in packed for i in row]  # sequence s of the batch is completion order[s]
         batch["advantages"] = adv[order]
         n_tokens = int((batch["labels"] != D.IGNORE).sum())

@@ -1,0 +1,438 @@
+"""What a training run is made of, built once before the first step (`build_run` -> Run): the run folder, the
+tokenizer, the model with its adapters, trained token rows and reference, sharded under torchrun (`build_net`); the
+data for the objective; the optimizer and schedule; and the position of a resumed run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ..model.config import PRESETS, ModelConfig, preset
+from ..model.hf import load_model, new_model, resolve_folder
+from ..model.model import Qwen3
+from ..model.runtime import apply_compile, cpu_bf16_is_fast
+from ..text.tokenizer import Tokenizer, load_tokenizer
+from . import data as D
+from .batching import Cursor, make_rows, rank_batch, split_eval, to_device
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from .config import TrainConfig, train_config_dict
+from .lora import apply_lora
+from .net import TrainableTokens, WithLoss, shard
+from .objectives.dpo import sequence_logps
+from .objectives.rollouts import Rollouts, load_prompts
+from .optim import build_optimizer
+from .parallel import Dist, apply_activation_checkpointing, reshard
+
+log = logging.getLogger("qwen3lab")
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built once (`build_run`); `train_step` and the loop read it."""
+
+    cfg: TrainConfig
+    d: Dist
+    device: torch.device
+    out: Path
+    tok: Tokenizer
+    model: Qwen3
+    source: str | None  # the folder the weights came from (None: a preset)
+    net: WithLoss
+    extra_tokens: TrainableTokens | None
+    autocast: Callable
+    trainable: list[torch.nn.Parameter]  # what the optimizer steps (and the gradient norm clips)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    step: int  # optimizer steps done (a resumed run starts past 0)
+    batches: Iterator[dict]  # this rank's micro-batches, from the data position on
+    data_state: dict  # what a checkpoint records: the data position after the step (GRPO: its round's start)
+    eval_batches: Callable[[], Iterator[dict]]
+    has_eval: bool
+    rollouts: Rollouts | None
+    checkpoints: Path
+    tokens_seen: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
+    """The run folder, the tokenizer, the model (adapters, reference, sharding), the data, the optimizer and
+    schedule, and the position of a resumed run."""
+    out = Path(cfg.out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(train_config_dict(cfg), sort_keys=False))
+    else:
+        log.setLevel(logging.WARNING)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tok = build_tokenizer(None if cfg.model in PRESETS else cfg.model)
+    model, source, net, extra_tokens, autocast = build_net(cfg, d, device, tok)
+    dpo, grpo = cfg.objective == "dpo", cfg.objective == "grpo"
+
+    # data: a row is a list of examples (SFT), a pair's index (DPO) or a prompt's index (GRPO)
+    data, rows, eval_data, eval_rows = load_data(cfg, tok)
+    global_rows = cfg.batch_size * d.world  # rows of one micro-batch over all ranks
+    iterations = cfg.grpo.num_iterations if grpo else 1  # optimizer steps per batch of rollouts
+    total_steps = cfg.steps or max(
+        1, math.ceil(cfg.epochs * math.ceil(len(rows) / global_rows) / cfg.grad_accum) * iterations
+    )
+    _log_data(cfg, d, data, rows, total_steps)
+    ref_logps = eval_ref_logps = None
+    if dpo and _reference(cfg) == "precompute":  # from the starting weights, kept in the run folder for a resume
+        ref_logps = _precomputed(out / "ref_logps.npy", net, data, d, device, autocast, tok.pad_token_id, cfg)
+        eval_ref_logps = ref_logps
+        if cfg.data.eval:
+            eval_ref_logps = _precomputed(
+                out / "ref_logps_eval.npy", net, eval_data, d, device, autocast, tok.pad_token_id, cfg
+            )
+
+    def eval_batches():
+        for start in range(0, len(eval_rows), global_rows):
+            yield rank_batch(
+                eval_data, eval_rows[start : start + global_rows], d, tok.pad_token_id, dpo, eval_ref_logps
+            )
+
+    optimizer = build_optimizer(net, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    cursor = Cursor(len(rows), cfg.seed, cfg.data.shuffle)
+    checkpoints = checkpoints_folder(cfg, out)
+    step = resume(checkpoints, cfg, net, optimizer, scheduler, cursor, total_steps, d) if cfg.resume else 0
+    rollouts = Rollouts(cfg, tok, data, net, autocast, d, out) if grpo else None
+    run = Run(
+        cfg=cfg,
+        d=d,
+        device=device,
+        out=out,
+        tok=tok,
+        model=model,
+        source=source,
+        net=net,
+        extra_tokens=extra_tokens,
+        autocast=autocast,
+        trainable=[p for p in net.parameters() if p.requires_grad],
+        optimizer=optimizer,
+        scheduler=scheduler,
+        total_steps=total_steps,
+        step=step,
+        batches=iter(()),
+        data_state=cursor.state(),
+        eval_batches=eval_batches,
+        has_eval=bool(eval_rows),
+        rollouts=rollouts,
+        checkpoints=checkpoints,
+    )
+    if grpo:
+        run.batches = _rollout_batches(run, cursor, rows, iterations)
+    else:
+        run.batches = _micro_batches(run, cursor, data, rows, ref_logps)
+    return run
+
+
+def build_net(cfg: TrainConfig, d: Dist, device: torch.device, tok: Tokenizer):
+    """The model with its adapters and trained token rows, the reference where the objective needs a copy, all in
+    WithLoss and sharded under torchrun -> (model, source folder, net, trained token rows, autocast)."""
+    # under FSDP a model from a folder is built on the meta device, each rank loading only its shards (`shard`)
+    model, source = build_model(cfg, torch.device("cpu") if d.world > 1 else device, d.world)
+    model.attn_implementation = cfg.attention
+    base_dtype = model.model.embed_tokens.weight.dtype
+    use_bf16 = use_bf16_compute(cfg, device, base_dtype)
+    upcast = base_dtype != torch.float32 and not use_bf16
+    log.info(
+        "weights %s%s, compute %s",
+        str(base_dtype).removeprefix("torch."),
+        " (frozen base, LoRA)" if base_dtype != torch.float32 else "",
+        "bf16 autocast" if use_bf16 else "fp32" + (", frozen bf16 layers converted per call" if upcast else ""),
+    )
+
+    def autocast():  # under FSDP2 bf16 comes from its mixed-precision policy instead
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and d.world == 1)
+
+    extra_tokens = None
+    if cfg.lora.rank > 0:
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+        if upcast:
+            upcast_frozen_layers(model)
+        if cfg.lora.train_tokens:
+            ids = [tok.token_to_id(t) for t in cfg.lora.train_tokens]
+            unknown = [t for t, i in zip(cfg.lora.train_tokens, ids, strict=True) if i is None]
+            if unknown:
+                raise ValueError(f"lora.train_tokens: {unknown} are not tokens of this tokenizer")
+            c = model.config
+            where = "cpu" if model.lm_head.weight.is_meta else model.model.embed_tokens.weight.device
+            extra_tokens = TrainableTokens(c.vocab_size, c.hidden_size, ids, device=where)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model)
+    ref_model = None
+    grpo_copy = cfg.objective == "grpo" and cfg.grpo.beta != 0 and cfg.lora.rank == 0
+    if (cfg.objective == "dpo" and _reference(cfg) == "model") or grpo_copy:  # a frozen copy of the starting weights
+        ref_model = build_model(cfg, torch.device("cpu") if d.world > 1 else device, d.world)[0]
+        ref_model.eval().requires_grad_(False)
+        ref_model.attn_implementation = cfg.attention
+        if upcast:  # a bf16 base computed in fp32
+            ref_model.float()
+    net = WithLoss(
+        model, extra_tokens, cfg.data.packing, cfg.loss_chunk, upcast, cfg.objective, cfg.dpo.beta, ref_model, cfg.grpo
+    )
+    if d.world > 1:
+        shard(net, source, device, use_bf16)
+        if net.ref_net is not None:
+            shard(net.ref_net, source, device, use_bf16)
+    net.train()
+    return model, source, net, extra_tokens, autocast
+
+
+def build_model(cfg: TrainConfig, device: torch.device, world: int = 1):
+    """Full fine-tuning: fp32 master weights (bf16 happens in autocast). LoRA on one process: the frozen base stays
+    in the checkpoint's dtype (Qwen3-4B: 8 GB in bf16, not 16 in fp32), unless precision is fp32. Under FSDP the base
+    is fp32 too: FSDP2 shards a block's parameters as one flat buffer of one dtype, and the adapters are fp32; and a
+    model from a folder is built on the meta device, each rank filling its own shards later (`load_sharded`)."""
+    if cfg.model in PRESETS:
+        return new_model(preset(cfg.model), device=device, dtype=torch.float32, seed=cfg.seed), None
+    if world > 1:
+        with torch.device("meta"):
+            model = Qwen3(ModelConfig.from_file(resolve_folder(cfg.model)))
+        model.generation_config = {}
+        return model, cfg.model
+    dtype = torch.float32
+    if cfg.lora.rank > 0 and cfg.precision != "fp32" and world == 1:
+        stored = getattr(torch, ModelConfig.from_file(resolve_folder(cfg.model)).torch_dtype, None)
+        dtype = stored if isinstance(stored, torch.dtype) else torch.float32
+    return load_model(cfg.model, dtype=dtype, device=device), cfg.model
+
+
+def use_bf16_compute(cfg: TrainConfig, device: torch.device, base_dtype: torch.dtype) -> bool:
+    """bf16 autocast on GPUs; on CPUs only for a bf16 frozen base (LoRA) where bf16 is measured faster than fp32
+    (AMX), so full fine-tuning and the demo keep their fp32 numerics on every CPU."""
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    return device.type == "cuda" or (base_dtype == torch.bfloat16 and cpu_bf16_is_fast())
+
+
+def upcast_frozen_layers(model) -> None:
+    """A bf16 frozen base computed in fp32: LoRA layers convert their weight per call; any other linear layer is
+    made fp32 once (the lm_head and the tied embedding are converted per call by the loss and micro_batch_loss)."""
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear and name != "lm_head" and "lora_" not in name:
+            module.float()
+
+
+def build_tokenizer(model_source: str | None) -> Tokenizer:
+    if model_source and Path(model_source, "tokenizer.json").is_file():
+        return load_tokenizer(model_source)
+    return load_tokenizer()
+
+
+def _reference(cfg: TrainConfig) -> str:
+    """DPO's reference: adapters (LoRA with them off), model (a frozen copy) or precompute."""
+    return cfg.dpo.ref if cfg.dpo.ref != "auto" else ("adapters" if cfg.lora.rank > 0 else "model")
+
+
+def load_data(cfg: TrainConfig, tok: Tokenizer):
+    """(data, rows, eval_data, eval_rows) for the objective. SFT: tokenized examples, rows of examples (packed or
+    one each). DPO: examples 2i / 2i + 1 are pair i's chosen / rejected sides, a row is a pair's index. GRPO: the
+    prompts, a row is a prompt's index (its micro-batch is made by rollouts at the step that uses it)."""
+    if cfg.objective == "grpo":
+        prompts = load_prompts(cfg.data.train, tok)
+        return prompts, list(range(len(prompts))), None, []
+    if cfg.objective == "dpo":
+        data = D.load_preferences(cfg.data.train, tok, cfg.data.max_length)
+        rows = list(range(len(data) // 2))
+        if cfg.data.eval:
+            eval_data = D.load_preferences(cfg.data.eval, tok, cfg.data.max_length)
+            return data, rows, eval_data, list(range(len(eval_data) // 2))
+        if cfg.data.eval_fraction <= 0:
+            return data, rows, data, []
+        random.Random(cfg.seed).shuffle(rows)
+        n_eval = max(1, int(len(rows) * cfg.data.eval_fraction))
+        return data, sorted(rows[n_eval:]), data, sorted(rows[:n_eval])
+    cache_dir = Path(os.environ.get("QWEN3LAB_CACHE", "~/.cache/qwen3lab")).expanduser() / "data"
+    data = D.load_tokenized(cfg.data.train, tok, cfg.data.max_length, cache_dir)
+    eval_data = None
+    if cfg.data.eval:
+        eval_data = D.load_tokenized(cfg.data.eval, tok, cfg.data.max_length, cache_dir)
+    else:
+        data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.seed)
+    if not cfg.data.assistant_only:
+        data = data.all_tokens_supervised()
+        eval_data = eval_data.all_tokens_supervised() if eval_data else None
+    rows = make_rows(data, cfg.data.max_length, cfg.data.packing, cfg.data.pack_order, cfg.seed)
+    eval_rows = make_rows(eval_data, cfg.data.max_length, cfg.data.packing) if eval_data else []
+    return data, rows, eval_data, eval_rows
+
+
+def _log_data(cfg: TrainConfig, d: Dist, data, rows: list, total_steps: int) -> None:
+    if cfg.objective == "grpo":
+        log.info(
+            "data: %d prompts; %d steps of %d x %d prompts x %d completions",
+            len(rows),
+            total_steps,
+            cfg.grad_accum,
+            cfg.batch_size,
+            cfg.grpo.num_generations,
+        )
+        return
+    dpo = cfg.objective == "dpo"
+    log.info(
+        "data: %d %s (%d supervised tokens) in %d rows%s; %d steps of %d x %d rows x %d ranks",
+        len(rows) if dpo else len(data),
+        "pairs" if dpo else "examples",
+        data.supervised_tokens(),
+        len(rows),
+        " packed" if cfg.data.packing or dpo else "",
+        total_steps,
+        cfg.grad_accum,
+        cfg.batch_size,
+        d.world,
+    )
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    o = cfg.optim
+
+    # wsd (warmup-stable-decay): constant, then a linear decay over the last decay_fraction of the steps; a longer
+    # run only moves the decay later, so a run continued from its stable phase goes on as if planned that long
+    decay_start = total_steps - max(1, round(o.decay_fraction * total_steps)) if o.schedule == "wsd" else o.warmup_steps
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant" or step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
+
+    return f
+
+
+def _micro_batches(run: Run, cursor: Cursor, data, rows: list, ref_logps) -> Iterator[dict]:
+    """This rank's micro-batches from the cursor on; the rows of global micro-batch m depend on (seed, epoch, rows
+    taken) alone."""
+    while True:
+        taken = [rows[i] for i in cursor.take(run.cfg.batch_size * run.d.world)]
+        run.data_state = cursor.state()
+        yield rank_batch(data, taken, run.d, run.tok.pad_token_id, run.cfg.objective == "dpo", ref_logps)
+
+
+def _rollout_batches(run: Run, cursor: Cursor, rows: list, iterations: int) -> Iterator[dict]:
+    """GRPO: each round of grad_accum micro-batches is rolled out with the weights of its first step, then trained
+    on for num_iterations steps. A resume inside a round rolls it out again with the resumed weights."""
+    d, step = run.d, run.step
+    while True:
+        round_, done = divmod(step, iterations)
+        round_rows = [[rows[i] for i in cursor.take(run.cfg.batch_size * d.world)] for _ in range(run.cfg.grad_accum)]
+        batches = [
+            run.rollouts.batch(r[d.rank :: d.world], round_ * iterations + 1, j) for j, r in enumerate(round_rows)
+        ]
+        for i in range(iterations - done):
+            if i == iterations - done - 1:
+                run.data_state = cursor.state()  # the round is done: a checkpoint after it starts the next
+            yield from batches
+            step += 1
+
+
+def resume(
+    ckpts: Path,
+    cfg: TrainConfig,
+    net,
+    optimizer,
+    scheduler,
+    cursor: Cursor,
+    total_steps: int,
+    d: Dist,
+) -> int:
+    """Load the latest checkpoint, if any, and move the cursor to its data position; returns its step (0: none).
+    Saved by another number of ranks, the run goes on with this one's global batch (the log says so). A finished
+    run goes on to this run's total: the learning-rate schedule is that of the new total from the saved step on."""
+    if not list_checkpoints(ckpts):
+        return 0
+    latest = list_checkpoints(ckpts)[-1]
+    step, saved = load_checkpoint(latest, net, optimizer, scheduler, d, cfg.objective)
+    run = saved.get("run") or {}
+    if not saved.get("data"):
+        raise CheckpointError(
+            f"{latest}: written by an older qwen3lab without the data position; resume: false to start anew"
+        )
+    cursor.epoch, cursor.offset = saved["data"]["epoch"], saved["data"]["offset"]
+    # the optimizer's saved learning rate is the old schedule's; LambdaLR computes the new one the same way
+    scheduler._last_lr = []
+    for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * f(scheduler.last_epoch)
+        scheduler._last_lr.append(group["lr"])
+    if run.get("total_steps") == step and total_steps > step:
+        log.info(
+            "continuing from step %d of a finished run (%s): %d steps more, the schedule now runs to step %d",
+            step,
+            latest,
+            total_steps - step,
+            total_steps,
+        )
+    elif step >= total_steps:
+        log.info("%s is at step %d of %d: nothing left to train; exporting its weights", latest, step, total_steps)
+    else:
+        log.info("resumed from %s (step %d)", latest, step)
+    if saved["world"] != d.world:
+        log.warning(
+            "resumed with %d ranks from a checkpoint of %d: weights and optimizer state resharded, the data "
+            "continues at epoch %d, row %d; the global batch is now %d rows (was %d), so losses will not equal "
+            "an uninterrupted run's",
+            d.world,
+            saved["world"],
+            cursor.epoch,
+            cursor.offset,
+            cfg.batch_size * d.world,
+            cfg.batch_size * saved["world"],
+        )
+    return step
+
+
+def checkpoints_folder(cfg: TrainConfig, out: Path) -> Path:
+    return Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out / "checkpoints"
+
+
+def _precomputed(path: Path, net, data, d: Dist, device, autocast, pad_id, cfg) -> np.ndarray:
+    """DPO's reference log-probs: read back on a resume (the model has moved since), else computed and written."""
+    if path.is_file():
+        return np.load(path)
+    if list_checkpoints(checkpoints_folder(cfg, path.parent)):
+        raise ValueError(f"{path}: missing, and the run has checkpoints: the reference can no longer be computed")
+    log.info("dpo: reference log-probs of %d sequences, computed once", len(data))
+    ref = precompute_reference(net, data, cfg.batch_size, d, device, autocast, pad_id)
+    if d.main:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+        np.save(tmp, ref)
+        os.replace(tmp, path)
+    return ref
+
+
+@torch.no_grad()
+def precompute_reference(net, data, batch_size: int, d: Dist, device, autocast, pad_id) -> np.ndarray:
+    """Summed completion log-probs of every sequence under the reference (the model as it is before training,
+    adapters off), [len(data)] fp32, indexed like the examples (pair p: 2p chosen, 2p + 1 rejected). Each rank
+    computes its share of every global batch; the shares are summed over ranks."""
+    out = torch.zeros(len(data), dtype=torch.float64)
+    pairs, step = list(range(len(data) // 2)), batch_size * d.world
+    for start in range(0, len(pairs), step):
+        rows = pairs[start : start + step]
+        batch = to_device(rank_batch(data, rows, d, pad_id, pairs=True), device)
+        with autocast():
+            logps = sequence_logps(net(batch, logps="reference"), batch).double().cpu()
+        for r, p in enumerate(rows[d.rank :: d.world]):
+            out[2 * p], out[2 * p + 1] = logps[2 * r], logps[2 * r + 1]
+    reshard(net)  # before the optimizer takes the parameters
+    return d.all_sum_tensor(out).float().numpy()

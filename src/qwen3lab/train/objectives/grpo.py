@@ -1,0 +1,58 @@
+"""GRPO's clipped surrogate with trl's loss types, on rollouts made by rollouts.py and scored by rewards.py."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import GRPO_LOSS_TYPES
+from .logprob import logprob_loss, token_sequences
+
+LOSS_TYPES = GRPO_LOSS_TYPES
+
+
+def grpo_loss(hidden, weight, batch, cfg, chunk: int, extra_rows=None):
+    """GRPO's clipped surrogate (+ beta * k3 KL to the reference) over the completion tokens of a micro-batch, summed
+    so that the training loop's division by the batch's `num_items` gives trl's normalisation for cfg.loss_type:
+    dapo: over the step's completion tokens; grpo: per-sequence means, averaged; dr_grpo: over sequences x
+    max_completion_length; bnpo: over this micro-batch's completion tokens (num_items 1).
+
+    batch: packed prompt + completion sequences (labels on the completion), sequence_ids, advantages [sequences],
+    and per completion token (in order) old_logps (else this policy's, detached: one iteration) and ref_logps (beta).
+    Returns (loss sum, metric sums), the metrics summed over the micro-batch's num_items like the loss."""
+    seq = token_sequences(batch)
+    n_seq = batch["advantages"].shape[0]
+    advantages = batch["advantages"].float()[seq]  # [N]
+    old, ref = batch.get("old_logps"), batch.get("ref_logps")
+    eps_low, eps_high = cfg.epsilon, cfg.epsilon_high or cfg.epsilon
+    hidden = hidden / cfg.temperature  # log-probs of the distribution the completions were sampled from
+
+    def objective(logps):
+        ratio = torch.exp(logps - (logps.detach() if old is None else old))
+        clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+        per_token = -torch.min(ratio * advantages, clipped * advantages)
+        kl = None
+        if cfg.beta != 0.0:
+            kl = torch.exp(ref - logps) - (ref - logps) - 1
+            if cfg.use_bias_correction_kl:
+                kl = kl * ratio
+            per_token = per_token + cfg.beta * kl
+        if cfg.loss_type == "grpo":
+            lengths = torch.bincount(seq, minlength=n_seq).clamp(min=1)
+            loss = (torch.zeros(n_seq, device=logps.device).index_add(0, seq, per_token) / lengths).sum()
+        elif cfg.loss_type == "bnpo":
+            loss = per_token.sum() / max(len(per_token), 1)
+        elif cfg.loss_type == "dr_grpo":
+            loss = per_token.sum() / cfg.max_completion_length
+        else:  # dapo
+            loss = per_token.sum()
+        low = (ratio < 1 - eps_low) & (advantages < 0)
+        high = (ratio > 1 + eps_high) & (advantages > 0)
+        return loss, (low | high, None if kl is None else kl.detach())
+
+    labels = batch["labels"]
+    loss, (clipped, kl), entropies = logprob_loss(hidden, weight, labels, objective, chunk, extra_rows, entropy=True)
+    share = float(batch["num_items"]) / max(len(seq), 1)  # token means, weighted like the loss over the step
+    metrics = {"clip_ratio": float(clipped.float().sum()) * share, "entropy": float(entropies.sum()) * share}
+    if kl is not None:
+        metrics["kl"] = float(kl.sum()) * share
+    return loss, metrics
