@@ -36,6 +36,8 @@ BAD = [
     ({"report_to": ["mlflow"]}, r"report_to: \['mlflow'\] not among tensorboard, wandb"),
     ({"attention": "flex", "device": "cpu"}, r"attention: flex needs a CUDA device"),
     ({"data": {"train": ""}}, r"data.train: give a JSONL"),
+    ({"lora": {"rank": 16, "base_bits": 8}}, r"lora.base_bits: 8 is not one of 16, 4"),
+    ({"lora": {"base_bits": 4}}, r"lora.base_bits: 4 quantises a frozen base; it needs lora.rank > 0"),
 ]
 
 
@@ -79,6 +81,10 @@ def test_muon_under_torchrun_is_refused_before_loading(weightless):
     cfg = load_train_config(None, {"model": str(weightless / "m"), "data.train": "d.jsonl", "optim.name": "muon"})
     check_train_config(cfg, world=1)
     with pytest.raises(ConfigError, match="optim.name: muon orthogonalises whole matrices"):
+        check_train_config(cfg, world=2)
+    cfg = load_train_config(None, {"model": str(weightless / "m"), "data.train": "d.jsonl", "lora.rank": 4})
+    cfg.lora.base_bits = 4
+    with pytest.raises(ConfigError, match="lora.base_bits: 4 runs on one process for now"):
         check_train_config(cfg, world=2)
 
 

@@ -311,9 +311,13 @@ def test_lora_on_bf16_checkpoint_keeps_base_bf16_and_exports_like_fp32(
 
 
 @pytest.mark.parametrize(
-    "keys", [{"lora__rank": 4, "lora__dropout": 0.1}, {"optim__name": "muon"}], ids=["lora", "muon"]
+    "keys",
+    [{"lora__rank": 4, "lora__dropout": 0.1}, {"optim__name": "muon"}, {"lora__rank": 4, "lora__base_bits": 4}],
+    ids=["lora", "muon", "qlora"],
 )
 def test_resume_gives_the_same_losses(model_dir, tmp_path, monkeypatch, keys):
+    if keys.get("lora__base_bits") == 4:
+        pytest.importorskip("bitsandbytes")
     data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
     straight = train(run_config(model_dir, data_path, tmp_path / "a", steps=6, **keys))
 

@@ -75,6 +75,12 @@ def _weight_files(folder: Path) -> dict[str, Path]:
 
 def load_state_dict(folder: Path, model: Qwen3, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """Read every tensor the model expects, checking names and shapes against it, cast on the way in."""
+    return dict(iter_tensors(folder, model, dtype, device))
+
+
+def iter_tensors(folder: Path, model: Qwen3, dtype: torch.dtype, device: torch.device):
+    """(name, tensor) for every tensor the model expects, one at a time (names and shapes checked first, against
+    the model built from config.json), each cast to dtype on device as it is read."""
     expected = {name: p.shape for name, p in model.state_dict(keep_vars=True).items()}
     tied = model.config.tie_word_embeddings
     if tied:
@@ -91,21 +97,15 @@ def load_state_dict(folder: Path, model: Qwen3, dtype: torch.dtype, device: torc
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:5])}")
         raise CheckpointError(f"{folder}: weights do not match config.json — " + "; ".join(parts))
-    state = {}
-    by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
+        # the file opened per tensor: its mapping lives as long as that tensor, so a consumer that keeps only a
+        # converted copy (the 4-bit loader) never has more of a multi-GB shard resident than one tensor
         with safe_open(file, framework="pt", device="cpu") as f:
-            for name in names:
-                t = f.get_slice(name)
-                if tuple(t.get_shape()) != tuple(expected[name]):
-                    raise CheckpointError(
-                        f"{file}: tensor {name} has shape {tuple(t.get_shape())}, config.json implies "
-                        f"{tuple(expected[name])}"
-                    )
-                state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-    return state
+            shape, want = tuple(f.get_slice(name).get_shape()), tuple(expected[name])
+            if shape != want:
+                raise CheckpointError(f"{file}: tensor {name} has shape {shape}, config.json implies {want}")
+            tensor = f.get_tensor(name)
+        yield name, tensor.to(device=device, dtype=dtype)
 
 
 _PIECE_BYTES = 32 * 2**20  # what a rank reads (and maps) of a tensor at once while filling its shards

@@ -26,13 +26,14 @@ from ..text.tokenizer import Tokenizer, load_tokenizer
 from . import data as D
 from .batching import Cursor, make_rows, rank_batch, split_eval, to_device
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from .config import TrainConfig, train_config_dict
+from .config import LORA_TARGETS, TrainConfig, train_config_dict
 from .lora import apply_lora
 from .net import TrainableTokens, WithLoss, shard
 from .objectives.dpo import sequence_logps
 from .objectives.rollouts import Rollouts, load_prompts
 from .optim import build_optimizer
 from .parallel import Dist, apply_activation_checkpointing, reshard
+from .quant import load_model_4bit, quantize_linears
 
 log = logging.getLogger("qwen3lab")
 
@@ -200,9 +201,15 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int = 1):
     """Full fine-tuning: fp32 master weights (bf16 happens in autocast). LoRA on one process: the frozen base stays
     in the checkpoint's dtype (Qwen3-4B: 8 GB in bf16, not 16 in fp32), unless precision is fp32. Under FSDP the base
     is fp32 too: FSDP2 shards a block's parameters as one flat buffer of one dtype, and the adapters are fp32; and a
-    model from a folder is built on the meta device, each rank filling its own shards later (`load_sharded`)."""
+    model from a folder is built on the meta device, each rank filling its own shards later (`load_sharded`).
+    lora.base_bits 4: every decoder linear in 4 bits (quant.py), loaded straight into them."""
     if cfg.model in PRESETS:
-        return new_model(preset(cfg.model), device=device, dtype=torch.float32, seed=cfg.seed), None
+        model = new_model(preset(cfg.model), device=device, dtype=torch.float32, seed=cfg.seed)
+        if cfg.lora.base_bits == 4:
+            quantize_linears(model, LORA_TARGETS)
+        return model, None
+    if cfg.lora.base_bits == 4:
+        return load_model_4bit(cfg.model, LORA_TARGETS, device), cfg.model
     if world > 1:
         with torch.device("meta"):
             model = Qwen3(ModelConfig.from_file(resolve_folder(cfg.model)))

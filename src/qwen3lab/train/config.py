@@ -7,6 +7,7 @@ check_train_config(cfg, world=1)   # one ConfigError naming the key, the value a
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,8 @@ class LoRAConfig:
     # Embedding rows to train beside the adapters. Qwen3-Base never trained the ChatML tokens, and LoRA runs that
     # keep them frozen learn turn boundaries poorly (QwenLM/Qwen3 #1608).
     train_tokens: list = field(default_factory=list)
+    # 4: the frozen base's decoder linears held as NF4 with double quantisation (QLoRA, bitsandbytes); 16: as stored
+    base_bits: int = 16
 
 
 @dataclass
@@ -219,6 +222,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "grpo.loss_type": GRPO_LOSS_TYPES,
     "grpo.scale_rewards": ("group", "batch", "none"),
+    "lora.base_bits": (16, 4),
 }
 # (key, the rule its value must meet, the rule in words)
 RANGES = [
@@ -261,7 +265,7 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     naming the key, the value and what it may be. `world`: the number of ranks (torchrun's WORLD_SIZE)."""
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(map(str, allowed))}")
     for key, ok, rule in RANGES:
         if not ok(_get(cfg, key)):
             raise ConfigError(f"{key}: {_get(cfg, key)!r}; it must be {rule}")
@@ -275,6 +279,13 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> TrainConfig:
         raise ConfigError("data.train: give a JSONL / JSON / Parquet file or a datasets folder")
     if cfg.optim.name == "muon" and world > 1:
         raise ConfigError("optim.name: muon orthogonalises whole matrices, which FSDP shards; use adamw with torchrun")
+    if cfg.lora.base_bits == 4:
+        if cfg.lora.rank == 0:
+            raise ConfigError("lora.base_bits: 4 quantises a frozen base; it needs lora.rank > 0")
+        if world > 1:
+            raise ConfigError("lora.base_bits: 4 runs on one process for now; use 16 with torchrun")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("lora.base_bits: 4 needs bitsandbytes: pip install 'qwen3lab[qlora]'")
     if cfg.lora.train_tokens and cfg.lora.rank == 0:
         raise ConfigError("lora.train_tokens: needs lora.rank > 0; full fine-tuning trains every embedding row already")
     if cfg.dpo.ref != "auto" and cfg.objective != "dpo":

@@ -12,8 +12,9 @@ from torch.distributed.tensor import DTensor
 from ..model.hf import save_model, write_hf_folder
 from ..text.tokenizer import Tokenizer
 from .config import TrainConfig
-from .lora import lora_modules, merge_lora, save_peft_adapter, write_peft_adapter
+from .lora import LoRALinear, lora_modules, merge_lora, save_peft_adapter, write_peft_adapter
 from .parallel import Dist, unwrap_activation_checkpointing
+from .quant import quantized_layers
 
 
 def export_sharded(net, cfg: TrainConfig, tok: Tokenizer, out: Path, source: str | None, d: Dist) -> None:
@@ -63,17 +64,45 @@ def export_sharded(net, cfg: TrainConfig, tok: Tokenizer, out: Path, source: str
 def export(model, tok: Tokenizer, extra_tokens, out: Path, source: str | None) -> None:
     """The final HF folder (LoRA merged in) with tokenizer and template, plus a peft adapter folder for LoRA runs."""
     unwrap_activation_checkpointing(model)
-    if lora_modules(model):
+    loras = lora_modules(model)
+    if loras:
         rows = None
         if extra_tokens is not None:  # peft's trainable tokens hold the rows' values, not a delta
             w = model.model.embed_tokens.weight
             ids = extra_tokens.token_ids.to(w.device)
             rows = (ids.tolist(), w[ids].float() + extra_tokens.delta.detach().to(w.device))
         save_peft_adapter(model, out / "adapter", base_model=source or "", trained_tokens=rows)
-        merge_lora(model)
     if extra_tokens is not None:
         with torch.no_grad():
             w, ids = model.model.embed_tokens.weight, extra_tokens.token_ids.to(model.model.embed_tokens.weight.device)
             w[ids] = (w[ids].float() + extra_tokens.delta.to(w.device)).to(w.dtype)
-    save_model(model, out / "model")
+    if quantized_layers(model):
+        _export_4bit(model, out / "model")
+    else:
+        merge_lora(model)
+        save_model(model, out / "model")
     tok.save(out / "model")
+
+
+def _export_4bit(model, folder: Path) -> None:
+    """A 4-bit base's HF folder, streamed: each 4-bit weight is dequantised (and its adapter merged) as its shard is
+    written, so the full-precision model never exists in memory (shards of 1 GB: what is held at once)."""
+    four_bit = {f"{name}.weight": m for name, m in lora_modules(model).items() if m.base is not None}
+    four_bit |= {f"{n}.weight": m for n, m in quantized_layers(model).items() if not n.endswith(".base")}
+    state = model.state_dict()
+    shapes = {}
+    for name, module in model.named_modules():  # HF's order: a layer's weights where its module stands
+        if f"{name}.weight" in four_bit:
+            shapes[f"{name}.weight"] = (module.out_features, module.in_features)
+        elif ".lora_" not in name:
+            shapes |= {key: tuple(t.shape) for key, t in module.named_parameters(prefix=name, recurse=False)}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+
+    def get(name: str) -> torch.Tensor:
+        if name not in four_bit:
+            return state[name]
+        m = four_bit[name]
+        return m.merged_weight() if isinstance(m, LoRALinear) else m.dequantized()
+
+    write_hf_folder(model.config, folder, shapes, get, "1GB", model.model.embed_tokens.weight.dtype)

@@ -19,22 +19,30 @@ from torch import nn
 
 from ..model.hf import atomic_write
 from .config import LORA_TARGETS as TARGETS
+from .quant import Linear4bit
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    """base(x) + B(A(dropout(x))) * alpha / rank. The base is an nn.Linear, whose parameters stay `weight` / `bias`,
+    or a 4-bit quant.Linear4bit (lora.base_bits: 4), kept as `base`."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        if isinstance(base, nn.Linear):
+            self.weight, self.bias, self.base = base.weight, base.bias, None
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+            base_dtype, base_device = base.weight.dtype, base.weight.device
+        else:
+            self.weight = self.bias = None
+            self.base, base_dtype, base_device = base, base.dtype, base.packed.device
         # adapters in fp32 whatever the base's dtype (a bf16 base stays bf16): their updates are tiny
         # (on the CPU for a base still on the meta device, as FSDP's sharded loading builds it: real starting
         # values, drawn as for a loaded base)
-        device = "cpu" if base.weight.is_meta else base.weight.device
-        kw = dict(device=device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
+        device = "cpu" if base_device.type == "meta" else base_device
+        kw = dict(device=device, dtype=torch.promote_types(base_dtype, torch.float32))
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, **kw)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, **kw)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -48,23 +56,38 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x):
-        weight, bias, autocast = self.weight, self.bias, torch.is_autocast_enabled(x.device.type)
-        if weight.dtype != x.dtype and not autocast:
-            # a bf16 frozen base computed in fp32 (a CPU that multiplies fp32 faster): converted for this call only
-            weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
-        out = F.linear(x, weight, bias)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if self.base is not None:
+            out = self.base(x)
+        else:
+            weight, bias = self.weight, self.bias
+            if weight.dtype != x.dtype and not autocast:
+                # a bf16 frozen base computed in fp32 (a CPU that multiplies fp32 faster): converted for this call
+                weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+            out = F.linear(x, weight, bias)
         if not self.enabled:
             return out
         x_lora = x if autocast else x.to(self.lora_A.weight.dtype)  # the fp32 adapters of a bf16 model
         return out + (self.lora_B(self.lora_A(self.lora_dropout(x_lora))) * self.scaling).to(out.dtype)
 
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + scaling * B @ A, summed in fp32 and rounded once to the base's dtype (a 4-bit base: the
+        checkpoint's dtype, dequantised)."""
+        base = self.base.dequantized(torch.float32) if self.base is not None else self.weight.float()
+        dtype = self.base.dtype if self.base is not None else self.weight.dtype
+        return (base + (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling).to(dtype)
+
     def merged(self) -> nn.Linear:
         """The base layer with the adapter folded into its weight *in place*: a base weight memory-mapped from its
-        checkpoint stays that one mapping (a merged copy of Qwen3-4B would add 8 GB at export). The sum is in fp32,
-        rounded once to the base's dtype."""
+        checkpoint stays that one mapping (a merged copy of Qwen3-4B would add 8 GB at export). A 4-bit base is
+        dequantised into a new weight (its export streams instead: export.py)."""
+        if self.base is not None:
+            linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+            linear.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
+            return linear
         with torch.no_grad():
-            delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-            self.weight.copy_(self.weight.float() + delta)
+            self.weight.copy_(self.merged_weight())
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight, linear.bias = self.weight, self.bias
         return linear
@@ -94,7 +117,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, 
     wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
+            if child_name in targets and isinstance(child, (nn.Linear, Linear4bit)):
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
                 wrapped.append(f"{name}.{child_name}")
     return wrapped
