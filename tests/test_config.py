@@ -38,6 +38,7 @@ BAD = [
     ({"data": {"train": ""}}, r"data.train: give a JSONL"),
     ({"lora": {"rank": 16, "base_bits": 8}}, r"lora.base_bits: 8 is not one of 16, 4"),
     ({"lora": {"base_bits": 4}}, r"lora.base_bits: 4 quantises a frozen base; it needs lora.rank > 0"),
+    ({"cpu_memory": "fast"}, r"cpu_memory: 'fast' is not one of auto, keep, lean"),
 ]
 
 

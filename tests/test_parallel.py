@@ -59,3 +59,32 @@ print(mapped_while_holding_100mb() >= 100_000_000)
 
     assert run().stdout.split() == ["True", "False"]
     assert run(QWEN3LAB_KEEP_FREED_MEMORY="0").stdout.split() == ["True", "True"]  # the opt-out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_return_freed_cpu_memory_maps_blocks_glibc_would_keep_in_the_heap():
+    """After a 30 MB block is freed, glibc serves a 20 MB tensor from the heap (its threshold has risen), where it
+    fragments memory that never shrinks; after return_freed_cpu_memory (cpu_memory: lean) it maps it, so freeing it
+    returns it. In child processes: the setting is process-wide."""
+    child = """
+import ctypes, sys, torch
+from qwen3lab.model.runtime import return_freed_cpu_memory
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+if sys.argv[1] == "lean":
+    return_freed_cpu_memory()
+del_me = torch.ones(7_500_000)
+del del_me  # glibc raises its mmap threshold to this 30 MB block's size (it does up to 32 MB)
+before = libc.mallinfo2().hblkhd
+t = torch.ones(5_000_000)
+print(libc.mallinfo2().hblkhd - before >= 20_000_000)
+"""
+
+    def mapped(policy):
+        out = subprocess.run([sys.executable, "-c", child, policy], capture_output=True, text=True, check=True)
+        return out.stdout.split() == ["True"]
+
+    assert not mapped("default") and mapped("lean")

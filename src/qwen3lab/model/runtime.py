@@ -92,6 +92,20 @@ def apply_compile(model: nn.Module, dynamic: bool | None = None) -> None:
         block.compile(dynamic=dynamic)
 
 
+def _mallopt(**settings: int) -> bool:
+    """glibc's mallopt by name (malloc.h's numbers); False where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): its allocator has no such switches
+        return False
+    numbers = {"trim_threshold": -1, "mmap_threshold": -3, "mmap_max": -4, "arena_max": -8}
+    for name, value in settings.items():
+        mallopt(numbers[name], value)
+    return True
+
+
 def keep_freed_cpu_memory() -> None:
     """On glibc, serve large CPU tensors from the heap and keep freed memory for reuse instead of unmapping it.
 
@@ -102,17 +116,23 @@ def keep_freed_cpu_memory() -> None:
     Process-wide, so it is called where qwen3lab owns the process's CPU work; QWEN3LAB_KEEP_FREED_MEMORY=0 turns it
     off (e.g. when sharing the process with other memory-hungry work).
     """
-    if not sys.platform.startswith("linux") or os.environ.get("QWEN3LAB_KEEP_FREED_MEMORY", "1") == "0":
+    if os.environ.get("QWEN3LAB_KEEP_FREED_MEMORY", "1") == "0":
         return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl): its allocator has no such switches
-        return
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # from glibc's malloc.h
-    mallopt(m_mmap_max, 0)  # no mmap'd blocks: everything from the heap
-    mallopt(m_trim_threshold, 2**31 - 1)  # and do not give freed heap back to the kernel
-    mallopt(m_arena_max, 1)  # one heap for all threads, so a block freed by one is reused by the others
+    # no mmap'd blocks: everything from the heap; freed heap is not given back to the kernel; one heap for all
+    # threads, so a block freed by one is reused by the others
+    _mallopt(mmap_max=0, trim_threshold=2**31 - 1, arena_max=1)
+
+
+def return_freed_cpu_memory() -> None:
+    """On glibc, map each CPU block over 128 KiB on its own and unmap it when freed, so the peak RSS is the tensors
+    alive at the peak (`cpu_memory: lean`, the default for a 4-bit base).
+
+    glibc's own threshold rises to 32 MiB as blocks are freed, and the blocks under it (a [2048 x 2560] fp32 block
+    input is 20 MiB) fragment a heap that never shrinks. A QLoRA step of Qwen3-4B at 2,048 tokens (bench/flagship.py)
+    peaked at 4.5 GiB this way, 7.5 GiB with glibc's defaults and 8.9 GiB keeping freed memory — at the price of
+    page-faulting each large block afresh (the first step 76-94 s against 57).
+    """
+    _mallopt(mmap_threshold=128 * 1024)
 
 
 def prepare_for_inference(model, compile: bool) -> None:

@@ -109,6 +109,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     loss_chunk: int = 256  # positions per lm_head chunk in the loss: chunk x vocab fp32 logits at a time
+    # one process on the CPU: keep (freed memory kept in the heap for speed) | lean (large blocks returned when
+    # freed: peak RSS = the tensors alive, steps slower) | auto (lean for a 4-bit base, else keep); model/runtime.py
+    cpu_memory: str = "auto"
     log_every: int = 1
     eval_every: int = 0  # 0: at the end only
     save_every: int = 0  # checkpoints every N steps and after the last (to continue the run); 0: none
@@ -223,6 +226,7 @@ CHOICES = {
     "grpo.loss_type": GRPO_LOSS_TYPES,
     "grpo.scale_rewards": ("group", "batch", "none"),
     "lora.base_bits": (16, 4),
+    "cpu_memory": ("auto", "keep", "lean"),
 }
 # (key, the rule its value must meet, the rule in words)
 RANGES = [

@@ -17,8 +17,6 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from ..model.runtime import keep_freed_cpu_memory
-
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder block in the backward instead of keeping its activations.
@@ -88,10 +86,6 @@ def init_distributed(device: str, timeout_s: float) -> tuple[Dist, torch.device]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cpu" and world == 1:
-        # not under FSDP on the CPU: its gather and reduce buffers would stay as heap (bench/fsdp_memory.py, 0.6B
-        # shape, 2 ranks: 9.6-10.3 GiB per rank after a step with it, 5.1-5.2 without)
-        keep_freed_cpu_memory()
     if world > 1:
         if dev.type == "cuda":
             dev = torch.device("cuda", local_rank)
