@@ -43,9 +43,9 @@ class Linear4bit(nn.Module):
         self.dtype = weight.dtype  # what the checkpoint stored: the export writes it back in this dtype
         packed, state = F.quantize_4bit(weight, blocksize=BLOCK, compress_statistics=True, quant_type="nf4")
         # non-persistent: a training checkpoint holds what is trained; the base is read again from its folder
-        for name, t in [("packed", packed), ("absmax", state.absmax), ("code", state.code)]:
-            self.register_buffer(name, t, persistent=False)
-        for name, t in [("absmax2", state.state2.absmax), ("code2", state.state2.code), ("offset", state.offset)]:
+        tensors = dict(packed=packed, absmax=state.absmax, code=state.code, offset=state.offset)
+        tensors |= dict(absmax2=state.state2.absmax, code2=state.state2.code)  # the absmaxes' own scales
+        for name, t in tensors.items():
             self.register_buffer(name, t, persistent=False)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
