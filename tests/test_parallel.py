@@ -33,18 +33,25 @@ def test_activation_checkpointing_same_loss_grads_and_names():
     torch.testing.assert_close(dict(zip(g0, g1.values(), strict=True)), g0)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_keep_freed_cpu_memory_serves_big_tensors_from_the_heap():
-    """glibc maps a 100 MB tensor on its own (page faults on every new one) until keep_freed_cpu_memory, then not.
-    In a child process: the setting is process-wide."""
-    child = """
+# what the allocator tests' child processes begin with: torch, and glibc's count of mapped bytes (hblkhd)
+MALLINFO = """
 import ctypes, torch
-from qwen3lab.model.runtime import keep_freed_cpu_memory
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Mallinfo2
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_keep_freed_cpu_memory_serves_big_tensors_from_the_heap():
+    """glibc maps a 100 MB tensor on its own (page faults on every new one) until keep_freed_cpu_memory, then not.
+    In a child process: the setting is process-wide."""
+    child = (
+        MALLINFO
+        + """
+from qwen3lab.model.runtime import keep_freed_cpu_memory
 def mapped_while_holding_100mb():
     t = torch.ones(25_000_000)
     return libc.mallinfo2().hblkhd
@@ -52,6 +59,7 @@ print(mapped_while_holding_100mb() >= 100_000_000)
 keep_freed_cpu_memory()
 print(mapped_while_holding_100mb() >= 100_000_000)
 """
+    )
 
     def run(**env):
         env = {**os.environ, **env}
@@ -66,14 +74,11 @@ def test_return_freed_cpu_memory_maps_blocks_glibc_would_keep_in_the_heap():
     """After a 30 MB block is freed, glibc serves a 20 MB tensor from the heap (its threshold has risen), where it
     fragments memory that never shrinks; after return_freed_cpu_memory (cpu_memory: lean) it maps it, so freeing it
     returns it. In child processes: the setting is process-wide."""
-    child = """
-import ctypes, sys, torch
+    child = (
+        MALLINFO
+        + """
+import sys
 from qwen3lab.model.runtime import return_freed_cpu_memory
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = Mallinfo2
 if sys.argv[1] == "lean":
     return_freed_cpu_memory()
 del_me = torch.ones(7_500_000)
@@ -82,6 +87,7 @@ before = libc.mallinfo2().hblkhd
 t = torch.ones(5_000_000)
 print(libc.mallinfo2().hblkhd - before >= 20_000_000)
 """
+    )
 
     def mapped(policy):
         out = subprocess.run([sys.executable, "-c", child, policy], capture_output=True, text=True, check=True)

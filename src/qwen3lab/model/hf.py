@@ -73,11 +73,6 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def load_state_dict(folder: Path, model: Qwen3, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Read every tensor the model expects, checking names and shapes against it, cast on the way in."""
-    return dict(iter_tensors(folder, model, dtype, device))
-
-
 def iter_tensors(folder: Path, model: Qwen3, dtype: torch.dtype, device: torch.device):
     """(name, tensor) for every tensor the model expects, one at a time (names and shapes checked first, against
     the model built from config.json), each cast to dtype on device as it is read."""
@@ -163,21 +158,33 @@ def load_sharded(
 
 
 def load_model(
-    path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None
+    path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None, take=None
 ) -> Qwen3:
-    """Load an HF Qwen3 model folder (or hub id) into a qwen3lab `Qwen3`, in eval mode."""
+    """Load an HF Qwen3 model folder (or hub id) into a qwen3lab `Qwen3`, in eval mode.
+
+    take(model, name, tensor) -> bool, if given, sees each tensor as it is read and returns True where it installed
+    the tensor itself (e.g. quantised it: train/quant.py); the others are assigned as read."""
     folder = resolve_folder(path)
     cfg = ModelConfig.from_file(folder)
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device, cfg.torch_dtype)
     with torch.device("meta"):
         model = Qwen3(cfg)
-    state = load_state_dict(folder, model, dtype, device)
+    state = {}
+    for name, tensor in iter_tensors(folder, model, dtype, device):
+        if take is None or not take(model, name, tensor):
+            state[name] = tensor
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     gen = folder / "generation_config.json"
     model.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
     return model.eval()
+
+
+def stored_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The dtype a folder's config.json says its weights are stored in (float32 if it names none torch knows)."""
+    stored = getattr(torch, ModelConfig.from_file(resolve_folder(path)).torch_dtype, None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
 # ---- saving ----

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from ..model.config import PRESETS, ModelConfig, preset
-from ..model.hf import load_model, new_model, resolve_folder
+from ..model.hf import load_model, new_model, resolve_folder, stored_dtype
 from ..model.model import Qwen3
 from ..model.runtime import apply_compile, cpu_bf16_is_fast
 from ..text.tokenizer import Tokenizer, load_tokenizer
@@ -217,8 +217,7 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int = 1):
         return model, cfg.model
     dtype = torch.float32
     if cfg.lora.rank > 0 and cfg.precision != "fp32" and world == 1:
-        stored = getattr(torch, ModelConfig.from_file(resolve_folder(cfg.model)).torch_dtype, None)
-        dtype = stored if isinstance(stored, torch.dtype) else torch.float32
+        dtype = stored_dtype(cfg.model)
     return load_model(cfg.model, dtype=dtype, device=device), cfg.model
 
 

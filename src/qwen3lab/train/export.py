@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor
 from ..model.hf import save_model, write_hf_folder
 from ..text.tokenizer import Tokenizer
 from .config import TrainConfig
-from .lora import LoRALinear, lora_modules, merge_lora, save_peft_adapter, write_peft_adapter
+from .lora import LoRALinear, lora_modules, merge, merge_lora, save_peft_adapter, write_peft_adapter
 from .parallel import Dist, unwrap_activation_checkpointing
 from .quant import quantized_layers
 
@@ -39,7 +39,7 @@ def export_sharded(net, cfg: TrainConfig, tok: Tokenizer, out: Path, source: str
         module = name.removesuffix(".weight")
         if module in loras:  # W + scaling * B @ A, summed in fp32 as LoRALinear.merged does
             a, b = trained[f"model.{module}.lora_A.weight"], trained[f"model.{module}.lora_B.weight"]
-            full = (full.float() + (b.float() @ a.float()) * loras[module].scaling).to(full.dtype)
+            full = merge(full, a, b, loras[module].scaling).to(full.dtype)
         if name == "model.embed_tokens.weight" and net.extra_tokens is not None:
             ids = net.extra_tokens.token_ids.cpu()
             full = full.clone()

@@ -76,7 +76,7 @@ class LoRALinear(nn.Module):
         checkpoint's dtype, dequantised)."""
         base = self.base.dequantized(torch.float32) if self.base is not None else self.weight.float()
         dtype = self.base.dtype if self.base is not None else self.weight.dtype
-        return (base + (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling).to(dtype)
+        return merge(base, self.lora_A.weight, self.lora_B.weight, self.scaling).to(dtype)
 
     def merged(self) -> nn.Linear:
         """The base layer with the adapter folded into its weight *in place*: a base weight memory-mapped from its
@@ -91,6 +91,11 @@ class LoRALinear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight, linear.bias = self.weight, self.bias
         return linear
+
+
+def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B @ A in fp32 (the caller rounds it once to the weight's dtype)."""
+    return weight.float() + (b.float() @ a.float()) * scaling
 
 
 @contextlib.contextmanager

@@ -12,14 +12,12 @@ bitsandbytes is used where transformers and peft use it for QLoRA, so their NF4 
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from torch import nn
 
-from ..model.config import ModelConfig
-from ..model.hf import iter_tensors, resolve_folder
+from ..model.hf import load_model, stored_dtype
 from ..model.model import Qwen3
 
 BLOCK, SCALE_BLOCK = 64, 256  # QLoRA's: weights per absmax, absmaxes per second-level scale (double quantisation)
@@ -97,30 +95,15 @@ def quantize_linears(model: nn.Module, targets) -> None:
 def load_model_4bit(path: str | os.PathLike, targets, device: str | torch.device = "cpu") -> Qwen3:
     """An HF folder loaded with its targeted decoder linears in 4 bits and everything else in the checkpoint's
     dtype, reading and quantising one tensor at a time (peak: the 4-bit model plus one full-precision tensor)."""
-    folder = resolve_folder(path)
-    cfg = ModelConfig.from_file(folder)
-    stored = getattr(torch, cfg.torch_dtype, None)
-    dtype = stored if isinstance(stored, torch.dtype) else torch.float32
-    with torch.device("meta"):
-        model = Qwen3(cfg)
-    quantized = {
-        f"{name}.{child}.weight"
-        for name, module in model.named_modules()
-        for child, layer in module.named_children()
-        if child in targets and isinstance(layer, nn.Linear)
-    }
-    state = {}
-    for name, tensor in iter_tensors(folder, model, dtype, torch.device(device)):
-        if name in quantized:
-            parent, _, child = name.removesuffix(".weight").rpartition(".")
-            setattr(model.get_submodule(parent), child, Linear4bit(tensor))
-        else:
-            state[name] = tensor
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    gen = folder / "generation_config.json"
-    model.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
-    return model.eval()
+
+    def take(model, name: str, tensor: torch.Tensor) -> bool:
+        parent, _, child = name.removesuffix(".weight").rpartition(".")
+        if child not in targets or not name.endswith(".weight"):
+            return False
+        setattr(model.get_submodule(parent), child, Linear4bit(tensor))
+        return True
+
+    return load_model(path, dtype=stored_dtype(path), device=device, take=take)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, Linear4bit]:
