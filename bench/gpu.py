@@ -10,7 +10,9 @@
    rank 16 on every linear layer, the ChatML token rows trained): tokens/s, MFU against the measured bf16 matmul
    peak, peak memory. FLOPs per token: 6 N (full) or 4 N (LoRA: no weight gradients of the base) over the
    matmul parameters N (the lm_head included), plus causal attention over each document; recomputation not counted.
-3. Batch-1 decode: tokens/s against the bound of reading every weight once per token at measured copy bandwidth.
+3. QLoRA (the decoder's linears in NF4, rank 16 on each, the MLP tiled) on one packed row of 4k / 16k / 32k tokens,
+   with each checkpointed block's input kept on the GPU or offloaded to pinned host memory: tokens/s, peak memory.
+4. Batch-1 decode: tokens/s against the bound of reading every weight once per token at measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -125,16 +127,23 @@ def check_backends(cfg, batch, device, dtype) -> None:
     print(f"  auto picks {resolve_backend('auto', device, dtype)} for {dtype} on {device.type}")
 
 
-def train_steps(cfg, batch, device, lora: bool, steps: int, peak: float) -> None:
+def train_steps(cfg, batch, device, base: str, steps: int, peak: float, offload: bool = False) -> None:
+    """base: full (fp32 master weights), lora (a bf16 base on GPUs) or qlora (an NF4 base)."""
     reset_peak(device)
     bf16 = device.type == "cuda"
-    weights_dtype = torch.bfloat16 if (lora and bf16) else torch.float32  # LoRA: the frozen base in bf16
+    weights_dtype = torch.bfloat16 if (base != "full" and bf16) else torch.float32  # LoRA: the frozen base in bf16
     model = qwen3lab.new_model(cfg, device=device, dtype=weights_dtype, seed=0).train()
     extra = None
-    if lora:
+    if base != "full":
+        if base == "qlora":
+            from qwen3lab.train.config import LORA_TARGETS
+            from qwen3lab.train.quant import quantize_linears
+
+            quantize_linears(model, LORA_TARGETS)
+            reset_peak(device)  # the bf16 model this was made from is gone; a QLoRA run loads straight into 4 bits
         apply_lora(model, rank=16, alpha=32)
         extra = TrainableTokens(cfg.vocab_size, cfg.hidden_size, [151644, 151645], device=device)
-    apply_activation_checkpointing(model)
+    apply_activation_checkpointing(model, offload=offload, mlp_tile=4096)
     net = WithLoss(model, extra, packing=True, chunk=1024)
     optimizer = build_optimizer(net, OptimConfig(lr=1e-5))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -154,9 +163,13 @@ def train_steps(cfg, batch, device, lora: bool, steps: int, peak: float) -> None
     tokens = batch["input_ids"].numel()
     n_matmul = cfg.num_parameters(embedding=False) + cfg.vocab_size * cfg.hidden_size  # lm_head as a matmul
     attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * attended_pairs(batch["position_ids"])
-    flops = (4 if lora else 6) * n_matmul * tokens + 3 * attn
+    flops = (6 if base == "full" else 4) * n_matmul * tokens + 3 * attn
     compute = "bf16 autocast" if bf16 else "fp32"
-    what = f"LoRA r16 ({weights_dtype} base, {compute})" if lora else f"full FT (fp32 master, {compute})"
+    what = {
+        "full": f"full FT (fp32 master, {compute})",
+        "lora": f"LoRA r16 ({weights_dtype} base, {compute})",
+        "qlora": f"QLoRA r16 (NF4 base, {compute}, {tokens} tokens, block inputs {'offloaded' if offload else 'kept'})",
+    }[base]
     print(
         f"  {what}: {step:.3f} s/step, {tokens / step:,.0f} tok/s, MFU {flops / step / peak:.1%}, "
         f"peak memory {peak_memory_gib(device):.1f} GiB, loss {float(loss.detach()) / n_supervised:.3f}"
@@ -206,8 +219,12 @@ def main():
     print("attention backends:")
     check_backends(cfg, batch, device, dtype)
     print("training:")
-    for lora in (False, True):
-        train_steps(cfg, batch, device, lora, args.steps, peak)
+    for base in ("full", "lora"):
+        train_steps(cfg, batch, device, base, args.steps, peak)
+    for T in (256, 512) if args.smoke else (4096, 16384, 32768):
+        row = packed_batch(1, T, cfg.vocab_size, max_doc=min(2048, T))
+        for offload in (False, True):
+            train_steps(cfg, row, device, "qlora", 2, peak, offload)
     print("decode:")
     decode(cfg, device, dtype, args.new_tokens)
 

@@ -13,4 +13,5 @@ def test_gpu_bench_smoke_runs_on_cpu():
     out = proc.stdout
     assert "dense  == per-document sdpa" in out and "auto picks sdpa" in out
     assert "full FT" in out and "LoRA r16" in out and "MFU" in out
+    assert "QLoRA r16 (NF4 base, fp32, 512 tokens, block inputs offloaded)" in out
     assert "batch-1 decode" in out

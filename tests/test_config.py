@@ -39,6 +39,9 @@ BAD = [
     ({"lora": {"rank": 16, "base_bits": 8}}, r"lora.base_bits: 8 is not one of 16, 4"),
     ({"lora": {"base_bits": 4}}, r"lora.base_bits: 4 quantises a frozen base; it needs lora.rank > 0"),
     ({"cpu_memory": "fast"}, r"cpu_memory: 'fast' is not one of auto, keep, lean"),
+    ({"activation_checkpointing": "offlaod"}, r"activation_checkpointing: expected bool, got 'offlaod'"),
+    ({"activation_checkpointing": "offload", "device": "cpu"}, r"activation_checkpointing: offload moves GPU memory"),
+    ({"mlp_tile": -1}, r"mlp_tile: -1; it must be >= 0"),
 ]
 
 

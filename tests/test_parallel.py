@@ -8,29 +8,46 @@ import pytest
 import torch
 
 import qwen3lab
+from qwen3lab.train import parallel
 from qwen3lab.train.loss import lm_loss_sum
 from qwen3lab.train.parallel import apply_activation_checkpointing, unwrap_activation_checkpointing
 
 
-def test_activation_checkpointing_same_loss_grads_and_names():
+def loss_and_grads(model, ids):
+    loss, n = lm_loss_sum(model(ids, return_hidden=True), model.lm_head.weight, torch.roll(ids, -1, 1))
+    (loss / n).backward()
+    return float(loss.detach()), {
+        k.replace("_checkpoint_wrapped_module.", ""): p.grad for k, p in model.named_parameters()
+    }
+
+
+@pytest.mark.parametrize("mode", ["kept", "tiled", "offloaded"])
+def test_activation_checkpointing_same_loss_grads_and_names(mode, monkeypatch):
+    """Checkpointed blocks (their inputs kept, or offloaded through the hooks CUDA uses; the MLP whole or in tiles
+    of 16 of the 48 tokens) give the loss and every gradient of the plain model, under HF's names."""
     ids = torch.randint(0, 1000, (2, 24))
-    labels = torch.roll(ids, -1, 1)
-    results = []
-    for checkpointing in (False, True):
-        model = qwen3lab.new_model(qwen3lab.preset("tiny", vocab_size=1000), seed=0).train()
-        names = list(model.state_dict())
-        if checkpointing:
-            apply_activation_checkpointing(model)
-            assert list(model.state_dict()) == names  # HF names survive the wrapper
-        loss, n = lm_loss_sum(model(ids, return_hidden=True), model.lm_head.weight, labels)
-        (loss / n).backward()
-        results.append((float(loss), {k: p.grad.clone() for k, p in model.named_parameters()}))
-        if checkpointing:
-            unwrap_activation_checkpointing(model)
-            assert [k for k, _ in model.named_parameters()] == [k for k in results[0][1]]
-    assert results[0][0] == results[1][0]
-    g0, g1 = results[0][1], results[1][1]
-    torch.testing.assert_close(dict(zip(g0, g1.values(), strict=True)), g0)
+    plain = qwen3lab.new_model(qwen3lab.preset("tiny", vocab_size=1000), seed=0).train()
+    want_loss, want = loss_and_grads(plain, ids)
+    model = qwen3lab.new_model(qwen3lab.preset("tiny", vocab_size=1000), seed=0).train()
+    names = list(model.state_dict())
+    apply_activation_checkpointing(model, offload=mode == "offloaded", mlp_tile=16 if mode == "tiled" else 0)
+    assert list(model.state_dict()) == names  # HF names survive the wrappers
+    offloaded, mlp_rows = [], []
+    pack = parallel._to_host
+    monkeypatch.setattr(parallel, "_to_host", lambda t: offloaded.append(t.shape) or pack(t))
+    for block in model.model.layers:
+        block.mlp.gate_proj.register_forward_hook(lambda m, args, out: mlp_rows.append(args[0].shape[:-1].numel()))
+    loss, grads = loss_and_grads(model, ids)
+    assert abs(loss - want_loss) <= 1e-6 * abs(want_loss)
+    torch.testing.assert_close(grads, want)
+    L = len(model.model.layers)
+    if mode == "offloaded":  # each block's input and its RoPE tables, nothing else
+        assert sorted(offloaded).count(torch.Size([2, 24, 64])) == L and len(offloaded) == 3 * L
+    else:
+        assert offloaded == []
+    assert max(mlp_rows) == (16 if mode == "tiled" else 48)  # in the forward and every recompute
+    unwrap_activation_checkpointing(model)
+    assert [k for k, _ in model.named_parameters()] == list(want)
 
 
 # what the allocator tests' child processes begin with: torch, and glibc's count of mapped bytes (hblkhd)

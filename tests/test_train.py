@@ -345,6 +345,19 @@ def test_resume_gives_the_same_losses(model_dir, tmp_path, monkeypatch, keys):
     assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
 
 
+def test_checkpointed_blocks_and_tiled_mlp_train_as_the_plain_model(model_dir, tmp_path):
+    """activation_checkpointing with the MLP in tiles of 32 tokens: the same losses and exported weights."""
+    data_path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    runs = [
+        train(run_config(model_dir, data_path, tmp_path / name, steps=3, **kw))
+        for name, kw in (("plain", {}), ("tiled", {"activation_checkpointing": True, "mlp_tile": 32}))
+    ]
+    losses = [[json.loads(line)["loss"] for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    weights = [qwen3lab.load_model(r / "model", dtype="float32", device="cpu").state_dict() for r in runs]
+    torch.testing.assert_close(weights[1], weights[0], atol=1e-5, rtol=1e-4)
+
+
 def test_a_finished_run_continues_to_more_steps(model_dir, tmp_path, caplog):
     """The last step is checkpointed: the same run to 6 steps after a 4-step one continues from step 4 (its data and
     optimizer state), equals a straight 6-step run from step 5 on (constant schedule), and logs each step once."""

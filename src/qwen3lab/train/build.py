@@ -175,7 +175,10 @@ def build_net(cfg: TrainConfig, d: Dist, device: torch.device, tok: Tokenizer):
             where = "cpu" if model.lm_head.weight.is_meta else model.model.embed_tokens.weight.device
             extra_tokens = TrainableTokens(c.vocab_size, c.hidden_size, ids, device=where)
     if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        offload = cfg.activation_checkpointing == "offload" and device.type == "cuda"
+        if cfg.activation_checkpointing == "offload" and not offload:
+            log.info("activation_checkpointing: offload keeps block inputs where they are on the CPU (no GPU)")
+        apply_activation_checkpointing(model, offload, cfg.mlp_tile)
     if cfg.compile:
         apply_compile(model)
     ref_model = None

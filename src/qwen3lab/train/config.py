@@ -106,7 +106,12 @@ class TrainConfig:
     # fp32; fp32: fp32 everywhere (a LoRA base too); bf16: autocast everywhere
     precision: str = "auto"
     attention: str = "auto"  # packed rows: auto | sdpa | varlen | flex | dense (attention.py)
+    # true: each decoder block recomputed in the backward, only its input kept; offload: that input kept in host
+    # memory until the backward (CUDA)
     activation_checkpointing: bool = False
+    # with activation checkpointing, rows longer than this many tokens run the MLP over tiles of it, so the
+    # [tokens, intermediate_size] activations are never whole (0: never tiled)
+    mlp_tile: int = 4096
     compile: bool = False
     loss_chunk: int = 256  # positions per lm_head chunk in the loss: chunk x vocab fp32 logits at a time
     # one process on the CPU: keep (freed memory kept in the heap for speed) | lean (large blocks returned when
@@ -141,8 +146,14 @@ def config_keys(cls=TrainConfig, prefix: str = "") -> dict[str, type]:
     return keys
 
 
+# values a key takes beside those of its default's type
+ALSO = {"activation_checkpointing": ("offload",)}
+
+
 def _coerce(key: str, value, kind: type):
     """A YAML or command-line value as the field's type; strings from the command line are parsed as YAML."""
+    if value in ALSO.get(key, ()):
+        return value
 
     if isinstance(value, str) and kind is not str:
         try:
@@ -235,6 +246,7 @@ RANGES = [
     ("batch_size", lambda v: v >= 1, ">= 1"),
     ("grad_accum", lambda v: v >= 1, ">= 1"),
     ("loss_chunk", lambda v: v >= 1, ">= 1"),
+    ("mlp_tile", lambda v: v >= 0, ">= 0 (0: never tiled)"),
     ("log_every", lambda v: v >= 1, ">= 1"),
     ("eval_every", lambda v: v >= 0, ">= 0"),
     ("save_every", lambda v: v >= 0, ">= 0"),
@@ -302,6 +314,8 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     for spec in g.rewards:
         if spec not in BUILTIN and ":" not in spec:
             raise ConfigError(f"grpo.rewards: {spec!r}; use a built-in ({', '.join(BUILTIN)}) or 'module:function'")
+    if cfg.activation_checkpointing == "offload" and cfg.device == "cpu":
+        raise ConfigError("activation_checkpointing: offload moves GPU memory to the host; on the CPU use true")
     if cfg.attention in ("varlen", "flex") and cfg.device in ("cpu", "auto"):
         import torch
 

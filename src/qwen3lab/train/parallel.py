@@ -10,29 +10,90 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder block in the backward instead of keeping its activations.
+def apply_activation_checkpointing(model: nn.Module, offload: bool = False, mlp_tile: int = 0) -> None:
+    """Recompute each decoder block in the backward instead of keeping its activations: only each block's input
+    is kept between the forward and the backward.
 
-    The wrapper's state-dict hooks drop its own prefix, so parameter names stay HF's.
+    offload: that kept input lives in host memory (pinned, copied asynchronously on CUDA) until the backward needs
+    it. mlp_tile: the MLP of a row longer than this many tokens runs over tiles of it, each checkpointed apart, so
+    the [tokens, intermediate] activations are never whole, in the forward or in the recompute (ALST's and
+    Unsloth's "tiled MLP"). The wrappers' state-dict hooks drop their own prefix, so parameter names stay HF's.
     """
     layers = model.model.layers
+    checkpoint_fn = _offloaded_checkpoint if offload else partial(checkpoint, use_reentrant=False)
     for i, block in enumerate(layers):
-        layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+        if mlp_tile:
+            block.mlp = checkpoint_wrapper(block.mlp, checkpoint_fn=partial(_tiled, tile=mlp_tile))
+        layers[i] = checkpoint_wrapper(block, checkpoint_fn=checkpoint_fn, preserve_rng_state=True)
 
 
 def unwrap_activation_checkpointing(model: nn.Module) -> None:
     """Undo apply_activation_checkpointing, so module paths are HF's again (for export)."""
     layers = model.model.layers
     for i, block in enumerate(layers):
-        layers[i] = getattr(block, "_checkpoint_wrapped_module", block)
+        layers[i] = block = getattr(block, "_checkpoint_wrapped_module", block)
+        block.mlp = getattr(block.mlp, "_checkpoint_wrapped_module", block.mlp)
+
+
+def _tiled(mlp: nn.Module, x: torch.Tensor, tile: int) -> torch.Tensor:
+    """mlp(x) for x [B, T, hidden], B*T tokens at most `tile` at a time, each tile recomputed in the backward.
+
+    Short rows run whole: the block's own checkpoint already covers them."""
+    flat = x.reshape(-1, x.shape[-1])  # [B*T, hidden]
+    if flat.shape[0] <= tile or not torch.is_grad_enabled():
+        return mlp(x)
+    pieces = [checkpoint(mlp, part, use_reentrant=False) for part in flat.split(tile)]
+    return torch.cat(pieces).view_as(x)
+
+
+def _offloaded_checkpoint(fn, *args, **kwargs):
+    """A non-reentrant checkpoint whose saved inputs (the block's input; nothing else is saved) go to host memory.
+
+    The checkpoint saves its inputs through the saved-tensor hooks in force when it is called, so these hooks see
+    exactly the kept block inputs, and not the recompute's activations (saved under the checkpoint's own hooks)."""
+    with torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host):
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def _to_host(t: torch.Tensor):
+    """A CUDA tensor is copied to pinned host memory on a side stream, so compute goes on while it copies; a CPU
+    tensor is copied too (nothing to gain, but the same path, which is what the CPU tests check)."""
+    if t.device.type != "cuda":
+        return t.device, t.clone()
+    stream = _copy_stream(t.device)
+    stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete before the copy reads it
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    with torch.cuda.stream(stream):
+        host.copy_(t, non_blocking=True)
+    t.record_stream(stream)  # t's memory is not reused until the copy has read it
+    return t.device, host
+
+
+def _from_host(packed) -> torch.Tensor:
+    device, host = packed
+    if device.type != "cuda":
+        return host
+    torch.cuda.current_stream(device).wait_stream(_copy_stream(device))  # the offload copy has finished
+    return host.to(device, non_blocking=True)
+
+
+_COPY_STREAMS: dict = {}
+
+
+def _copy_stream(device: torch.device):
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
 
 
 # ---- data parallel: torchrun + FSDP2 ----
