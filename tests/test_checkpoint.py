@@ -35,7 +35,7 @@ def edit_config(folder, **changes):
     "change, message",
     [
         (dict(model_type="qwen2"), "model_type is 'qwen2'"),
-        (dict(model_type="qwen3_moe"), "model_type is 'qwen3_moe'"),
+        (dict(model_type="qwen3_moe"), "model_type qwen3_moe with num_experts None; it needs > 0"),
         (dict(use_sliding_window=True), "use_sliding_window is true"),
         (dict(head_dim=None), "missing required field(s) head_dim"),
         (dict(rope_theta=None, vocab_size=None), "missing required field(s) vocab_size, rope_theta"),

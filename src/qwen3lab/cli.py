@@ -18,6 +18,8 @@ def cmd_info(args) -> None:
     for key, value in cfg.to_hf_dict().items():
         print(f"{key:28} {value}")
     print(f"{'parameters':28} {cfg.num_parameters():,} ({cfg.num_parameters(embedding=False):,} outside the embedding)")
+    if cfg.num_experts:
+        print(f"{'active parameters':28} {cfg.num_parameters(active=True):,} per token")
 
 
 def cmd_smoke(args) -> None:

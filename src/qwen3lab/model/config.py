@@ -1,4 +1,4 @@
-"""ModelConfig: the fields of a Qwen3 dense `config.json`, read and written with HF names.
+"""ModelConfig: the fields of a Qwen3 `config.json` (dense `qwen3` or `qwen3_moe`), read and written with HF names.
 
 Field names are transformers' `Qwen3Config` names, so a config is a copy of the JSON file, not a translation.
 Both the 4.x layout (`rope_theta` + `rope_scaling`) and the 5.x layout (`rope_parameters`) are read; the 4.x layout
@@ -24,10 +24,20 @@ REQUIRED = (
     "head_dim",
 )
 ROPE_TYPES = ("default", "linear", "yarn")
+# what a qwen3_moe config.json adds to a dense one; a dense file is written without them
+MOE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "router_aux_loss_coef",
+)
 
 
 class ConfigError(ValueError):
-    """A config.json that qwen3lab cannot run as a Qwen3 dense model."""
+    """A config.json that qwen3lab cannot run as a Qwen3 model."""
 
 
 @dataclass
@@ -51,6 +61,15 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 151643
     pad_token_id: int | None = None
     torch_dtype: str = "bfloat16"
+    # Qwen3 MoE (model_type qwen3_moe) when num_experts > 0: a layer is sparse when (i + 1) % decoder_sparse_step
+    # == 0 and i is not in mlp_only_layers; the others keep a dense MLP of intermediate_size
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # transformers' class default; the released Qwen3 MoE configs set it true
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
     # Everything else found in the file (use_cache, max_window_layers, ...) is kept and written back unchanged.
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -60,6 +79,12 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}; grouped-query attention needs it to be"
             )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}"
+            )
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ConfigError("moe_intermediate_size: a qwen3_moe config needs the experts' intermediate size")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in ROPE_TYPES:
@@ -71,11 +96,17 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
         d = dict(d)
         model_type = d.get("model_type")
-        if model_type != "qwen3":
+        if model_type not in ("qwen3", "qwen3_moe"):
             raise ConfigError(
-                f"{source}: model_type is {model_type!r}; qwen3lab runs Qwen3 dense models only (model_type 'qwen3'), "
-                "not qwen2, qwen3_moe or other architectures"
+                f"{source}: model_type is {model_type!r}; qwen3lab runs Qwen3 models (model_type 'qwen3' or "
+                "'qwen3_moe'), not qwen2 or other architectures"
             )
+        if "num_local_experts" in d and "num_experts" not in d:  # transformers 5.x writes this name
+            d["num_experts"] = d.pop("num_local_experts")
+        if model_type == "qwen3_moe" and not d.get("num_experts"):
+            raise ConfigError(f"{source}: model_type qwen3_moe with num_experts {d.get('num_experts')!r}; it needs > 0")
+        if model_type == "qwen3":  # MoE keys in a dense file mean nothing to it: kept as they are
+            d["extra_moe"] = {k: d.pop(k) for k in MOE_FIELDS if k in d}
         if d.get("use_sliding_window"):
             raise ConfigError(
                 f"{source}: use_sliding_window is true; qwen3lab implements full attention only "
@@ -98,7 +129,8 @@ class ModelConfig:
             d["torch_dtype"] = d.pop("dtype")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names and v is not None}
-        extra = {k: v for k, v in d.items() if k not in names and k not in ("dtype",)}
+        extra = {k: v for k, v in d.items() if k not in names and k not in ("dtype", "extra_moe")}
+        extra |= d.get("extra_moe", {})
         try:
             return cls(**known, extra=extra)
         except ConfigError as e:
@@ -106,8 +138,14 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict:
         d = dict(self.extra)
-        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
-        d.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_act="silu", use_sliding_window=False)
+        skip = {"extra"} | (set() if self.num_experts else set(MOE_FIELDS))
+        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip})
+        if self.num_experts:
+            d.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"])
+            d.setdefault("output_router_logits", False)
+        else:
+            d.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+        d.update(hidden_act="silu", use_sliding_window=False)
         d.setdefault("sliding_window", None)
         d.setdefault("attention_dropout", 0.0)
         d.setdefault("max_window_layers", self.num_hidden_layers)
@@ -132,12 +170,20 @@ class ModelConfig:
 
     # ---- derived numbers ----
 
-    def num_parameters(self, embedding: bool = True) -> int:
+    def is_sparse(self, layer: int) -> bool:
+        """Whether decoder layer `layer` routes to experts (else it has a dense MLP), as transformers decides."""
+        step = self.decoder_sparse_step
+        return bool(self.num_experts) and layer not in self.mlp_only_layers and (layer + 1) % step == 0
+
+    def num_parameters(self, embedding: bool = True, active: bool = False) -> int:
+        """Parameters in all; active: those one token uses (its num_experts_per_tok experts of each sparse layer)."""
         h, d, L = self.hidden_size, self.head_dim, self.num_hidden_layers
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         attn = h * q + 2 * h * kv + q * h + 2 * d + (q + 2 * kv + h if self.attention_bias else 0)
-        mlp = 3 * h * self.intermediate_size
-        body = L * (attn + mlp + 2 * h) + h
+        experts = self.num_experts_per_tok if active else self.num_experts
+        sparse = h * self.num_experts + experts * 3 * h * self.moe_intermediate_size  # the router and the experts
+        mlp = sum(sparse if self.is_sparse(i) else 3 * h * self.intermediate_size for i in range(L))
+        body = L * (attn + 2 * h) + mlp + h
         if not embedding:
             return body
         emb = self.vocab_size * h
@@ -168,6 +214,8 @@ PRESETS = {
     "qwen3-8b": lambda: _qwen3(4096, 12288, 36, 32, 8, False, 40960, eos_token_id=151645),
     "qwen3-14b": lambda: _qwen3(5120, 17408, 40, 40, 8, False, 40960, eos_token_id=151645),
     "qwen3-32b": lambda: _qwen3(5120, 25600, 64, 64, 8, False, 40960, eos_token_id=151645),
+    "qwen3-30b-a3b": lambda: _qwen3(2048, 6144, 48, 32, 4, False, 40960, eos_token_id=151645, **_moe(128, 768)),
+    "qwen3-235b-a22b": lambda: _qwen3(4096, 12288, 94, 64, 4, False, 40960, eos_token_id=151645, **_moe(128, 1536)),
     # The demo's model: learns the built-in chat tasks from scratch on a laptop CPU in minutes.
     "demo": lambda: ModelConfig(
         vocab_size=151936,
@@ -194,6 +242,15 @@ PRESETS = {
         torch_dtype="float32",
     ),
 }
+
+
+def _moe(experts: int, intermediate: int, per_token: int = 8) -> dict:
+    return dict(
+        num_experts=experts, moe_intermediate_size=intermediate, num_experts_per_tok=per_token, norm_topk_prob=True
+    )
+
+
+PRESETS["tiny-moe"] = lambda: dataclasses.replace(PRESETS["tiny"](), **_moe(8, 32, 2))
 
 
 def preset(name: str, **overrides) -> ModelConfig:

@@ -1,4 +1,5 @@
-"""Qwen3 dense decoder, single device, numerically the same as transformers' `Qwen3ForCausalLM`.
+"""Qwen3 decoder, single device, numerically the same as transformers' `Qwen3ForCausalLM` (and, with experts
+(mlp.py), `Qwen3MoeForCausalLM`).
 
 Parameter names are HF's, so a state dict loads from and saves to an HF folder as a plain copy. Operation order
 follows `modeling_qwen3.py` exactly (see ../shared/QWEN3_FACTS.md): RMSNorm in fp32 then cast then weight; q/k norm
@@ -11,11 +12,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import Documents, attend
 from .config import ModelConfig
+from .mlp import MLP, SparseMoeBlock
 
 
 class RMSNorm(nn.Module):
@@ -129,24 +130,13 @@ class Attention(nn.Module):
         return self.o_proj(attend(q, k, v, mask, docs))  # attention.py: packed documents, a mask, or causal
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoeBlock(cfg) if cfg.is_sparse(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, mask=None, kv_cache=None, docs=None):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, docs)
@@ -162,7 +152,7 @@ class Qwen3(nn.Module):
         self.model = nn.ModuleDict(
             dict(
                 embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
-                layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+                layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
                 norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
             )
         )
