@@ -126,3 +126,220 @@ def test_dense_configs_are_written_without_moe_fields():
     assert moe["model_type"] == "qwen3_moe" and moe["architectures"] == ["Qwen3MoeForCausalLM"]
     assert ModelConfig.from_hf_dict(moe).to_hf_dict() == moe
     assert isinstance(qwen3lab.new_model(tiny_moe()).model.layers[0].mlp, SparseMoeBlock)
+
+
+# ---- training ----
+
+CHATS = [
+    {"messages": [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]}
+    for a in range(6)
+    for b in range(6)
+]
+
+
+def moe_run(tmp_path, name, **keys):
+    import json
+
+    from qwen3lab.train import train
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
+    config = {
+        "model": "tiny-moe",
+        "out": str(tmp_path / name),
+        "data": {"train": str(data), "max_length": 64, "shuffle": False},
+        "steps": 3,
+        "progress": False,
+        "optim": {"lr": 1e-2},
+        "moe": {"aux_loss_coef": 1.0},  # large, so a wrong balancing gradient moves the weights visibly
+    }
+    for key, value in keys.items():
+        config[key] = config.get(key, {}) | value if isinstance(value, dict) else value
+    run = train(config)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return metrics, qwen3lab.load_model(run / "model", dtype="float32", device="cpu").state_dict()
+
+
+def test_global_balance_over_accumulated_micro_batches_trains_as_one_batch(tmp_path):
+    """Global: 2 micro-batches of 2 rows take the steps of one batch of 4 rows (LM loss, balancing loss, weights);
+    micro balancing with the same micro-batches is another loss, and moves the weights elsewhere."""
+    one, w_one = moe_run(tmp_path, "one", batch_size=4)
+    two, w_two = moe_run(tmp_path, "two", batch_size=2, grad_accum=2)
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-5)
+        assert b["expert_load/cv"] == pytest.approx(a["expert_load/cv"], rel=1e-5)
+    torch.testing.assert_close(w_two, w_one, atol=5e-5, rtol=1e-4)  # Adam magnifies rounding where grads are ~0
+    micro, w_micro = moe_run(tmp_path, "micro", batch_size=2, grad_accum=2, moe={"balance": "micro"})
+    assert micro[0]["aux_loss"] != pytest.approx(one[0]["aux_loss"], rel=1e-4)
+    assert max((w_micro[k] - w_one[k]).abs().max() for k in w_one) > 1e-3
+    assert {"expert_load/max_over_mean/layer0", "expert_load/cv/layer1"} <= set(one[0])
+
+
+def test_lora_on_moe_leaves_experts_and_router_frozen_unless_asked(tmp_path):
+    from qwen3lab.train.lora import apply_lora, lora_modules
+
+    model = qwen3lab.new_model(tiny_moe(), seed=0)
+    apply_lora(model, 4, 8.0, experts=False)
+    names = list(lora_modules(model))
+    assert names and not any(".experts." in n for n in names) and not any(n.endswith(".gate") for n in names)
+    assert not model.model.layers[0].mlp.gate.weight.requires_grad
+    model = qwen3lab.new_model(tiny_moe(), seed=0)
+    apply_lora(model, 4, 8.0)
+    assert any(".experts.3.down_proj" in n for n in lora_modules(model))
+    metrics, _ = moe_run(tmp_path, "lora", lora={"rank": 4}, moe={"lora_experts": True})
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+@pytest.mark.slow  # processes under torchrun's launcher
+def test_global_balance_on_two_ranks_trains_as_one_process(tmp_path):
+    """torchrun + FSDP2, 2 gloo ranks x 2 micro-batches of 1 row: the steps of one process with one batch of 4
+    rows — LM loss, balancing loss (counts summed over micro-batches and ranks) and exported weights."""
+    import json
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    one, w_one = moe_run(tmp_path, "one", batch_size=4)
+    config = {
+        "model": "tiny-moe",
+        "data": {"train": str(tmp_path / "chats.jsonl"), "max_length": 64, "shuffle": False},
+        "steps": 3,
+        "progress": False,
+        "optim": {"lr": 1e-2},
+        "moe": {"aux_loss_coef": 1.0},
+        "batch_size": 1,
+        "grad_accum": 2,
+    }
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
+    worker = Path(__file__).with_name("dist_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    cmd += ["train", str(tmp_path / "two.yaml"), "--out", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-5)
+    w_two = qwen3lab.load_model(tmp_path / "two" / "model", dtype="float32", device="cpu").state_dict()
+    torch.testing.assert_close(w_two, w_one, atol=5e-5, rtol=1e-4)
+
+
+def test_engine_greedy_and_batched_equal_transformers(tmp_path, tok):
+    """The engine on an MoE model: greedy decoding equals transformers' generate, one prompt and a batch."""
+    from qwen3lab.generate import generate
+
+    ours = qwen3lab.new_model(preset("tiny-moe"), seed=0).eval()
+    qwen3lab.save_model(ours, tmp_path / "m")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    prompts = [[151644, 872, 198, 9707], [151644, 872, 198, 3838, 374, 220, 17, 10, 17, 30]]
+    batch = generate(ours, tok, prompts, max_new_tokens=24, stop_ids=[])
+    for ids, got in zip(prompts, batch, strict=True):
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None)[0, len(ids) :]
+        assert got.ids == ref.tolist()
+
+
+@pytest.mark.parametrize("objective", ["dpo", "grpo"])
+def test_preference_and_rl_objectives_run_on_moe_with_the_balancing_loss(tmp_path, objective):
+    import json
+
+    from qwen3lab.train import train
+
+    rows = {
+        "dpo": [
+            {
+                "prompt": c["messages"][:1],
+                "chosen": c["messages"][1:],
+                "rejected": [{"role": "assistant", "content": "?"}],
+            }
+            for c in CHATS[:8]
+        ],
+        "grpo": [{"prompt": c["messages"][:1], "answer": c["messages"][1]["content"]} for c in CHATS[:8]],
+    }[objective]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {
+        "model": "tiny-moe",
+        "out": str(tmp_path / "run"),
+        "objective": objective,
+        "data": {"train": str(data), "max_length": 64},
+        "steps": 2,
+        "batch_size": 2,
+        "grad_accum": 2,
+        "lora": {"rank": 4},
+        "grpo": {"num_generations": 2, "max_completion_length": 4},
+        "progress": False,
+    }
+    run = train(config)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["aux_loss"] > 0 and m["expert_load/max_over_mean"] >= 1 for m in metrics)
+    assert (run / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("experts", [False, True], ids=["attention+dense", "experts-too"])
+def test_lora_export_of_an_moe_loads_in_peft(tmp_path, tok, experts):
+    """LoRA on attention (the router frozen), the experts too or not: transformers' Qwen3MoeForCausalLM + adapter/
+    in peft (which converts per-expert adapters to its fused experts) gives model/'s logits."""
+    peft = pytest.importorskip("peft")
+    qwen3lab.save_model(qwen3lab.new_model(preset("tiny-moe"), seed=0), tmp_path / "base")
+    tok.save(tmp_path / "base")
+    lora, moe = {"rank": 4, "alpha": 8.0}, {"lora_experts": experts}
+    moe_run(tmp_path, "run", model=str(tmp_path / "base"), lora=lora, moe=moe)
+    ids = torch.tensor([tok.encode_chat(CHATS[0]["messages"]).input_ids])
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen3lab_eval_on_data_scores_an_moe_model(tmp_path, tok):
+    """`qwen3lab eval`'s scorer on an MoE model: the loss on chats equals transformers' mean token loss."""
+    import json
+
+    from qwen3lab.eval.evaluation import evaluate_data
+
+    model = qwen3lab.new_model(preset("tiny-moe"), seed=0).eval()
+    qwen3lab.save_model(model, tmp_path / "m")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS[:4]))
+    metrics, _ = evaluate_data(model, tok, tmp_path / "d.jsonl")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    total, count = 0.0, 0
+    for chat in CHATS[:4]:
+        enc = tok.encode_chat(chat["messages"])
+        ids = torch.tensor([enc.input_ids])
+        labels = torch.tensor([[t if m else -100 for t, m in zip(enc.input_ids, enc.assistant_mask, strict=True)]])
+        with torch.no_grad():
+            out = hf(ids, labels=labels)
+        n = int((labels[0, 1:] != -100).sum())
+        total, count = total + float(out.loss) * n, count + n
+    assert metrics["loss_tokens"] == count and metrics["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_task_expert_mutual_information_spans_zero_to_log2_tasks():
+    from qwen3lab.demo_moe import mutual_information
+
+    uniform = {t: torch.full((3, 8), 1 / 8) for t in "abcd"}
+    assert mutual_information(uniform) == pytest.approx(0.0, abs=1e-6)
+    own = {t: torch.nn.functional.one_hot(torch.full((3,), i), 8).float() for i, t in enumerate("abcd")}
+    assert mutual_information(own) == pytest.approx(2.0)  # each task its own expert: log2(4) bits
+    half = {t: (own[t] + uniform[t]) / 2 for t in "abcd"}
+    assert 0 < mutual_information(half) < 2
+
+
+@pytest.mark.slow
+def test_demo_moe_trains_both_balancings_and_draws_the_routing(tmp_path):
+    from qwen3lab.demo_moe import run_moe_demo
+
+    lines = []
+    results = run_moe_demo(out=str(tmp_path / "demo-moe"), steps=3, log=lines.append)
+    for balance in ("global", "micro"):
+        r = results[balance]
+        assert set(r["accuracy"]) == {"max", "reverse", "sort", "tool"} and r["eval_loss"] > 0
+        assert len(r["shares"]["sort"]) == 3 and sum(r["shares"]["sort"][0]) == pytest.approx(1.0)
+        assert (tmp_path / "demo-moe" / balance / "model" / "config.json").is_file()
+    assert (tmp_path / "demo-moe" / "experts.png").stat().st_size > 0
+    assert any(line.startswith("global balancing: held-out exact match") for line in lines)

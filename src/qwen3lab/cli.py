@@ -212,6 +212,12 @@ def cmd_demo(args) -> None:
 
         run_rl_demo(out=args.out if args.out != "runs/demo" else "runs/demo-rl", seed=args.seed)
         return
+    if args.moe:
+        from .demo_moe import run_moe_demo
+
+        out = args.out if args.out != "runs/demo" else "runs/demo-moe"
+        run_moe_demo(out=out, steps=args.steps or 200, seed=args.seed)
+        return
     run_demo(out=args.out, steps=args.steps, tasks=tasks, model_dir=args.model, seed=args.seed)
 
 
@@ -318,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="fine-tune this HF folder instead of a small model from scratch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rl", action="store_true", help="the RL stage: a short SFT, then GRPO lifting a held-out task")
+    p.add_argument("--moe", action="store_true", help="a tiny Qwen3 MoE trained with global and with micro balancing")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help=cmd_eval.__doc__)

@@ -251,6 +251,8 @@ def _moe(experts: int, intermediate: int, per_token: int = 8) -> dict:
 
 
 PRESETS["tiny-moe"] = lambda: dataclasses.replace(PRESETS["tiny"](), **_moe(8, 32, 2))
+# `qwen3lab demo --moe`: the demo's model with 8 experts of half its MLP, 2 per token (the same active size)
+PRESETS["demo-moe"] = lambda: dataclasses.replace(PRESETS["demo"](), **_moe(8, 192, 2), router_aux_loss_coef=0.01)
 
 
 def preset(name: str, **overrides) -> ModelConfig:

@@ -67,7 +67,10 @@ class SparseMoeBlock(nn.Module):
     def _looped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [N*k, H] sorted by expert -> each expert's rows through that expert."""
         pieces = xs.split(counts.tolist())
-        return torch.cat([self.experts[e](p) if len(p) else p for e, p in enumerate(pieces)])
+        # with gradients every expert runs, on no rows if none came: each then has a (zero) gradient, as FSDP's
+        # reduce-scatter of a block needs every rank to hold the same parameters' gradients
+        train = torch.is_grad_enabled()
+        return torch.cat([self.experts[e](p) if len(p) or train else p for e, p in enumerate(pieces)])
 
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The same as _looped, every expert in one grouped matmul per projection (weights stacked per call)."""

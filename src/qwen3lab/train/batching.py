@@ -2,7 +2,8 @@
 empty ones; the data cursor an exact resume restarts from; and each rank's share of a global batch.
 
 A batch is a dict of tensors: input_ids, labels (shifted, -100 where not supervised), position_ids (restarting at
-each packed document), cu_seqlens, num_tokens; pairs add sequence_ids and num_items (and ref_logps if precomputed).
+each packed document), cu_seqlens, num_tokens, attention_mask (1 on real tokens, 0 on padding); pairs add
+sequence_ids and num_items (and ref_logps if precomputed).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def empty_batch(pad_id: int, objective: str = "sft") -> dict[str, torch.Tensor]:
         "position_ids": none,
         "cu_seqlens": torch.tensor([0, 1], dtype=torch.int32),
         "num_tokens": none.sum(),
+        "attention_mask": none,
     }
     if objective != "sft":
         batch |= {"sequence_ids": none - 1, "num_items": none.sum()}
@@ -135,12 +137,14 @@ def collate(data: TokenizedData, rows: list[list[int]], pad_id: int) -> dict[str
     # document boundaries over the flattened B*T tokens, once per batch, for attention.py (padding is a document too)
     cu_seqlens = cu_seqlens_from_position_ids(position_ids)
     num_tokens = torch.tensor(sum(len(b[0]) for b in built))  # real (non-pad) tokens
+    attention_mask = (torch.arange(T) < torch.tensor([len(b[0]) for b in built])[:, None]).long()  # 1: real token
     return {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
         "cu_seqlens": cu_seqlens,
         "num_tokens": num_tokens,
+        "attention_mask": attention_mask,
     }
 
 

@@ -24,6 +24,7 @@ from ..model.model import Qwen3
 from ..model.runtime import apply_compile, cpu_bf16_is_fast
 from ..text.tokenizer import Tokenizer, load_tokenizer
 from . import data as D
+from .balance import Balance
 from .batching import Cursor, make_rows, rank_batch, split_eval, to_device
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .config import LORA_TARGETS, TrainConfig, train_config_dict
@@ -63,6 +64,7 @@ class Run:
     has_eval: bool
     rollouts: Rollouts | None
     checkpoints: Path
+    balance: Balance | None = None  # MoE: the load-balancing loss
     tokens_seen: int = 0
     started: float = field(default_factory=time.perf_counter)
 
@@ -134,12 +136,22 @@ def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
         has_eval=bool(eval_rows),
         rollouts=rollouts,
         checkpoints=checkpoints,
+        balance=_balance(cfg, model, d),
     )
     if grpo:
         run.batches = _rollout_batches(run, cursor, rows, iterations)
     else:
         run.batches = _micro_batches(run, cursor, data, rows, ref_logps)
     return run
+
+
+def _balance(cfg: TrainConfig, model: Qwen3, d: Dist) -> Balance | None:
+    """The load-balancing loss of an MoE model (None for a dense one, or a coefficient of 0)."""
+    coef = cfg.moe.aux_loss_coef if cfg.moe.aux_loss_coef >= 0 else model.config.router_aux_loss_coef
+    if not model.config.num_experts or coef == 0:
+        return None
+    log.info("MoE: load-balancing loss over the %s batch, coefficient %g", cfg.moe.balance, coef)
+    return Balance(model, coef, cfg.moe.balance, d)
 
 
 def build_net(cfg: TrainConfig, d: Dist, device: torch.device, tok: Tokenizer):
@@ -163,7 +175,7 @@ def build_net(cfg: TrainConfig, d: Dist, device: torch.device, tok: Tokenizer):
 
     extra_tokens = None
     if cfg.lora.rank > 0:
-        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, cfg.moe.lora_experts)
         if upcast:
             upcast_frozen_layers(model)
         if cfg.lora.train_tokens:

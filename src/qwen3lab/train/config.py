@@ -87,6 +87,15 @@ class GRPOConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Qwen3 MoE models only (model_type qwen3_moe)."""
+
+    balance: str = "global"  # the load-balancing loss over the global batch of a step, or per micro-batch (balance.py)
+    aux_loss_coef: float = -1.0  # < 0: the model's router_aux_loss_coef (0.001 in Qwen3 MoE); 0: no balancing loss
+    lora_experts: bool = False  # LoRA: adapters on every expert's linears too (else attention and dense MLPs only)
+
+
+@dataclass
 class TrainConfig:
     model: str = ""  # HF model folder, or a preset name (random init) such as tiny
     out: str = "runs/sft"
@@ -94,6 +103,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 0  # optimizer steps; 0: `epochs` passes over the data
@@ -238,6 +248,7 @@ CHOICES = {
     "grpo.scale_rewards": ("group", "batch", "none"),
     "lora.base_bits": (16, 4),
     "cpu_memory": ("auto", "keep", "lean"),
+    "moe.balance": ("global", "micro"),
 }
 # (key, the rule its value must meet, the rule in words)
 RANGES = [

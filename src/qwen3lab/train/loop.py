@@ -113,11 +113,14 @@ def train_step(run: Run, batches: list[dict]) -> dict:
     d = run.d
     (n_units,) = d.all_sum(sum(units(b) for b in batches))
     loss_total, step_tokens, sums = 0.0, 0, {}
+    if run.balance is not None:  # MoE: the load-balancing loss (balance.py), its global counts first
+        run.balance.begin(run.net, batches, run.device, run.autocast)
     for b in batches:
         b = to_device(b, run.device)
         with run.autocast():
             loss_sum, batch_metrics = run.net(b)
-        (loss_sum * (d.world / n_units)).backward()
+            aux = run.balance.loss(b) if run.balance is not None else 0.0
+        (loss_sum * (d.world / n_units) + aux).backward()
         loss_total += float(loss_sum.detach())
         step_tokens += int(b["num_tokens"])
         for k, v in batch_metrics.items():
@@ -145,6 +148,8 @@ def train_step(run: Run, batches: list[dict]) -> dict:
     metrics |= {k: v / n_units for k, v in zip(sums, summed, strict=True)}  # means over the step's units
     if run.rollouts is not None:
         metrics |= run.rollouts.pop_metrics()
+    if run.balance is not None:
+        metrics |= run.balance.metrics()
     if grad_norm is not None:
         metrics["grad_norm"] = grad_norm
     return metrics

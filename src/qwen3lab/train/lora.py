@@ -111,8 +111,11 @@ def lora_disabled(model: nn.Module):
             m.enabled = True
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, targets=TARGETS) -> list[str]:
-    """Freeze the model and wrap each targeted linear layer in a LoRALinear. Returns the wrapped module names."""
+def apply_lora(
+    model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, targets=TARGETS, experts: bool = True
+) -> list[str]:
+    """Freeze the model and wrap each targeted linear layer in a LoRALinear (experts: an MoE's experts' too).
+    Returns the wrapped module names."""
     unknown = set(targets) - set(TARGETS)
     if unknown:
         raise ValueError(f"LoRA targets {sorted(unknown)} are not Qwen3 linear layers; choose from {TARGETS}")
@@ -121,6 +124,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, 
     model.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
+        if not experts and ".experts." in f".{name}.":
+            continue
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, (nn.Linear, Linear4bit)):
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))

@@ -108,6 +108,11 @@ class WithLoss(torch.nn.Module):
             return grpo_loss(hidden, weight, batch, self.grpo, self.chunk, extra_rows)
         return dpo_loss(hidden, weight, batch, ref, self.beta, self.chunk, extra_rows)
 
+    def hidden(self, batch) -> torch.Tensor:
+        """Final hidden states [B, T, H] of a batch (e.g. the routing pass of MoE balancing, train/balance.py)."""
+        packing = self.packing or self.objective != "sft"
+        return hidden_states(self.model, batch, packing, self.extra_tokens, self.upcast)[0]
+
     @torch.no_grad()
     def _token_logps(self, batch, reference: bool = False, temperature: float = 1.0) -> torch.Tensor:
         """Log-probs [N] of the batch's supervised tokens under this model, or under the reference: the frozen copy,

@@ -19,6 +19,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from ..model.mlp import SparseMoeBlock
+
 
 def apply_activation_checkpointing(model: nn.Module, offload: bool = False, mlp_tile: int = 0) -> None:
     """Recompute each decoder block in the backward instead of keeping its activations: only each block's input
@@ -32,7 +34,7 @@ def apply_activation_checkpointing(model: nn.Module, offload: bool = False, mlp_
     layers = model.model.layers
     checkpoint_fn = _offloaded_checkpoint if offload else partial(checkpoint, use_reentrant=False)
     for i, block in enumerate(layers):
-        if mlp_tile:
+        if mlp_tile and not isinstance(block.mlp, SparseMoeBlock):  # experts: [tokens, k x moe_intermediate], small
             block.mlp = checkpoint_wrapper(block.mlp, checkpoint_fn=partial(_tiled, tile=mlp_tile))
         layers[i] = checkpoint_wrapper(block, checkpoint_fn=checkpoint_fn, preserve_rng_state=True)
 
