@@ -343,3 +343,24 @@ def test_demo_moe_trains_both_balancings_and_draws_the_routing(tmp_path):
         assert (tmp_path / "demo-moe" / balance / "model" / "config.json").is_file()
     assert (tmp_path / "demo-moe" / "experts.png").stat().st_size > 0
     assert any(line.startswith("global balancing: held-out exact match") for line in lines)
+
+
+def test_bf16_rows_padded_for_onednn_give_the_unpadded_results(monkeypatch):
+    """Under bf16 on the CPU each expert's rows are padded to a multiple of 32 (oneDNN builds a kernel per shape):
+    outputs and gradients as without padding, to bf16 rounding."""
+    from qwen3lab.model import mlp
+
+    x = torch.randn(2, 16, 64)
+    results, rows = [], []
+    for bucket in (1, 32):
+        monkeypatch.setattr(mlp, "_ROW_BUCKET", bucket)
+        block = qwen3lab.new_model(tiny_moe(), seed=0).model.layers[0].mlp
+        for expert in block.experts:
+            expert.gate_proj.register_forward_hook(lambda m, args, out, b=bucket: rows.append((b, args[0].shape[0])))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block(x)
+        y.float().square().sum().backward()
+        results.append((y.detach().float(), {n: p.grad for n, p in block.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1], results[0], atol=2e-2, rtol=2e-2)
+    assert all(n % 32 == 0 for b, n in rows if b == 32) and any(n % 32 for b, n in rows if b == 1)
+    assert mlp._onednn_bf16(torch.zeros(1, dtype=torch.bfloat16)) and not mlp._onednn_bf16(torch.zeros(1))

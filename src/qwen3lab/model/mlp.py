@@ -70,7 +70,16 @@ class SparseMoeBlock(nn.Module):
         # with gradients every expert runs, on no rows if none came: each then has a (zero) gradient, as FSDP's
         # reduce-scatter of a block needs every rank to hold the same parameters' gradients
         train = torch.is_grad_enabled()
-        return torch.cat([self.experts[e](p) if len(p) or train else p for e, p in enumerate(pieces)])
+        bucket = _ROW_BUCKET if train and _onednn_bf16(xs) else 1  # not in decoding: its rows are few and repeat
+        return torch.cat([self._expert(e, p, bucket) if len(p) or train else p for e, p in enumerate(pieces)])
+
+    def _expert(self, e: int, rows: torch.Tensor, bucket: int) -> torch.Tensor:
+        """rows [n, H] through expert e, padded with zero rows to a multiple of `bucket` (see _onednn_bf16)."""
+        n = rows.shape[0]
+        pad = -n % bucket
+        if not pad:
+            return self.experts[e](rows)
+        return self.experts[e](F.pad(rows, (0, 0, 0, pad)))[:n]
 
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The same as _looped, every expert in one grouped matmul per projection (weights stacked per call)."""
@@ -84,3 +93,16 @@ class SparseMoeBlock(nn.Module):
             xs = xs.to(torch.get_autocast_dtype(xs.device.type))
         h = F.silu(project("gate_proj", xs)) * project("up_proj", xs)
         return project("down_proj", h)
+
+
+# bf16 matmuls on CPUs run through oneDNN, which builds (JIT-compiles) a kernel for every new shape: an expert's
+# row count changes every step, and building them made a training step's matmuls ~10x slower than the same matmuls
+# at one shape (bench/moe.py). Padding each expert's rows to a multiple of this keeps the shapes few and cached.
+_ROW_BUCKET = 32
+
+
+def _onednn_bf16(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu":
+        return False
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == torch.bfloat16 or autocast
