@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .demo import DEFAULT_TASKS, Example, accuracy, held_out_rows, make_tasks, write_jsonl
+from .demo import DEFAULT_TASKS, Example, _tools, accuracy, held_out_rows, make_tasks, write_jsonl
 
 
 def run_moe_demo(out: str = "runs/demo-moe", steps: int = 200, seed: int = 0, coef: float = 0.01, log=print) -> dict:
@@ -123,7 +123,3 @@ def plot_routing(png: Path, by_balance: dict[str, dict[str, list]]) -> None:
     fig.colorbar(image, ax=axes, shrink=0.6, label="share of the task's expert selections (even: 1 / experts)")
     fig.savefig(png, dpi=110)
     plt.close(fig)
-
-
-def _tools(ex: Example) -> dict:
-    return {"tools": ex.tools} if ex.tools else {}

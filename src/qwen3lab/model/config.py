@@ -105,8 +105,8 @@ class ModelConfig:
             d["num_experts"] = d.pop("num_local_experts")
         if model_type == "qwen3_moe" and not d.get("num_experts"):
             raise ConfigError(f"{source}: model_type qwen3_moe with num_experts {d.get('num_experts')!r}; it needs > 0")
-        if model_type == "qwen3":  # MoE keys in a dense file mean nothing to it: kept as they are
-            d["extra_moe"] = {k: d.pop(k) for k in MOE_FIELDS if k in d}
+        # MoE keys in a dense file mean nothing to it: kept as they are, with the other unknown keys
+        dense_extra = {k: d.pop(k) for k in MOE_FIELDS if k in d} if model_type == "qwen3" else {}
         if d.get("use_sliding_window"):
             raise ConfigError(
                 f"{source}: use_sliding_window is true; qwen3lab implements full attention only "
@@ -129,8 +129,7 @@ class ModelConfig:
             d["torch_dtype"] = d.pop("dtype")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names and v is not None}
-        extra = {k: v for k, v in d.items() if k not in names and k not in ("dtype", "extra_moe")}
-        extra |= d.get("extra_moe", {})
+        extra = {k: v for k, v in d.items() if k not in names and k not in ("dtype",)} | dense_extra
         try:
             return cls(**known, extra=extra)
         except ConfigError as e:

@@ -4,7 +4,7 @@ num_experts_per_tok of num_experts SwiGLU experts for every token.
 Numerically transformers' `Qwen3MoeSparseMoeBlock`: router softmax in fp32 over all experts, top-k, renormalised
 over the k when norm_topk_prob, the weights cast back to the activation dtype. Parameter names are the hub's
 (`mlp.gate.weight`, `mlp.experts.{e}.gate_proj.weight`, ...), so every expert is an ordinary `MLP` of nn.Linear
-layers and everything that works on linear layers (LoRA, 4-bit bases, FSDP, export) works on experts as it is.
+layers and what works on linear layers (LoRA, FSDP, export) works on experts as it is.
 
 The experts are computed by groups: the (token, expert) pairs are sorted by expert once per layer, each expert's
 tokens go through its weights in one matmul, and the weighted results are added back to their tokens. On CUDA the
@@ -55,9 +55,10 @@ class SparseMoeBlock(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         weights, experts = route(self.gate(x), self.top_k, self.norm_topk_prob)  # [N, k] each
-        order = experts.flatten().argsort(stable=True)  # the N*k (token, expert) pairs sorted by expert
+        pairs = experts.flatten()  # [N*k] the chosen expert of each (token, slot)
+        order = pairs.argsort(stable=True)  # the pairs sorted by expert
         tokens = order // self.top_k  # [N*k] the token of each sorted pair
-        counts = torch.bincount(experts.flatten(), minlength=len(self.experts))  # [E] tokens per expert
+        counts = torch.bincount(pairs, minlength=len(self.experts))  # [E] tokens per expert
         grouped = self.grouped_mm if self.grouped_mm is not None else x.is_cuda
         grouped = grouped and type(self.experts[0].gate_proj) is nn.Linear  # LoRA or 4-bit experts: their own calls
         y = (self._grouped if grouped else self._looped)(x[tokens], counts)  # [N*k, H]

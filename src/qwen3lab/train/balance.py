@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.mlp import SparseMoeBlock
+from .batching import to_device
 
 
 class RouterLogits:
@@ -117,7 +118,7 @@ class Balance:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 for b in batches:
-                    b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+                    b = to_device(b, device)
                     with autocast():
                         net(None, call=lambda b=b: net.hidden(b))
                     c, n = self._count(self.router.take(), b)
@@ -131,18 +132,19 @@ class Balance:
         logits = self.router.take()
         counts, tokens = self._count(logits, batch)
         self.step_counts += counts
-        mask = _mask(batch)
         if self.mode == "global":
             if self.counts is None:  # the step's only micro-batch: its own counts, summed over ranks
                 self.counts, self.tokens = self._over_ranks(counts, tokens)
-            aux = balance_loss(logits, self.router.top_k, mask, list(self.counts.to(logits[0].device)), self.tokens)
-            self.aux += float(aux.detach())
-            return self.coef * self.d.world * aux
-        if not tokens:  # a rank's empty micro-batch: nothing to balance, but its graph must still run
+            counts, tokens = self.counts, self.tokens
+            scale, share = self.d.world, 1.0  # parts summed over micro-batches and ranks
+        elif not tokens:  # a rank's empty micro-batch: nothing to balance, but its graph must still run
             return logits[0].sum() * 0
-        aux = balance_loss(logits, self.router.top_k, mask)
-        self.aux += float(aux.detach()) / (self.micro_batches * self.d.world)
-        return self.coef / self.micro_batches * aux
+        else:
+            scale, share = 1 / self.micro_batches, 1 / (self.micro_batches * self.d.world)  # a mean of them
+        device = logits[0].device
+        aux = balance_loss(logits, self.router.top_k, _mask(batch), list(counts.to(device)), tokens)
+        self.aux += float(aux.detach()) * share
+        return self.coef * scale * aux
 
     def metrics(self) -> dict[str, float]:
         (aux,) = self.d.all_sum(self.aux)

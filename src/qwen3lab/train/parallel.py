@@ -10,7 +10,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.distributed as dist
@@ -89,13 +89,9 @@ def _from_host(packed) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-_COPY_STREAMS: dict = {}
-
-
+@cache
 def _copy_stream(device: torch.device):
-    if device not in _COPY_STREAMS:
-        _COPY_STREAMS[device] = torch.cuda.Stream(device)
-    return _COPY_STREAMS[device]
+    return torch.cuda.Stream(device)
 
 
 # ---- data parallel: torchrun + FSDP2 ----
