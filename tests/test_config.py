@@ -42,6 +42,12 @@ BAD = [
     ({"activation_checkpointing": "offlaod"}, r"activation_checkpointing: expected bool, got 'offlaod'"),
     ({"activation_checkpointing": "offload", "device": "cpu"}, r"activation_checkpointing: offload moves GPU memory"),
     ({"mlp_tile": -1}, r"mlp_tile: -1; it must be >= 0"),
+    ({"moe": {"lora_router": True}}, r"moe.lora_router: applies to LoRA \(lora.rank > 0\)"),
+    ({"moe": {"lora_router": True}, "lora": {"rank": 4}, "objective": "dpo"}, r"moe.lora_router: .* dpo.ref: model"),
+    (
+        {"moe": {"lora_router": True}, "lora": {"rank": 4}, "objective": "grpo", "grpo": {"beta": 0.04}},
+        r"moe.lora_router: GRPO's KL reference .* beta 0",
+    ),
 ]
 
 

@@ -191,17 +191,23 @@ def test_lora_on_moe_leaves_experts_and_router_frozen_unless_asked(tmp_path):
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
 
+LORA_ROUTER = {"lora": {"rank": 4}, "moe": {"aux_loss_coef": 1.0, "lora_experts": True, "lora_router": True}}
+
+
 @pytest.mark.slow  # processes under torchrun's launcher
-def test_global_balance_on_two_ranks_trains_as_one_process(tmp_path):
+@pytest.mark.parametrize("keys", [{}, LORA_ROUTER], ids=["full", "lora+router"])
+def test_global_balance_on_two_ranks_trains_as_one_process(tmp_path, keys):
     """torchrun + FSDP2, 2 gloo ranks x 2 micro-batches of 1 row: the steps of one process with one batch of 4
-    rows — LM loss, balancing loss (counts summed over micro-batches and ranks) and exported weights."""
+    rows — LM loss, balancing loss (counts summed over micro-batches and ranks) and exported weights; with LoRA and
+    trained routers, the sharded export's adapter folder (routers as modules_to_save) too."""
     import json
     import os
     from pathlib import Path
 
     import yaml
+    from safetensors.torch import load_file
 
-    one, w_one = moe_run(tmp_path, "one", batch_size=4)
+    one, w_one = moe_run(tmp_path, "one", batch_size=4, **keys)
     config = {
         "model": "tiny-moe",
         "data": {"train": str(tmp_path / "chats.jsonl"), "max_length": 64, "shuffle": False},
@@ -211,7 +217,7 @@ def test_global_balance_on_two_ranks_trains_as_one_process(tmp_path):
         "moe": {"aux_loss_coef": 1.0},
         "batch_size": 1,
         "grad_accum": 2,
-    }
+    } | keys
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
     worker = Path(__file__).with_name("dist_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
@@ -225,6 +231,10 @@ def test_global_balance_on_two_ranks_trains_as_one_process(tmp_path):
         assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-5)
     w_two = qwen3lab.load_model(tmp_path / "two" / "model", dtype="float32", device="cpu").state_dict()
     torch.testing.assert_close(w_two, w_one, atol=5e-5, rtol=1e-4)
+    if keys:
+        a_one, a_two = (load_file(tmp_path / r / "adapter" / "adapter_model.safetensors") for r in ("one", "two"))
+        assert "base_model.model.model.layers.1.mlp.gate.weight" in a_two
+        torch.testing.assert_close(a_two, a_one, atol=5e-5, rtol=1e-4)
 
 
 def test_engine_greedy_and_batched_equal_transformers(tmp_path, tok):
@@ -279,15 +289,21 @@ def test_preference_and_rl_objectives_run_on_moe_with_the_balancing_loss(tmp_pat
     assert (run / "model" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("experts", [False, True], ids=["attention+dense", "experts-too"])
-def test_lora_export_of_an_moe_loads_in_peft(tmp_path, tok, experts):
-    """LoRA on attention (the router frozen), the experts too or not: transformers' Qwen3MoeForCausalLM + adapter/
-    in peft (which converts per-expert adapters to its fused experts) gives model/'s logits."""
+LORA_VARIANTS = ["attention+dense", "experts-too", "router-too"]
+
+
+@pytest.mark.parametrize("experts,router", [(False, False), (True, False), (False, True)], ids=LORA_VARIANTS)
+def test_lora_export_of_an_moe_loads_in_peft(tmp_path, tok, experts, router):
+    """LoRA on attention (the router frozen), the experts too or not, the routers trained whole or not:
+    transformers' Qwen3MoeForCausalLM + adapter/ in peft (which converts per-expert adapters to its fused experts,
+    and reads the routers as modules_to_save) gives model/'s logits."""
     peft = pytest.importorskip("peft")
     qwen3lab.save_model(qwen3lab.new_model(preset("tiny-moe"), seed=0), tmp_path / "base")
     tok.save(tmp_path / "base")
-    lora, moe = {"rank": 4, "alpha": 8.0}, {"lora_experts": experts}
-    moe_run(tmp_path, "run", model=str(tmp_path / "base"), lora=lora, moe=moe)
+    lora, moe = {"rank": 4, "alpha": 8.0}, {"lora_experts": experts, "lora_router": router}
+    _, trained = moe_run(tmp_path, "run", model=str(tmp_path / "base"), lora=lora, moe=moe)
+    base_router = qwen3lab.load_model(tmp_path / "base").model.layers[0].mlp.gate.weight
+    assert torch.equal(trained["model.layers.0.mlp.gate.weight"], base_router) != router
     ids = torch.tensor([tok.encode_chat(CHATS[0]["messages"]).input_ids])
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype=torch.float32)
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
@@ -364,3 +380,32 @@ def test_bf16_rows_padded_for_onednn_give_the_unpadded_results(monkeypatch):
     torch.testing.assert_close(results[1], results[0], atol=2e-2, rtol=2e-2)
     assert all(n % 32 == 0 for b, n in rows if b == 32) and any(n % 32 for b, n in rows if b == 1)
     assert mlp._onednn_bf16(torch.zeros(1, dtype=torch.bfloat16)) and not mlp._onednn_bf16(torch.zeros(1))
+
+
+def test_server_greedy_completions_on_moe_equal_transformers(tmp_path, tok):
+    """The OpenAI server on an MoE model: temperature-0 completions (one prompt and two in one request, batched by
+    the engine) are transformers' greedy continuations, up to the first stop token if one comes."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from helpers import serving
+
+    from qwen3lab.infer.sampling import default_stop_ids
+    from qwen3lab.serve import create_app
+
+    ours = qwen3lab.new_model(preset("tiny-moe", initializer_range=0.3), seed=0).eval()  # varied greedy text
+    qwen3lab.save_model(ours, tmp_path / "m")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    prompts = [[151644, 872, 198, 9707], [151644, 872, 198, 3838, 374, 220, 17, 10, 17, 30]]
+    with serving(create_app(ours, tok, "moe")) as url:
+        body = {"model": "moe", "prompt": prompts, "max_tokens": 16, "temperature": 0}
+        choices = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"]
+    assert len(choices) == 2
+    for ids, choice in zip(prompts, sorted(choices, key=lambda c: c["index"]), strict=True):
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None)[0, len(ids) :]
+        ref = ref.tolist()
+        stops = [i for i, t in enumerate(ref) if t in default_stop_ids(ours)]
+        if choice["finish_reason"] == "stop":
+            ref = ref[: stops[0]]
+        else:
+            assert not stops
+        assert choice["text"] == tok.decode(ref)

@@ -149,3 +149,47 @@ def test_4bit_lora_training_tracks_the_bf16_base(tmp_path, tok):
     assert abs(last4 - last16) <= 0.05 * last16, (last16, last4)
     assert last4 < first4 - 1.0  # it learns (random init, 30 steps: about 11.9 -> 10.5 nats)
     assert qwen3lab.load_model(tmp_path / "run4" / "model", dtype="float32", device="cpu") is not None
+
+
+def test_4bit_moe_base_trains_and_exports_as_transformers_reads_it(tmp_path, tok):
+    """Qwen3 MoE on a 4-bit base: every expert's linears NF4, the router kept in the checkpoint's dtype (it is not
+    a LoRA target, and top-k picks are sensitive to its rounding); adapters on the experts too. The export is the
+    4-bit model with its adapters merged (up to bf16 rounding) in transformers' Qwen3MoeForCausalLM; and a training
+    run on such a base logs its balancing loss and writes a folder that loads."""
+    import transformers
+
+    from qwen3lab.model.config import preset
+    from qwen3lab.train import train
+    from qwen3lab.train.export import export
+
+    cfg = preset("tiny-moe", hidden_size=64, moe_intermediate_size=64, intermediate_size=128, head_dim=16)
+    qwen3lab.save_model(qwen3lab.new_model(cfg, seed=0).to(torch.bfloat16), tmp_path / "base")
+    tok.save(tmp_path / "base")
+    ours = load_model_4bit(tmp_path / "base", LORA_TARGETS)
+    mlp = ours.model.layers[0].mlp
+    assert isinstance(mlp.experts[7].down_proj, Linear4bit) and type(mlp.gate) is torch.nn.Linear
+    assert mlp.gate.weight.dtype == torch.bfloat16
+    torch.manual_seed(1)
+    apply_lora(ours, 4, 8.0, experts=True)
+    for m in lora_modules(ours).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    ids = torch.tensor([tok.encode("Experts in four bits, each with its own adapter.")])
+    with torch.no_grad():
+        want = ours.float()(ids)
+    export(ours, tok, None, tmp_path / "out", str(tmp_path / "base"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model", dtype=torch.float32)
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    with torch.no_grad():
+        got = hf(ids).logits
+    assert (got - want).abs().max().item() < 0.01 * want.abs().max().item()
+
+    data = tmp_path / "chats.jsonl"
+    chat = {"messages": [{"role": "user", "content": "Sort 3142"}, {"role": "assistant", "content": "1234"}]}
+    data.write_text((json.dumps(chat) + "\n") * 4)
+    config = {"model": str(tmp_path / "base"), "out": str(tmp_path / "run"), "steps": 2, "progress": False}
+    config |= {"data": {"train": str(data)}, "lora": {"rank": 4, "base_bits": 4}, "moe": {"lora_experts": True}}
+    run = train(config)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert len(steps) == 2 and all("aux_loss" in m and "expert_load/cv" in m for m in steps)
+    assert qwen3lab.load_model(run / "model").config.num_experts == 8

@@ -28,7 +28,7 @@ from .balance import Balance
 from .batching import Cursor, make_rows, rank_batch, split_eval, to_device
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .config import LORA_TARGETS, TrainConfig, train_config_dict
-from .lora import apply_lora
+from .lora import apply_lora, train_routers
 from .net import TrainableTokens, WithLoss, shard
 from .objectives.dpo import sequence_logps
 from .objectives.rollouts import Rollouts, load_prompts
@@ -176,6 +176,8 @@ def build_net(cfg: TrainConfig, d: Dist, device: torch.device, tok: Tokenizer):
     extra_tokens = None
     if cfg.lora.rank > 0:
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, cfg.moe.lora_experts)
+        if cfg.moe.lora_router:
+            train_routers(model)
         if upcast:
             upcast_frozen_layers(model)
         if cfg.lora.train_tokens:

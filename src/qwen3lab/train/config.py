@@ -93,6 +93,8 @@ class MoEConfig:
     balance: str = "global"  # the load-balancing loss over the global batch of a step, or per micro-batch (balance.py)
     aux_loss_coef: float = -1.0  # < 0: the model's router_aux_loss_coef (0.001 in Qwen3 MoE); 0: no balancing loss
     lora_experts: bool = False  # LoRA: adapters on every expert's linears too (else attention and dense MLPs only)
+    lora_router: bool = False  # LoRA: the routers' full weights trained too (hidden x experts a layer; peft's
+    # modules_to_save in the adapter folder)
 
 
 @dataclass
@@ -315,6 +317,8 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> TrainConfig:
             raise ConfigError("lora.base_bits: 4 needs bitsandbytes: pip install 'qwen3lab[qlora]'")
     if cfg.lora.train_tokens and cfg.lora.rank == 0:
         raise ConfigError("lora.train_tokens: needs lora.rank > 0; full fine-tuning trains every embedding row already")
+    if cfg.moe.lora_router:
+        _check_lora_router(cfg)
     if cfg.dpo.ref != "auto" and cfg.objective != "dpo":
         raise ConfigError(f"dpo.ref: {cfg.dpo.ref!r} applies to objective: dpo only (this run is {cfg.objective})")
     g = cfg.grpo
@@ -333,6 +337,18 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> TrainConfig:
         if cfg.device == "cpu" or not torch.cuda.is_available():
             raise ConfigError(f"attention: {cfg.attention} needs a CUDA device; use auto or sdpa on the CPU")
     return cfg
+
+
+def _check_lora_router(cfg: TrainConfig) -> None:
+    # a reference model made by switching the adapters off would still route with the trained routers
+    if cfg.lora.rank == 0:
+        raise ConfigError("moe.lora_router: applies to LoRA (lora.rank > 0); full fine-tuning trains the routers")
+    if cfg.objective == "dpo" and cfg.dpo.ref in ("auto", "adapters"):
+        raise ConfigError(
+            "moe.lora_router: DPO's adapters-off reference would keep the trained routers; dpo.ref: model"
+        )
+    if cfg.objective == "grpo" and cfg.grpo.beta != 0:
+        raise ConfigError("moe.lora_router: GRPO's KL reference (adapters off) would keep the trained routers; beta 0")
 
 
 def train_config_dict(cfg: TrainConfig) -> dict:

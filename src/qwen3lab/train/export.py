@@ -56,8 +56,11 @@ def export_sharded(net, cfg: TrainConfig, tok: Tokenizer, out: Path, source: str
         if loras:
             first = next(iter(loras.values()))
             adapters = {m: (trained[f"model.{m}.lora_A.weight"], trained[f"model.{m}.lora_B.weight"]) for m in loras}
+            whole = {
+                k.removeprefix("model.").removesuffix(".weight"): v for k, v in trained.items() if ".mlp.gate." in k
+            }
             write_peft_adapter(
-                out / "adapter", adapters, first.rank, first.alpha, cfg.lora.dropout, source or "", token_rows
+                out / "adapter", adapters, first.rank, first.alpha, cfg.lora.dropout, source or "", token_rows, whole
             )
 
 

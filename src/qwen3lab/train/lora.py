@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..model.hf import atomic_write
+from ..model.mlp import SparseMoeBlock
 from .config import LORA_TARGETS as TARGETS
 from .quant import Linear4bit
 
@@ -133,6 +134,22 @@ def apply_lora(
     return wrapped
 
 
+def train_routers(model: nn.Module) -> list[str]:
+    """An MoE's routers trained whole beside the adapters (moe.lora_router), in fp32 like the adapters: they are
+    small (hidden x experts) and a low-rank update of a [experts, hidden] matrix would gain little."""
+    names = [name for name, m in model.named_modules() if isinstance(m, SparseMoeBlock)]
+    for name in names:
+        model.get_submodule(f"{name}.gate").float().requires_grad_(True)
+    return [f"{name}.gate" for name in names]
+
+
+def trained_whole(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights trained whole beside the adapters (the routers of train_routers), by module name: peft's
+    modules_to_save."""
+    linears = ((n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n)
+    return {n: m.weight for n, m in linears if m.weight.requires_grad}
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -158,19 +175,30 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model: str
     first = next(iter(loras.values()))
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     adapters = {name: (m.lora_A.weight, m.lora_B.weight) for name, m in loras.items()}
-    return write_peft_adapter(path, adapters, first.rank, first.alpha, dropout, base_model, trained_tokens)
+    whole = trained_whole(model)
+    return write_peft_adapter(path, adapters, first.rank, first.alpha, dropout, base_model, trained_tokens, whole)
 
 
 def write_peft_adapter(
-    path, adapters: dict, rank: int, alpha: float, dropout: float = 0.0, base_model: str = "", trained_tokens=None
+    path,
+    adapters: dict,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    base_model: str = "",
+    trained_tokens=None,
+    whole: dict | None = None,
 ) -> Path:
-    """save_peft_adapter from tensors: adapters maps each wrapped module's name to its (lora_A, lora_B) weights."""
+    """save_peft_adapter from tensors: adapters maps each wrapped module's name to its (lora_A, lora_B) weights;
+    whole maps a module trained whole (an MoE router) to its weight, written as peft's modules_to_save."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, (a, b) in adapters.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+    for name, weight in (whole or {}).items():
+        tensors[f"base_model.model.{name}.weight"] = weight.detach().cpu().contiguous()
     token_ids = None
     if trained_tokens is not None:
         token_ids, rows = trained_tokens
@@ -191,7 +219,7 @@ def write_peft_adapter(
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": sorted({name.rpartition(".")[2] for name in whole}) if whole else None,
         "trainable_token_indices": token_ids,
     }
     atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
