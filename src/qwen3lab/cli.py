@@ -240,6 +240,16 @@ def cmd_eval(args) -> None:
     )
 
 
+def cmd_prepare(args) -> None:
+    """Tokenise data files into memory-mapped shards that training reads as they are (--data.train DIR)."""
+    from .train.prepare import describe, prepare
+
+    t0 = time.perf_counter()
+    kw = dict(workers=args.workers, max_length=args.max_length, skip_bad=args.skip_bad)
+    manifest = prepare(args.files, args.out, args.model, rows_per_shard=args.rows_per_shard, **kw)
+    print(f"{args.out}: {describe(manifest)} ({time.perf_counter() - t0:.1f}s)")
+
+
 def cmd_compare(args) -> None:
     """A table of runs' final metrics and one PNG overlaying their loss curves."""
     import matplotlib
@@ -346,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", default=None, help="write results and every generation as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("prepare", help=cmd_prepare.__doc__)
+    p.add_argument("files", nargs="+", help="JSONL / JSON / Parquet files or datasets folders")
+    p.add_argument("--out", required=True, help="the prepared folder (a stopped run continues where it stopped)")
+    p.add_argument("--model", default=None, help="its tokenizer and chat template (default: the built-in Qwen3 ones)")
+    p.add_argument("--workers", type=int, default=None, help="tokenising processes (default: the cores)")
+    p.add_argument("--max-length", type=int, default=2048, help="examples other than text cut at this many tokens")
+    p.add_argument("--skip-bad", action="store_true", help="leave bad rows out (counted, listed) instead of stopping")
+    p.add_argument("--rows-per-shard", type=int, default=4096, help="rows tokenised into each shard")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("compare", help=cmd_compare.__doc__)
     p.add_argument("runs", nargs="+", help="run folders")

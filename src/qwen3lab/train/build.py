@@ -23,18 +23,18 @@ from ..model.hf import load_model, new_model, resolve_folder, stored_dtype
 from ..model.model import Qwen3
 from ..model.runtime import apply_compile, cpu_bf16_is_fast
 from ..text.tokenizer import Tokenizer, load_tokenizer
-from . import data as D
 from .balance import Balance
-from .batching import Cursor, make_rows, rank_batch, split_eval, to_device
+from .batching import Cursor, rank_batch, to_device
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .config import LORA_TARGETS, TrainConfig, train_config_dict
 from .lora import apply_lora, train_routers
 from .net import TrainableTokens, WithLoss, shard
 from .objectives.dpo import sequence_logps
-from .objectives.rollouts import Rollouts, load_prompts
+from .objectives.rollouts import Rollouts
 from .optim import build_optimizer
 from .parallel import Dist, apply_activation_checkpointing, reshard
 from .quant import load_model_4bit, quantize_linears
+from .sources import load_data, log_data
 
 log = logging.getLogger("qwen3lab")
 
@@ -92,7 +92,7 @@ def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
     total_steps = cfg.steps or max(
         1, math.ceil(cfg.epochs * math.ceil(len(rows) / global_rows) / cfg.grad_accum) * iterations
     )
-    _log_data(cfg, d, data, rows, total_steps)
+    log_data(cfg, d, data, rows, total_steps)
     ref_logps = eval_ref_logps = None
     if dpo and _reference(cfg) == "precompute":  # from the starting weights, kept in the run folder for a resume
         ref_logps = _precomputed(out / "ref_logps.npy", net, data, d, device, autocast, tok.pad_token_id, cfg)
@@ -263,65 +263,6 @@ def build_tokenizer(model_source: str | None) -> Tokenizer:
 def _reference(cfg: TrainConfig) -> str:
     """DPO's reference: adapters (LoRA with them off), model (a frozen copy) or precompute."""
     return cfg.dpo.ref if cfg.dpo.ref != "auto" else ("adapters" if cfg.lora.rank > 0 else "model")
-
-
-def load_data(cfg: TrainConfig, tok: Tokenizer):
-    """(data, rows, eval_data, eval_rows) for the objective. SFT: tokenized examples, rows of examples (packed or
-    one each). DPO: examples 2i / 2i + 1 are pair i's chosen / rejected sides, a row is a pair's index. GRPO: the
-    prompts, a row is a prompt's index (its micro-batch is made by rollouts at the step that uses it)."""
-    if cfg.objective == "grpo":
-        prompts = load_prompts(cfg.data.train, tok)
-        return prompts, list(range(len(prompts))), None, []
-    if cfg.objective == "dpo":
-        data = D.load_preferences(cfg.data.train, tok, cfg.data.max_length)
-        rows = list(range(len(data) // 2))
-        if cfg.data.eval:
-            eval_data = D.load_preferences(cfg.data.eval, tok, cfg.data.max_length)
-            return data, rows, eval_data, list(range(len(eval_data) // 2))
-        if cfg.data.eval_fraction <= 0:
-            return data, rows, data, []
-        random.Random(cfg.seed).shuffle(rows)
-        n_eval = max(1, int(len(rows) * cfg.data.eval_fraction))
-        return data, sorted(rows[n_eval:]), data, sorted(rows[:n_eval])
-    cache_dir = Path(os.environ.get("QWEN3LAB_CACHE", "~/.cache/qwen3lab")).expanduser() / "data"
-    data = D.load_tokenized(cfg.data.train, tok, cfg.data.max_length, cache_dir)
-    eval_data = None
-    if cfg.data.eval:
-        eval_data = D.load_tokenized(cfg.data.eval, tok, cfg.data.max_length, cache_dir)
-    else:
-        data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.seed)
-    if not cfg.data.assistant_only:
-        data = data.all_tokens_supervised()
-        eval_data = eval_data.all_tokens_supervised() if eval_data else None
-    rows = make_rows(data, cfg.data.max_length, cfg.data.packing, cfg.data.pack_order, cfg.seed)
-    eval_rows = make_rows(eval_data, cfg.data.max_length, cfg.data.packing) if eval_data else []
-    return data, rows, eval_data, eval_rows
-
-
-def _log_data(cfg: TrainConfig, d: Dist, data, rows: list, total_steps: int) -> None:
-    if cfg.objective == "grpo":
-        log.info(
-            "data: %d prompts; %d steps of %d x %d prompts x %d completions",
-            len(rows),
-            total_steps,
-            cfg.grad_accum,
-            cfg.batch_size,
-            cfg.grpo.num_generations,
-        )
-        return
-    dpo = cfg.objective == "dpo"
-    log.info(
-        "data: %d %s (%d supervised tokens) in %d rows%s; %d steps of %d x %d rows x %d ranks",
-        len(rows) if dpo else len(data),
-        "pairs" if dpo else "examples",
-        data.supervised_tokens(),
-        len(rows),
-        " packed" if cfg.data.packing or dpo else "",
-        total_steps,
-        cfg.grad_accum,
-        cfg.batch_size,
-        d.world,
-    )
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
