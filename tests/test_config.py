@@ -43,6 +43,11 @@ BAD = [
     ({"activation_checkpointing": "offload", "device": "cpu"}, r"activation_checkpointing: offload moves GPU memory"),
     ({"mlp_tile": -1}, r"mlp_tile: -1; it must be >= 0"),
     ({"moe": {"lora_router": True}}, r"moe.lora_router: applies to LoRA \(lora.rank > 0\)"),
+    ({"data": {"mix": ["a.jsonl:2"]}}, r"data.mix: replaces data.train; give one or the other"),
+    ({"data": {"train": "", "mix": ["a.jsonl:0"]}}, r"data.mix\[0\]: weight '0'; it must be a number > 0"),
+    ({"data": {"train": "", "mix": [{"file": "a.jsonl"}]}}, r"data.mix\[0\]: \{'file': 'a.jsonl'\}; give \{path"),
+    ({"data": {"train": "", "mix": ["a/x.jsonl", "b/x.jsonl"]}}, r"data.mix\[1\]: a second source named 'x'"),
+    ({"data": {"train": "", "mix": ["a.jsonl"]}, "objective": "dpo"}, r"data.mix: mixes SFT .* objective dpo"),
     ({"moe": {"lora_router": True}, "lora": {"rank": 4}, "objective": "dpo"}, r"moe.lora_router: .* dpo.ref: model"),
     (
         {"moe": {"lora_router": True}, "lora": {"rank": 4}, "objective": "grpo", "grpo": {"beta": 0.04}},

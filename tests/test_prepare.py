@@ -110,7 +110,7 @@ def test_a_killed_prepare_continues_to_the_same_shards(tmp_path):
     assert 3 <= len(left) < 30 and not (tmp_path / "killed" / "manifest.json").exists()
     again = subprocess.run(cmd + ["--out", str(tmp_path / "killed")], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
-    assert f"{3000 - 100 * len(left)} rows" in again.stderr  # only the missing chunks were tokenised
+    assert f"{30 - len(left)} of 30 shards made by this run" in again.stderr  # only the missing ones
     whole = {k: v for k, v in shard_bytes(tmp_path / "killed").items() if not k.startswith(".")}
     assert whole == shard_bytes(tmp_path / "straight")
 
@@ -132,11 +132,11 @@ def test_bad_rows_stop_the_run_or_are_skipped_and_listed(tmp_path):
         prepare([str(tmp_path / "bad.jsonl")], tmp_path / "b", workers=1, max_length=99, skip_bad=True)
 
 
-def _train(tmp_path, name, data, **keys):
+def _train(tmp_path, name, data, data_keys=None, **keys):
     from qwen3lab.train import train
 
     config = {"model": "tiny", "out": str(tmp_path / name), "steps": 4, "progress": False, "batch_size": 2}
-    config["data"] = {"train": str(data), "max_length": 128} | keys.pop("data", {})
+    config["data"] = {"train": str(data) if data else "", "max_length": 128} | (data_keys or {})
     run = train(config | keys)
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -199,3 +199,52 @@ def test_prepared_folder_refused_for_another_tokenizer_or_objective(tmp_path, to
         examples(str(tmp_path / "p"), other, cfg, "sft")
     with pytest.raises(D.DataError, match="a prepared sft corpus; objective sft trains on pairs"):
         examples(str(tmp_path / "p"), tok, cfg, "pairs")
+
+
+def test_mixture_draws_each_source_in_its_proportion_and_resumes_the_same_stream():
+    """1,000 global batches of 8 rows from three sources (weights 6:3:1, sizes 5, 50 and 7 rows): each source's
+    share within 4 binomial standard deviations; a cursor restored from a saved state continues the same rows."""
+    from qwen3lab.train.batching import Cursor, MixCursor
+
+    def mix():
+        cursors = [Cursor(n, seed=s, shuffle=True) for s, n in enumerate((5, 50, 7))]
+        return MixCursor(cursors, [6, 3, 1], [[1] * 5, [2] * 50, [3] * 7], seed=0)
+
+    cursor, bases = mix(), (0, 5, 55, 62)
+    counts = np.zeros(3)
+    for _ in range(1000):
+        for row in cursor.take(8):
+            counts[np.searchsorted(bases, row, side="right") - 1] += 1
+    n, p = counts.sum(), np.array([0.6, 0.3, 0.1])
+    assert (np.abs(counts - n * p) < 4 * np.sqrt(n * p * (1 - p))).all(), counts
+    assert cursor.state()["tokens"] == [counts[0] * 1, counts[1] * 2, counts[2] * 3]
+    saved = json.loads(json.dumps(cursor.state()))  # as a checkpoint holds it
+    ahead = [cursor.take(8) for _ in range(20)]
+    again = mix()
+    again.restore(saved)
+    assert [again.take(8) for _ in range(20)] == ahead
+
+
+def test_mixed_run_reports_each_source_and_resumes_exactly(tmp_path, monkeypatch):
+    """A file and a prepared text corpus mixed 3:1: every step logs each source's loss and tokens (which add up to
+    the run's); with one source's weight near 0 its loss is the run's; stopped after step 2 and resumed, the same
+    losses."""
+    chats = write(tmp_path / "chats.jsonl", mixed_rows(40))
+    prepare([str(text_corpus(tmp_path / "text.jsonl"))], tmp_path / "t", workers=1)
+    mix = [{"path": str(chats), "weight": 3, "name": "chats"}, {"path": str(tmp_path / "t"), "weight": 1}]
+    keys = {"data_keys": {"mix": mix}}
+    straight = _train(tmp_path, "straight", "", **keys)
+    before = {"tokens/chats": 0, "tokens/t": 0}
+    for m in straight:  # a source's loss is logged in the steps that drew rows from it
+        assert m["tokens/chats"] + m["tokens/t"] == m["tokens"]
+        assert all((f"loss/{s}" in m) == (m[f"tokens/{s}"] > before[f"tokens/{s}"]) for s in ("chats", "t"))
+        before = m
+    assert any("loss/t" in m for m in straight) and any("loss/chats" in m for m in straight)
+    with crash_after_step(monkeypatch, 2):
+        _train(tmp_path, "resumed", "", save_every=2, **keys)
+    resumed = _train(tmp_path, "resumed", "", save_every=2, **keys)
+    assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], abs=1e-6)
+    assert [m["tokens/t"] for m in resumed] == [m["tokens/t"] for m in straight]
+    mix[1]["weight"] = 1e-9
+    (one,) = _train(tmp_path, "one", "", steps=1, **keys)
+    assert one["loss/chats"] == pytest.approx(one["loss"], rel=1e-6) and "loss/t" not in one

@@ -127,9 +127,8 @@ def test_a_client_that_disconnects_frees_its_row(server, n):
         for _ in range(3):
             next(chunks)
         assert _metric(url, "qwen3lab_requests_running") == n
-    for _ in range(100):  # the response is closed: the row leaves at the engine's next step
-        if _metric(url, "qwen3lab_requests_running") == 0:
-            break
+    deadline = time.monotonic() + 30  # the response is closed: the row leaves at the engine's next step
+    while _metric(url, "qwen3lab_requests_running") != 0 and time.monotonic() < deadline:  # (slow on a busy machine)
         time.sleep(0.05)
     assert _metric(url, "qwen3lab_requests_running") == 0
     assert _metric(url, "qwen3lab_generated_tokens_total") < 3000 * n

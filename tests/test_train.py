@@ -397,7 +397,7 @@ def test_continuing_a_decayed_schedule_takes_the_new_totals_learning_rate(model_
 
 
 def test_wsd_schedule_warms_up_holds_then_decays():
-    from qwen3lab.train.build import lr_lambda
+    from qwen3lab.train.optim import lr_lambda
 
     cfg = TrainConfig()
     cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_fraction, cfg.optim.min_lr_ratio = "wsd", 2, 0.4, 0.1

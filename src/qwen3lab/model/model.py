@@ -9,6 +9,7 @@ activation checkpointing, compile) is applied from outside, in train/parallel.py
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -157,10 +158,23 @@ class Qwen3(nn.Module):
             )
         )
         self.rotary_emb = RotaryEmbedding(cfg)
+        self.checkpoint_rope = (cfg.rope_theta, cfg.rope_scaling)  # as built: set_rope changes the config's
         # attention.py's backend for packed rows (auto, sdpa, varlen, flex, dense); the training config sets it
         self.attn_implementation = "auto"
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+
+    def set_rope(self, rope_theta: float | None = None, rope_scaling: dict | None = None) -> None:
+        """Context extension: RoPE's base and / or its scaling (e.g. YaRN {rope_type: yarn, factor: 4,
+        original_max_position_embeddings: 32768}, as Qwen documents for Qwen3 to 131,072 tokens) changed in the
+        config, which the export writes, and in the rotary tables from the next forward on. A scaling's context
+        (factor x original) becomes max_position_embeddings if longer."""
+        changes = {"rope_theta": rope_theta or self.config.rope_theta, "rope_scaling": rope_scaling}
+        if rope_scaling and rope_scaling.get("factor") and rope_scaling.get("original_max_position_embeddings"):
+            longest = int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"])
+            changes["max_position_embeddings"] = max(self.config.max_position_embeddings, longest)
+        self.config = dataclasses.replace(self.config, **changes)
+        self.rotary_emb = RotaryEmbedding(self.config)
 
     def tie_weights(self):
         # Materialising from meta (to_empty) replaces each parameter, so the tie must be made again afterwards.

@@ -181,6 +181,44 @@ class Cursor:
     def state(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
 
+    def restore(self, state: dict) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+class MixCursor:
+    """A mixture's stream of rows (data.mix): each row's source drawn with the sources' weights, from a generator
+    seeded by (seed, the row's position in the stream), then the next row of that source's own cursor (each source
+    goes through its epochs at its own pace). Deterministic and resumable: the state is the position, each source's
+    cursor, and the tokens each source has given. Row indices are into the concatenation of the sources' rows."""
+
+    def __init__(self, cursors: list[Cursor], weights: list[float], row_tokens: list[list[int]], seed: int):
+        self.cursors, self.row_tokens, self.seed = cursors, row_tokens, seed
+        self.bounds = np.cumsum(weights) / sum(weights)  # [S] where each source's share of [0, 1) ends
+        self.bases = np.concatenate([[0], np.cumsum([c.n_rows for c in cursors])])  # [S + 1] first row of each
+        self.position, self.tokens = 0, [0] * len(cursors)
+
+    def draw(self, position: int) -> int:
+        """The source of the row at this position of the stream."""
+        u = random.Random(self.seed * 1_000_003 + position).random()
+        return min(int(np.searchsorted(self.bounds, u, side="right")), len(self.cursors) - 1)
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            s = self.draw(self.position)
+            row = self.cursors[s].take(1)[0]
+            self.position, self.tokens[s] = self.position + 1, self.tokens[s] + self.row_tokens[s][row]
+            out.append(int(self.bases[s]) + row)
+        return out
+
+    def state(self) -> dict:
+        return {"position": self.position, "sources": [c.state() for c in self.cursors], "tokens": list(self.tokens)}
+
+    def restore(self, state: dict) -> None:
+        self.position, self.tokens = state["position"], list(state["tokens"])
+        for c, saved in zip(self.cursors, state["sources"], strict=True):
+            c.restore(saved)
+
 
 def split_eval(data: TokenizedData, fraction: float, seed: int) -> tuple[TokenizedData, TokenizedData | None]:
     if fraction <= 0:
@@ -201,9 +239,14 @@ def rank_batch(data, rows: list, d: Dist, pad_id: int, pairs: bool = False, ref_
     """This rank's share of a global batch: rows rank, rank + world, ... (with pairs, each row is a preference
     pair's index); a rank left with none gets empty_batch."""
     mine = rows[d.rank :: d.world]
-    if mine:
-        return collate_pairs(data, mine, pad_id, ref_logps) if pairs else collate(data, mine, pad_id)
-    return empty_batch(pad_id, "dpo" if pairs else "sft")
+    if not mine:
+        return empty_batch(pad_id, "dpo" if pairs else "sft")
+    if pairs:
+        return collate_pairs(data, mine, pad_id, ref_logps)
+    batch = collate(data, mine, pad_id)
+    if hasattr(data, "source_of"):  # a mixture: each row's source, for the loss per source
+        batch["row_source"] = torch.tensor([data.source_of(row[0]) for row in mine])
+    return batch
 
 
 def units(batch) -> int:

@@ -26,15 +26,16 @@ from ..text.tokenizer import Tokenizer, load_tokenizer
 from .balance import Balance
 from .batching import Cursor, rank_batch, to_device
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from .config import LORA_TARGETS, TrainConfig, train_config_dict
+from .config import LORA_TARGETS, TrainConfig, stage_configs, train_config_dict
 from .lora import apply_lora, train_routers
 from .net import TrainableTokens, WithLoss, shard
 from .objectives.dpo import sequence_logps
 from .objectives.rollouts import Rollouts
-from .optim import build_optimizer
+from .optim import build_optimizer, lr_lambda, staged_lr_lambda
 from .parallel import Dist, apply_activation_checkpointing, reshard
 from .quant import load_model_4bit, quantize_linears
-from .sources import load_data, log_data
+from .sources import Mixture, load_data, log_data, make_cursor
+from .stages import stage_ends, staged_batches
 
 log = logging.getLogger("qwen3lab")
 
@@ -65,6 +66,7 @@ class Run:
     rollouts: Rollouts | None
     checkpoints: Path
     balance: Balance | None = None  # MoE: the load-balancing loss
+    sources: list[str] = field(default_factory=list)  # data.mix: the sources' names (metrics per source)
     tokens_seen: int = 0
     started: float = field(default_factory=time.perf_counter)
 
@@ -85,14 +87,10 @@ def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
     model, source, net, extra_tokens, autocast = build_net(cfg, d, device, tok)
     dpo, grpo = cfg.objective == "dpo", cfg.objective == "grpo"
 
-    # data: a row is a list of examples (SFT), a pair's index (DPO) or a prompt's index (GRPO)
-    data, rows, eval_data, eval_rows = load_data(cfg, tok)
+    stages = stage_configs(cfg)
+    data, rows, eval_data, eval_rows, total_steps = _data(cfg, d, tok, stages)
     global_rows = cfg.batch_size * d.world  # rows of one micro-batch over all ranks
     iterations = cfg.grpo.num_iterations if grpo else 1  # optimizer steps per batch of rollouts
-    total_steps = cfg.steps or max(
-        1, math.ceil(cfg.epochs * math.ceil(len(rows) / global_rows) / cfg.grad_accum) * iterations
-    )
-    log_data(cfg, d, data, rows, total_steps)
     ref_logps = eval_ref_logps = None
     if dpo and _reference(cfg) == "precompute":  # from the starting weights, kept in the run folder for a resume
         ref_logps = _precomputed(out / "ref_logps.npy", net, data, d, device, autocast, tok.pad_token_id, cfg)
@@ -109,10 +107,13 @@ def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
             )
 
     optimizer = build_optimizer(net, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    cursor = Cursor(len(rows), cfg.seed, cfg.data.shuffle)
+    schedule = staged_lr_lambda(cfg, stages) if cfg.stages else lr_lambda(cfg, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    cursor = make_cursor(cfg, data, rows)
     checkpoints = checkpoints_folder(cfg, out)
-    step = resume(checkpoints, cfg, net, optimizer, scheduler, cursor, total_steps, d) if cfg.resume else 0
+    step, saved_data = resume(checkpoints, cfg, net, optimizer, scheduler, total_steps, d) if cfg.resume else (0, None)
+    if saved_data and not cfg.stages:
+        cursor.restore(saved_data)
     rollouts = Rollouts(cfg, tok, data, net, autocast, d, out) if grpo else None
     run = Run(
         cfg=cfg,
@@ -137,12 +138,30 @@ def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
         rollouts=rollouts,
         checkpoints=checkpoints,
         balance=_balance(cfg, model, d),
+        sources=data.names if isinstance(data, Mixture) else [],
     )
-    if grpo:
+    if cfg.stages:
+        run.batches = staged_batches(run, stages, (data, rows, eval_data, eval_rows), saved_data)
+    elif grpo:
         run.batches = _rollout_batches(run, cursor, rows, iterations)
     else:
         run.batches = _micro_batches(run, cursor, data, rows, ref_logps)
     return run
+
+
+def _data(cfg: TrainConfig, d: Dist, tok: Tokenizer, stages: list):
+    """(data, rows, eval_data, eval_rows, total_steps). A row is a list of examples (SFT), a pair's index (DPO) or
+    a prompt's index (GRPO); a staged run reads its first stage's data here, the others' as they begin."""
+    data, rows, eval_data, eval_rows = load_data(stages[0][1], tok)
+    if cfg.stages:
+        return data, rows, eval_data, eval_rows, int(stage_ends(stages)[-1])
+    iterations = cfg.grpo.num_iterations if cfg.objective == "grpo" else 1  # optimizer steps per rollout batch
+    global_rows = cfg.batch_size * d.world
+    total_steps = cfg.steps or max(
+        1, math.ceil(cfg.epochs * math.ceil(len(rows) / global_rows) / cfg.grad_accum) * iterations
+    )
+    log_data(cfg, d, data, rows, total_steps)
+    return data, rows, eval_data, eval_rows, total_steps
 
 
 def _balance(cfg: TrainConfig, model: Qwen3, d: Dist) -> Balance | None:
@@ -160,6 +179,7 @@ def build_net(cfg: TrainConfig, d: Dist, device: torch.device, tok: Tokenizer):
     # under FSDP a model from a folder is built on the meta device, each rank loading only its shards (`shard`)
     model, source = build_model(cfg, torch.device("cpu") if d.world > 1 else device, d.world)
     model.attn_implementation = cfg.attention
+    _set_rope(cfg, model)
     base_dtype = model.model.embed_tokens.weight.dtype
     use_bf16 = use_bf16_compute(cfg, device, base_dtype)
     upcast = base_dtype != torch.float32 and not use_bf16
@@ -198,7 +218,7 @@ def build_net(cfg: TrainConfig, d: Dist, device: torch.device, tok: Tokenizer):
     ref_model = None
     grpo_copy = cfg.objective == "grpo" and cfg.grpo.beta != 0 and cfg.lora.rank == 0
     if (cfg.objective == "dpo" and _reference(cfg) == "model") or grpo_copy:  # a frozen copy of the starting weights
-        ref_model = build_model(cfg, torch.device("cpu") if d.world > 1 else device, d.world)[0]
+        ref_model = _set_rope(cfg, build_model(cfg, torch.device("cpu") if d.world > 1 else device, d.world)[0])
         ref_model.eval().requires_grad_(False)
         ref_model.attn_implementation = cfg.attention
         if upcast:  # a bf16 base computed in fp32
@@ -238,6 +258,13 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int = 1):
     return load_model(cfg.model, dtype=dtype, device=device), cfg.model
 
 
+def _set_rope(cfg: TrainConfig, model: Qwen3) -> Qwen3:
+    """rope_theta / rope_scaling of the run (context extension), where set."""
+    if cfg.rope_theta or cfg.rope_scaling:
+        model.set_rope(cfg.rope_theta, cfg.rope_scaling or model.config.rope_scaling)
+    return model
+
+
 def use_bf16_compute(cfg: TrainConfig, device: torch.device, base_dtype: torch.dtype) -> bool:
     """bf16 autocast on GPUs; on CPUs only for a bf16 frozen base (LoRA) where bf16 is measured faster than fp32
     (AMX), so full fine-tuning and the demo keep their fp32 numerics on every CPU."""
@@ -263,25 +290,6 @@ def build_tokenizer(model_source: str | None) -> Tokenizer:
 def _reference(cfg: TrainConfig) -> str:
     """DPO's reference: adapters (LoRA with them off), model (a frozen copy) or precompute."""
     return cfg.dpo.ref if cfg.dpo.ref != "auto" else ("adapters" if cfg.lora.rank > 0 else "model")
-
-
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    o = cfg.optim
-
-    # wsd (warmup-stable-decay): constant, then a linear decay over the last decay_fraction of the steps; a longer
-    # run only moves the decay later, so a run continued from its stable phase goes on as if planned that long
-    decay_start = total_steps - max(1, round(o.decay_fraction * total_steps)) if o.schedule == "wsd" else o.warmup_steps
-
-    def f(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / (o.warmup_steps + 1)
-        if o.schedule == "constant" or step < decay_start:
-            return 1.0
-        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
-
-    return f
 
 
 def _micro_batches(run: Run, cursor: Cursor, data, rows: list, ref_logps) -> Iterator[dict]:
@@ -316,23 +324,28 @@ def resume(
     net,
     optimizer,
     scheduler,
-    cursor: Cursor,
     total_steps: int,
     d: Dist,
-) -> int:
-    """Load the latest checkpoint, if any, and move the cursor to its data position; returns its step (0: none).
-    Saved by another number of ranks, the run goes on with this one's global batch (the log says so). A finished
-    run goes on to this run's total: the learning-rate schedule is that of the new total from the saved step on."""
-    if not list_checkpoints(ckpts):
-        return 0
-    latest = list_checkpoints(ckpts)[-1]
+) -> tuple[int, dict | None]:
+    """Load the latest checkpoint of the run (else resume_from's, if given) -> its step and data position (0 and
+    None: none). Saved by another number of ranks, the run goes on with this one's global batch (the log says so).
+    A finished run goes on to this run's total: the learning-rate schedule is that of the new total from the saved
+    step on."""
+    if list_checkpoints(ckpts):
+        latest = list_checkpoints(ckpts)[-1]
+    elif cfg.resume_from:
+        latest = Path(cfg.resume_from)
+        if not latest.is_dir():
+            raise CheckpointError(f"resume_from: {latest} is not a checkpoint folder (…/checkpoints/step-N)")
+        log.info("starting from %s (resume_from): a branch of that run, written to %s", latest, cfg.out)
+    else:
+        return 0, None
     step, saved = load_checkpoint(latest, net, optimizer, scheduler, d, cfg.objective)
     run = saved.get("run") or {}
     if not saved.get("data"):
         raise CheckpointError(
             f"{latest}: written by an older qwen3lab without the data position; resume: false to start anew"
         )
-    cursor.epoch, cursor.offset = saved["data"]["epoch"], saved["data"]["offset"]
     # the optimizer's saved learning rate is the old schedule's; LambdaLR computes the new one the same way
     scheduler._last_lr = []
     for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
@@ -353,16 +366,15 @@ def resume(
     if saved["world"] != d.world:
         log.warning(
             "resumed with %d ranks from a checkpoint of %d: weights and optimizer state resharded, the data "
-            "continues at epoch %d, row %d; the global batch is now %d rows (was %d), so losses will not equal "
-            "an uninterrupted run's",
+            "continues at %s; the global batch is now %d rows (was %d), so losses will not equal an uninterrupted "
+            "run's",
             d.world,
             saved["world"],
-            cursor.epoch,
-            cursor.offset,
+            saved["data"],
             cfg.batch_size * d.world,
             cfg.batch_size * saved["world"],
         )
-    return step
+    return step, saved["data"]
 
 
 def checkpoints_folder(cfg: TrainConfig, out: Path) -> Path:

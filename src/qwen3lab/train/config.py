@@ -13,14 +13,16 @@ from pathlib import Path
 
 import yaml
 
-from ..model.config import ATTENTION_BACKENDS, ConfigError
+from ..model.config import ATTENTION_BACKENDS, ROPE_TYPES, ConfigError
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class DataConfig:
-    train: str = ""  # JSONL / JSON / Parquet file, or a folder saved by `datasets`
+    train: str = ""  # JSONL / JSON / Parquet file, a folder saved by `datasets`, or a prepared folder
+    # or a mixture: [{path, weight, name}] or ["path:weight"], each row of every batch drawn from them by weight
+    mix: list = field(default_factory=list)
     eval: str = ""  # held-out file; empty: split eval_fraction off the training rows
     eval_fraction: float = 0.0
     max_length: int = 2048
@@ -124,6 +126,10 @@ class TrainConfig:
     # with activation checkpointing, rows longer than this many tokens run the MLP over tiles of it, so the
     # [tokens, intermediate_size] activations are never whole (0: never tiled)
     mlp_tile: int = 4096
+    # context extension (e.g. a long-context stage): RoPE's base (0: the model's) and scaling ({}: the model's),
+    # e.g. {rope_type: yarn, factor: 4, original_max_position_embeddings: 32768}; the export's config carries them
+    rope_theta: float = 0.0
+    rope_scaling: dict = field(default_factory=dict)
     compile: bool = False
     loss_chunk: int = 256  # positions per lm_head chunk in the loss: chunk x vocab fp32 logits at a time
     # one process on the CPU: keep (freed memory kept in the heap for speed) | lean (large blocks returned when
@@ -138,6 +144,12 @@ class TrainConfig:
     checkpoint_dir: str = ""
     dist_timeout: float = 600.0  # seconds a rank waits for the others before the run fails (torchrun jobs)
     resume: bool = True  # continue from the newest checkpoint in `out` when there is one
+    # a checkpoint folder (…/checkpoints/step-000400) to start from when `out` has none of its own: a branch, e.g.
+    # a wsd decay run from a checkpoint of the stable phase
+    resume_from: str = ""
+    # phases of one run, each [{name, steps, and the keys it changes}] (STAGE_KEYS): data, learning rate and
+    # schedule, RoPE (e.g. general text, then reasoning data, then long context with YaRN); steps: their sum
+    stages: list = field(default_factory=list)
     report_to: list = field(default_factory=list)  # tensorboard, wandb (when installed)
     progress: bool = True
 
@@ -304,8 +316,16 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> TrainConfig:
             raise ConfigError(f"{key}: {unknown} not among {', '.join(allowed)}")
     if not cfg.model:
         raise ConfigError("model: give an HF model folder or a preset name (e.g. --model tiny)")
-    if not cfg.data.train:
-        raise ConfigError("data.train: give a JSONL / JSON / Parquet file or a datasets folder")
+    rope = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) if cfg.rope_scaling else None
+    if cfg.rope_scaling and (rope not in ROPE_TYPES or (rope != "default" and not cfg.rope_scaling.get("factor"))):
+        raise ConfigError(f"rope_scaling: {cfg.rope_scaling}; give rope_type ({', '.join(ROPE_TYPES)}) and factor")
+    if cfg.stages:
+        _check_stages(cfg, world)
+        return cfg
+    if cfg.data.mix:
+        cfg.data.mix = _check_mix(cfg)
+    elif not cfg.data.train:
+        raise ConfigError("data.train: give a JSONL / JSON / Parquet file, a datasets folder or a prepared folder")
     if cfg.optim.name == "muon" and world > 1:
         raise ConfigError("optim.name: muon orthogonalises whole matrices, which FSDP shards; use adamw with torchrun")
     if cfg.lora.base_bits == 4:
@@ -337,6 +357,77 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> TrainConfig:
         if cfg.device == "cpu" or not torch.cuda.is_available():
             raise ConfigError(f"attention: {cfg.attention} needs a CUDA device; use auto or sdpa on the CPU")
     return cfg
+
+
+# what a stage may change; the rest (model, adapters, optimizer, batch) is the run's
+STAGE_KEYS = ("steps", "data.", "optim.lr", "optim.muon_lr", "optim.schedule", "optim.warmup_steps")
+STAGE_KEYS += ("optim.decay_fraction", "optim.min_lr_ratio", "rope_theta", "rope_scaling")
+
+
+def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """The run's stages as (name, config): the run's keys with each stage's changes (not those of the stages
+    before it). A run without stages is its one stage."""
+    if not cfg.stages:
+        return [("", cfg)]
+    out = []
+    for i, stage in enumerate(cfg.stages):
+        where = f"stages[{i}]"
+        if not isinstance(stage, dict) or not isinstance(stage.get("steps"), int) or stage["steps"] < 1:
+            raise ConfigError(f"{where}: {stage!r}; a stage is a mapping with steps (>= 1) and the keys it changes")
+        c = dataclasses.replace(cfg, stages=[], data=dataclasses.replace(cfg.data))
+        c.optim = dataclasses.replace(cfg.optim)
+        changes = flatten_keys({k: v for k, v in stage.items() if k != "name"})
+        if "data.mix" in changes:
+            c.data.train = ""
+        elif "data.train" in changes:
+            c.data.mix = []
+        for key, value in changes.items():
+            if not key.startswith(STAGE_KEYS):
+                raise ConfigError(f"{where}.{key}: a stage may change {', '.join(STAGE_KEYS)}; this is the run's")
+            try:
+                set_key(c, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{where}.{e}") from None
+        if c.data.mix:
+            c.data.mix = _check_mix(c)
+        out.append((str(stage.get("name") or f"stage{i}"), c))
+    return out
+
+
+def _check_stages(cfg: TrainConfig, world: int) -> None:
+    if cfg.objective != "sft":
+        raise ConfigError(f"stages: phases of SFT / pretraining runs; objective {cfg.objective} has none")
+    for i, (name, stage) in enumerate(stage_configs(cfg)):
+        try:
+            check_train_config(stage, world)
+        except ConfigError as e:
+            raise ConfigError(f"stages[{i}] ({name}): {e}") from None
+
+
+def _check_mix(cfg: TrainConfig) -> list[dict]:
+    """data.mix as [{path, weight, name}]: each entry a dict or "path:weight" (weight 1 when left out)."""
+    if cfg.data.train:
+        raise ConfigError("data.mix: replaces data.train; give one or the other")
+    if cfg.objective != "sft":
+        raise ConfigError(f"data.mix: mixes SFT / pretraining sources; objective {cfg.objective} reads one file")
+    mix = []
+    for i, entry in enumerate(cfg.data.mix):
+        if isinstance(entry, str):
+            path, _, weight = entry.rpartition(":") if ":" in entry else (entry, "", "1")
+            entry = {"path": path, "weight": weight}
+        if not isinstance(entry, dict) or not entry.get("path") or set(entry) - {"path", "weight", "name"}:
+            raise ConfigError(f"data.mix[{i}]: {entry!r}; give {{path, weight, name}} or 'path:weight'")
+        try:
+            weight = float(entry.get("weight", 1.0))
+        except (TypeError, ValueError):
+            weight = -1.0
+        if not weight > 0:
+            raise ConfigError(f"data.mix[{i}]: weight {entry.get('weight')!r}; it must be a number > 0")
+        name = str(entry.get("name") or Path(entry["path"]).stem)
+        if any(m["name"] == name for m in mix):
+            raise ConfigError(f"data.mix[{i}]: a second source named {name!r}; give each a name")
+        mix.append({"path": str(entry["path"]), "weight": weight, "name": name})
+    return mix
 
 
 def _check_lora_router(cfg: TrainConfig) -> None:

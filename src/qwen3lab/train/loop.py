@@ -112,7 +112,9 @@ def train_step(run: Run, batches: list[dict]) -> dict:
     FSDP averages gradients over ranks, hence the factor world."""
     d = run.d
     (n_units,) = d.all_sum(sum(units(b) for b in batches))
-    loss_total, step_tokens, sums = 0.0, 0, {}
+    # every rank sums the same keys in the same order, whichever sources its rows came from
+    sums = {f"source_{m}/{s}": 0.0 for s in range(len(run.sources)) for m in ("loss", "units")}
+    loss_total, step_tokens = 0.0, 0
     if run.balance is not None:  # MoE: the load-balancing loss (balance.py), its global counts first
         run.balance.begin(run.net, batches, run.device, run.autocast)
     for b in batches:
@@ -145,7 +147,14 @@ def train_step(run: Run, batches: list[dict]) -> dict:
         "elapsed": elapsed,
         "tokens_per_s": run.tokens_seen / elapsed,
     }
-    metrics |= {k: v / n_units for k, v in zip(sums, summed, strict=True)}  # means over the step's units
+    summed = dict(zip(sums, summed, strict=True))
+    metrics |= {k: v / n_units for k, v in summed.items() if not k.startswith("source_")}  # means over the units
+    for s, name in enumerate(run.sources):  # a mixture: each source's loss over its own learned tokens
+        if summed[f"source_units/{s}"]:
+            metrics[f"loss/{name}"] = summed[f"source_loss/{s}"] / summed[f"source_units/{s}"]
+        metrics[f"tokens/{name}"] = run.data_state["tokens"][s]
+    if "stage" in run.data_state:  # stages.py
+        metrics["stage"] = run.data_state["stage"]
     if run.rollouts is not None:
         metrics |= run.rollouts.pop_metrics()
     if run.balance is not None:

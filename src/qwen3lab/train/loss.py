@@ -26,6 +26,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = None  # [V, H] fp32, made by the first chunk's product (not zero-filled, then added to)
         grad_d = torch.zeros_like(extra_delta, dtype=torch.float32) if need_d else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        per_token = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [N], for metrics
         for start in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             # logits in the compute dtype, then fp32 as transformers does; log_softmax is one fused row-wise kernel,
@@ -33,6 +34,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logp = torch.log_softmax(head_logits(h, weight, extra_ids, extra_delta).float(), dim=-1)  # [n, V]
             w = None if token_weights is None else token_weights[start : start + chunk_size, None].float()
             target_logp = logp.gather(1, t[:, None])
+            per_token[start : start + chunk_size] = -target_logp[:, 0]
             loss -= (target_logp if w is None else target_logp * w).sum()
             if need_h or need_w or need_d:
                 grad_logits = logp.exp_()  # softmax, in place
@@ -57,10 +59,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                         grad_d += g.T.float() @ h.float()
         ctx.save_for_backward(grad_h, grad_w, grad_d)
         ctx.weight_dtype, ctx.delta_dtype = weight.dtype, None if extra_delta is None else extra_delta.dtype
-        return loss
+        ctx.mark_non_differentiable(per_token)
+        return loss, per_token
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_per_token):
         # scaled in place: these buffers were made for this one backward, and grad_w is [vocab, hidden]
         grad_h, grad_w, grad_d = ctx.saved_tensors
         grad_h = grad_h.mul_(grad_loss) if grad_h is not None else None
@@ -86,27 +89,33 @@ def lm_loss_sum(
     chunk_size: int = 1024,
     extra_rows=None,
     token_weights: torch.Tensor | None = None,
+    per_token: bool = False,
 ):
     """Summed cross-entropy of lm_head(hidden) against labels, over positions whose label is not -100.
 
     hidden [B, T, H] final hidden states; weight [V, H] lm_head weight; labels [B, T] already shifted (label t is the
     token after position t). extra_rows: (token_ids [k], delta [k, H]) added to those rows of weight, for trained
     token rows of a tied embedding. token_weights [N]: one weight per supervised position, in order (objectives/).
-    Returns (loss_sum, number of supervised tokens).
+    Returns (loss_sum, number of supervised tokens), and with per_token the unweighted cross-entropy of each
+    supervised position [N] (no gradient: for metrics, e.g. the loss per data source).
     """
     h, targets, weight = _supervised(hidden, weight, labels)
     if h.shape[0] == 0:
-        return hidden.sum() * 0.0, 0
+        out = hidden.sum() * 0.0, 0
+        return (*out, hidden.new_zeros(0, dtype=torch.float32)) if per_token else out
     extra_ids, extra_delta = extra_rows if extra_rows is not None else (None, None)
     if torch.is_grad_enabled():
-        loss = _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size, extra_ids, extra_delta, token_weights)
-        return loss, int(targets.numel())
-    loss = torch.zeros((), dtype=torch.float32, device=h.device)
-    for start in range(0, h.shape[0], chunk_size):
-        logits = head_logits(h[start : start + chunk_size], weight, extra_ids, extra_delta).float()
-        ce = torch.nn.functional.cross_entropy(logits, targets[start : start + chunk_size], reduction="none")
-        loss += (ce if token_weights is None else ce * token_weights[start : start + chunk_size]).sum()
-    return loss, int(targets.numel())
+        args = (h, weight, targets, chunk_size, extra_ids, extra_delta, token_weights)
+        loss, each = _ChunkedLinearCrossEntropy.apply(*args)
+    else:
+        loss, each = torch.zeros((), dtype=torch.float32, device=h.device), []
+        for start in range(0, h.shape[0], chunk_size):
+            logits = head_logits(h[start : start + chunk_size], weight, extra_ids, extra_delta).float()
+            ce = torch.nn.functional.cross_entropy(logits, targets[start : start + chunk_size], reduction="none")
+            loss += (ce if token_weights is None else ce * token_weights[start : start + chunk_size]).sum()
+            each.append(ce)
+        each = torch.cat(each)
+    return (loss, int(targets.numel()), each) if per_token else (loss, int(targets.numel()))
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 
 from ..model.hf import load_sharded
 from .lora import lora_disabled
-from .loss import lm_loss_sum, token_logprobs
+from .loss import IGNORE, lm_loss_sum, token_logprobs
 from .objectives.dpo import dpo_loss, sequence_logps
 from .objectives.grpo import grpo_loss
 from .parallel import apply_fsdp
@@ -97,6 +97,8 @@ class WithLoss(torch.nn.Module):
             return call()
         if logps is not None:
             return self._token_logps(batch, logps == "reference", temperature)
+        if self.objective == "sft" and "row_source" in batch:
+            return self._loss_by_source(batch)
         if self.objective == "sft":
             return micro_batch_loss(self.model, batch, self.packing, self.chunk, self.extra_tokens, self.upcast)[0], {}
         ref = batch.get("ref_logps")
@@ -107,6 +109,20 @@ class WithLoss(torch.nn.Module):
         if self.objective == "grpo":
             return grpo_loss(hidden, weight, batch, self.grpo, self.chunk, extra_rows)
         return dpo_loss(hidden, weight, batch, ref, self.beta, self.chunk, extra_rows)
+
+    def _loss_by_source(self, batch):
+        """SFT's loss on a mixture's rows, and each source's summed loss and learned tokens (metrics source_loss/{s}
+        and source_units/{s}: the loop divides one by the other, sources.py)."""
+        hidden, extra_rows = hidden_states(self.model, batch, self.packing, self.extra_tokens, self.upcast)
+        labels = batch["labels"]
+        loss, _, each = lm_loss_sum(hidden, self.model.lm_head.weight, labels, self.chunk, extra_rows, per_token=True)
+        rows = batch["row_source"]  # [B]
+        source = rows[:, None].expand_as(labels)[labels != IGNORE]  # [N] the source of each learned token
+        metrics = {}
+        for s in rows.unique().tolist():
+            metrics[f"source_loss/{s}"] = float(each[source == s].sum())
+            metrics[f"source_units/{s}"] = float((source == s).sum())
+        return loss, metrics
 
     def hidden(self, batch) -> torch.Tensor:
         """Final hidden states [B, T, H] of a batch (e.g. the routing pass of MoE balancing, train/balance.py)."""

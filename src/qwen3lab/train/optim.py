@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.optim.adamw import adamw
+
+from .config import TrainConfig
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # the quintic of Jordan's reference Muon (also torch.optim.Muon's)
 
@@ -128,3 +131,36 @@ class MuonAdamW(torch.optim.Optimizer):
             eps=group["eps"],
             maximize=False,
         )
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    o = cfg.optim
+
+    # wsd (warmup-stable-decay): constant, then a linear decay over the last decay_fraction of the steps; a longer
+    # run only moves the decay later, so a run continued from its stable phase goes on as if planned that long
+    decay_start = total_steps - max(1, round(o.decay_fraction * total_steps)) if o.schedule == "wsd" else o.warmup_steps
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant" or step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
+
+    return f
+
+
+def staged_lr_lambda(cfg: TrainConfig, stages: list[tuple[str, TrainConfig]]):
+    """Stages (stages.py): each stage's own schedule over its own steps, at its own peak rate (a factor of the run's
+    optim.lr, which the optimizer holds; optim.muon_lr's group moves by the same factors)."""
+    ends = np.cumsum([c.steps for _, c in stages])
+    schedules = [lr_lambda(c, c.steps) for _, c in stages]
+    scales = [c.optim.lr / cfg.optim.lr for _, c in stages]
+
+    def f(step: int) -> float:
+        i = min(int(np.searchsorted(ends, step, side="right")), len(stages) - 1)
+        return scales[i] * schedules[i](step - int(ends[i]) + stages[i][1].steps)
+
+    return f

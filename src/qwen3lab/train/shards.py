@@ -4,6 +4,7 @@ A prepared folder holds `manifest.json` and shards `shard-00000/` ... each with 
   ids.npy      uint32 [tokens]        the token ids of its examples, end to end
   mask.npy     uint8  [tokens]        1 where the token is learned (the assistant's tokens, a completion, all text)
   offsets.npy  int64  [examples + 1]  where each example starts and ends in the shard
+  stats.json                          its rows, examples, tokens, learned tokens, and the rows left out
 A shard is written under a temporary name and renamed into place, so a folder only ever holds whole shards.
 
 `Corpus` reads them as training reads a tokenised file (data.TokenizedData: example(i) -> ids and shifted labels),
@@ -34,14 +35,15 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def write_shard(folder: Path, index: int, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> None:
-    """One shard, whole or not at all: written into a temporary folder and renamed."""
+def write_shard(folder: Path, index: int, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray, stats: dict):
+    """One shard, whole or not at all: written into a temporary folder and renamed. stats.json: its counts."""
     final = folder / shard_name(index)
     tmp = folder / f".{shard_name(index)}.tmp{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     np.save(tmp / "ids.npy", ids.astype(np.uint32, copy=False))
     np.save(tmp / "mask.npy", mask.astype(np.uint8, copy=False))
     np.save(tmp / "offsets.npy", offsets.astype(np.int64, copy=False))
+    (tmp / "stats.json").write_text(json.dumps(stats))
     os.replace(tmp, final)
 
 
@@ -122,9 +124,26 @@ class Corpus:
         ends = starts + np.diff(cuts)
         pieces = Corpus(self.ids, self.mask, starts, ends, learn_all=self.learn_all)
         row_of = starts_in_stream // length
-        bounds = np.searchsorted(row_of, np.arange(row_of[-1] + 2)) if len(row_of) else [0]
-        rows = [list(range(bounds[r], bounds[r + 1])) for r in range(len(bounds) - 1)]
-        return pieces, rows
+        return pieces, Ranges(np.searchsorted(row_of, np.arange(row_of[-1] + 2)) if len(row_of) else np.zeros(1))
+
+
+class Ranges:
+    """Rows of consecutive pieces, row r = [bounds[r], bounds[r + 1]), as the lists of piece indices batching
+    reads, made when asked for (a 200M-token corpus is ~400k rows of 512: no list of lists kept)."""
+
+    def __init__(self, bounds: np.ndarray):
+        self.bounds = np.asarray(bounds, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, r: int | slice) -> list:
+        if isinstance(r, slice):
+            return [self[i] for i in range(*r.indices(len(self)))]
+        if not -len(self) <= r < len(self):
+            raise IndexError(r)
+        r %= len(self)
+        return list(range(self.bounds[r], self.bounds[r + 1]))
 
 
 def open_prepared(folder: str | os.PathLike) -> tuple[Corpus, dict]:

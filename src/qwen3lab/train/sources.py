@@ -12,7 +12,7 @@ import numpy as np
 
 from ..text.tokenizer import Tokenizer
 from . import data as D
-from .batching import make_rows, split_eval
+from .batching import Cursor, MixCursor, make_rows, split_eval
 from .config import TrainConfig
 from .objectives.rollouts import load_prompts
 from .parallel import Dist
@@ -43,6 +43,8 @@ def load_data(cfg: TrainConfig, tok: Tokenizer):
         random.Random(cfg.seed).shuffle(rows)
         n_eval = max(1, int(len(rows) * cfg.data.eval_fraction))
         return data, sorted(rows[n_eval:]), data, sorted(rows[:n_eval])
+    if cfg.data.mix:
+        return _load_mixture(cfg, tok)
     data = examples(cfg.data.train, tok, cfg, "sft")
     eval_data = None
     if cfg.data.eval:
@@ -55,6 +57,71 @@ def load_data(cfg: TrainConfig, tok: Tokenizer):
     data, rows = _rows(data, cfg, cfg.data.pack_order)
     eval_data, eval_rows = _rows(eval_data, cfg, "best_fit") if eval_data else (None, [])
     return data, rows, eval_data, eval_rows
+
+
+class Mixture:
+    """The sources of data.mix as one set of examples: source 0's, then source 1's, ...; its rows likewise, each of
+    one source (`rows_of[s]`: how many, `row_tokens[s]`: the tokens of each). The cursor draws among them."""
+
+    def __init__(self, names: list[str], weights: list[float], parts: list, rows: list[list]):
+        self.names, self.weights, self.parts = names, weights, parts
+        self.bases = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        self.rows_of = [len(r) for r in rows]
+        self.row_tokens = [_row_tokens(p.lengths(), r) for p, r in zip(parts, rows, strict=True)]
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return int(self.bases[-1])
+
+    def source_of(self, i: int) -> int:
+        return int(np.searchsorted(self.bases, i, side="right")) - 1
+
+    def example(self, i: int):
+        s = self.source_of(i)
+        return self.parts[s].example(i - int(self.bases[s]))
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([p.lengths() for p in self.parts])
+
+    def supervised_tokens(self) -> int:
+        return sum(p.supervised_tokens() for p in self.parts)
+
+
+def _row_tokens(lengths: np.ndarray, rows: list[list[int]]) -> list[int]:
+    return [int(lengths[row].sum()) for row in rows]
+
+
+def _load_mixture(cfg: TrainConfig, tok: Tokenizer):
+    """data.mix: each source read as data.train would be (held-out rows split off each by eval_fraction), its rows
+    made apart, all put together with example indices shifted to the Mixture's."""
+    names, weights, parts, rows, eval_parts, eval_rows = [], [], [], [], [], []
+    for source in cfg.data.mix:
+        data, eval_data = split_eval(examples(source["path"], tok, cfg, "sft"), cfg.data.eval_fraction, cfg.seed)
+        if not cfg.data.assistant_only:
+            data = data.all_tokens_supervised()
+            eval_data = eval_data.all_tokens_supervised() if eval_data else None
+        data, source_rows = _rows(data, cfg, cfg.data.pack_order)
+        names.append(source["name"]), weights.append(source["weight"]), parts.append(data), rows.append(source_rows)
+        if eval_data is not None:
+            eval_data, more = _rows(eval_data, cfg, "best_fit")
+            base = sum(len(p) for p in eval_parts)
+            eval_parts.append(eval_data)
+            eval_rows += [[i + base for i in row] for row in more]
+    mixture = Mixture(names, weights, parts, rows)
+    shifted = [[i + int(base) for i in row] for base, r in zip(mixture.bases, rows, strict=False) for row in r]
+    if cfg.data.eval:
+        eval_data, eval_rows = _rows(examples(cfg.data.eval, tok, cfg, "sft"), cfg, "best_fit")
+        return mixture, shifted, eval_data, eval_rows
+    eval_data = Mixture(names, weights, eval_parts, [[]] * len(eval_parts)) if eval_parts else None
+    return mixture, shifted, eval_data, eval_rows
+
+
+def make_cursor(cfg: TrainConfig, data, rows: list):
+    """The run's cursor over its rows: a mixture's draws among its sources, or one stream."""
+    if isinstance(data, Mixture):
+        cursors = [Cursor(n, cfg.seed + s, cfg.data.shuffle) for s, n in enumerate(data.rows_of)]
+        return MixCursor(cursors, data.weights, data.row_tokens, cfg.seed)
+    return Cursor(len(rows), cfg.seed, cfg.data.shuffle)
 
 
 def _rows(data, cfg: TrainConfig, order: str):
