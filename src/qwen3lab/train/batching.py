@@ -191,7 +191,7 @@ class MixCursor:
     goes through its epochs at its own pace). Deterministic and resumable: the state is the position, each source's
     cursor, and the tokens each source has given. Row indices are into the concatenation of the sources' rows."""
 
-    def __init__(self, cursors: list[Cursor], weights: list[float], row_tokens: list[list[int]], seed: int):
+    def __init__(self, cursors: list[Cursor], weights: list[float], row_tokens: list, seed: int):
         self.cursors, self.row_tokens, self.seed = cursors, row_tokens, seed
         self.bounds = np.cumsum(weights) / sum(weights)  # [S] where each source's share of [0, 1) ends
         self.bases = np.concatenate([[0], np.cumsum([c.n_rows for c in cursors])])  # [S + 1] first row of each
@@ -207,7 +207,7 @@ class MixCursor:
         for _ in range(k):
             s = self.draw(self.position)
             row = self.cursors[s].take(1)[0]
-            self.position, self.tokens[s] = self.position + 1, self.tokens[s] + self.row_tokens[s][row]
+            self.position, self.tokens[s] = self.position + 1, self.tokens[s] + int(self.row_tokens[s][row])
             out.append(int(self.bases[s]) + row)
         return out
 

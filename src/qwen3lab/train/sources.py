@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .objectives.rollouts import load_prompts
 from .parallel import Dist
 from .prepare import describe, tokenizer_matches
-from .shards import is_prepared, open_prepared
+from .shards import Ranges, is_prepared, open_prepared
 
 log = logging.getLogger("qwen3lab")
 
@@ -87,8 +87,12 @@ class Mixture:
         return sum(p.supervised_tokens() for p in self.parts)
 
 
-def _row_tokens(lengths: np.ndarray, rows: list[list[int]]) -> list[int]:
-    return [int(lengths[row].sum()) for row in rows]
+def _row_tokens(lengths: np.ndarray, rows) -> np.ndarray:
+    """The tokens of each row; a text corpus's rows (shards.Ranges) without making their lists."""
+    if isinstance(rows, Ranges):
+        ends = np.concatenate([[0], np.cumsum(lengths)])
+        return ends[rows.bounds[1:]] - ends[rows.bounds[:-1]]
+    return np.array([int(lengths[row].sum()) for row in rows], dtype=np.int64)
 
 
 def _load_mixture(cfg: TrainConfig, tok: Tokenizer):
