@@ -1,6 +1,7 @@
 """GRPO's loss against trl's GRPOTrainer: the same prompts, injected completions, advantages and old / reference
 log-probs give the same loss and gradients for every loss type (sampling is not compared)."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -50,6 +51,9 @@ def trl_trainer(folder, tmp_path, cfg: GRPOConfig):
             epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon_high,
             beta=cfg.beta,
+            importance_sampling_level=cfg.importance_sampling_level,
+            delta=cfg.delta or None,
+            mask_truncated_completions=cfg.mask_truncated_completions,
             use_cpu=True,
             bf16=False,
             report_to=[],
@@ -62,17 +66,30 @@ def trl_trainer(folder, tmp_path, cfg: GRPOConfig):
 @pytest.mark.parametrize("beta", [0.0, 0.04], ids=["no-kl", "kl"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_grpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, beta):
+    equal_to_trl(tmp_path, tok, loss_type=loss_type, beta=beta)
+
+
+VARIANTS = {
+    "gspo-dapo": dict(importance_sampling_level="sequence"),
+    "gspo-grpo-kl": dict(importance_sampling_level="sequence", loss_type="grpo", beta=0.04),
+    "delta": dict(delta=1.1),
+    "cispo-cap-5": dict(loss_type="cispo", epsilon_high=5.0),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS)
+def test_gspo_two_sided_clipping_and_cispo_equal_trl(tmp_path, tok, variant):
+    """Sequence-level importance sampling (GSPO), delta's two-sided clip, cispo's capped weights: trl's loss and
+    gradients on the same injected rollouts."""
+    equal_to_trl(tmp_path, tok, **variant)
+
+
+def equal_to_trl(tmp_path, tok, **keys):
     hf_small().save_pretrained(tmp_path / "m")
     tok.save(tmp_path / "m")
-    cfg = GRPOConfig(
-        num_generations=G,
-        max_completion_length=MAX_COMPLETION,
-        temperature=0.7,
-        loss_type=loss_type,
-        epsilon=0.2,
-        epsilon_high=0.28,
-        beta=beta,
-    )
+    settings = dict(num_generations=G, max_completion_length=MAX_COMPLETION, temperature=0.7, epsilon=0.2)
+    cfg = GRPOConfig(**settings | {"epsilon_high": 0.28} | keys)
+    loss_type = cfg.loss_type
     trainer = trl_trainer(tmp_path / "m", tmp_path, cfg)
     trainer.current_gradient_accumulation_steps = 1
     hf = trainer.model
@@ -108,7 +125,7 @@ def test_grpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, beta):
         "advantages": advantages,
         "old_logps": old[keep],
         "ref_logps": ref[keep],
-        "num_items": torch.tensor({"dapo": n_tokens, "bnpo": 1}.get(loss_type, n_seq)),
+        "num_items": torch.tensor({"dapo": n_tokens, "cispo": n_tokens, "bnpo": 1}.get(loss_type, n_seq)),
     }
     hidden, _ = hidden_states(ours, batch, True, None)
     loss_sum, metrics = grpo_loss(hidden, ours.lm_head.weight, batch, replace(cfg), chunk=5)
@@ -300,3 +317,61 @@ def test_grpo_with_a_builtin_reward_lifts_a_model_that_answers_right_part_of_the
     assert learned[0] == still[0] > 0
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     assert mean(learned[10:]) > mean(learned[:5]) and mean(learned[10:]) > mean(still[10:]) + 0.1, (learned, still)
+
+
+def raising(prompts, completions, **_):
+    """A reward that fails as user code does."""
+    return [len(c) / 0 for c in completions]
+
+
+def stringy(prompts, completions, **_):
+    return ["0.5" for _ in completions]
+
+
+@pytest.mark.parametrize(
+    "reward,says",
+    [
+        ("test_grpo:raising", r"reward test_grpo:raising raised at step 1: ZeroDivisionError: division by zero"),
+        ("test_grpo:stringy", r"reward test_grpo:stringy returned str '0.5' for completion 0 at step 1; a score is"),
+    ],
+)
+def test_a_misbehaving_reward_stops_the_run_with_one_line_naming_it(tmp_path, caplog, reward, says):
+    """`qwen3lab train` with a reward that raises, or returns strings: one line naming the reward, the step and what
+    it raised or returned (not a raw traceback, not `could not convert string to float`); the reward's own traceback
+    in the log."""
+    import json
+
+    from qwen3lab.cli import main
+
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Sort 9753"}) + "\n")
+    args = ["train", "--model", "tiny", "--out", str(tmp_path / "run"), "--objective", "grpo", "--steps", "1"]
+    args += ["--batch_size", "1", "--progress", "false", "--data.train", str(tmp_path / "p.jsonl")]
+    args += ["--grpo.num_generations", "2", "--grpo.max_completion_length", "4", "--grpo.rewards", reward]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert re.match(rf"qwen3lab train: error: {says}", str(stop.value)), stop.value
+    assert "\n" not in str(stop.value)
+    if reward.endswith("raising"):
+        assert "return [len(c) / 0 for c in completions]" in caplog.text  # the user's line, in the log
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_masked_truncated_completions_learn_nothing_but_still_count_where_trl_counts_them(tok, loss_type):
+    """mask_truncated_completions: a completion cut at max_completion_length (no stop token at its end) has no learned
+    token; as in trl it still counts in grpo's mean over the batch's completions, not in dapo's token count."""
+    from types import SimpleNamespace
+
+    from qwen3lab.train.objectives.rollouts import Rollouts
+
+    im_end = tok.token_to_id("<|im_end|>")
+    completions = [[11, 12, im_end], [13, 14, 15, 16], [17, im_end], [18, 19, 20, 21]]  # 2nd and 4th: cut
+    rows = [{"ids": [1, 2, 3]}]
+    for masked in (False, True):
+        g = GRPOConfig(
+            num_generations=4, max_completion_length=4, loss_type=loss_type, mask_truncated_completions=masked
+        )
+        owner = SimpleNamespace(g=g, tok=tok, net=SimpleNamespace(model=qwen3lab.new_model(qwen3lab.preset("tiny"))))
+        batch = Rollouts._training_batch(owner, rows, completions, torch.tensor([1.0, 0.0, 0.5, 0.2]), None)
+        learned = int((batch["labels"] != -100).sum())
+        assert learned == (3 + 2 if masked else 3 + 4 + 2 + 4)
+        assert int(batch["num_items"]) == (learned if loss_type == "dapo" else 4)

@@ -248,3 +248,24 @@ def test_mixed_run_reports_each_source_and_resumes_exactly(tmp_path, monkeypatch
     mix[1]["weight"] = 1e-9
     (one,) = _train(tmp_path, "one", "", steps=1, **keys)
     assert one["loss/chats"] == pytest.approx(one["loss"], rel=1e-6) and "loss/t" not in one
+
+
+def test_dpo_on_prepared_pairs_is_dpo_on_their_file(tmp_path):
+    """A prepared `pairs` folder trains DPO as its file does: the same losses and reward margins."""
+    from qwen3lab.train import train
+
+    rows = [
+        {"prompt": [{"role": "user", "content": f"Sort {i}{i + 3}{i + 1}"}], "chosen": [CHAT[1]], "rejected": [r]}
+        for i, r in enumerate({"role": "assistant", "content": str(j) * (j % 4 + 1)} for j in range(12))
+    ]
+    pairs = write(tmp_path / "pairs.jsonl", rows)
+    prepare([str(pairs)], tmp_path / "p", workers=1, rows_per_shard=5)
+
+    def run(name, data):
+        config = {"model": "tiny", "out": str(tmp_path / name), "objective": "dpo", "steps": 3, "batch_size": 2}
+        train(config | {"progress": False, "data": {"train": str(data)}, "optim": {"lr": 1e-3}})
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    from_file, from_folder = run("file", pairs), run("folder", tmp_path / "p")
+    assert [m["loss"] for m in from_folder] == [m["loss"] for m in from_file]
+    assert [m["rewards/margins"] for m in from_folder] == [m["rewards/margins"] for m in from_file]

@@ -26,7 +26,7 @@ from ..train import batching as B
 from ..train import data as D
 from ..train.batching import to_device
 from ..train.net import micro_batch_loss
-from ..train.objectives.rewards import load_reward, text_of
+from ..train.objectives.rewards import call_reward, load_reward, text_of
 
 log = logging.getLogger("qwen3lab")
 
@@ -110,9 +110,8 @@ def score_generations(
     specs = list(rewards) if rewards is not None else (["exact_match"] if any(columns["answer"]) else [])
     metrics, scores = {}, {}
     for spec in specs:
-        scores[spec] = load_reward(spec)(
-            prompts=prompts, completions=completions, completion_ids=[o.ids for o in outs], **columns
-        )
+        kw = dict(prompts=prompts, completions=completions, completion_ids=[o.ids for o in outs], **columns)
+        scores[spec] = call_reward(spec, load_reward(spec), len(outs), "scoring the generations", **kw)
         groups = {None: scores[spec]}
         for task in dict.fromkeys(columns.get("task", [])):
             groups[task] = [v for v, t in zip(scores[spec], columns["task"], strict=True) if t == task]

@@ -80,9 +80,12 @@ class GRPOConfig:
     rewards: list = field(default_factory=lambda: ["exact_match"])
     reward_weights: list = field(default_factory=list)
     scale_rewards: str = "group"  # group | batch | none: advantages (r - group mean) / (std + 1e-4), or unscaled
-    loss_type: str = "dapo"  # dapo | grpo | dr_grpo | bnpo, as trl normalises them
+    loss_type: str = "dapo"  # dapo | grpo | dr_grpo | bnpo | cispo, as trl computes and normalises them
     epsilon: float = 0.2
-    epsilon_high: float = 0.0  # 0: epsilon
+    epsilon_high: float = 0.0  # 0: epsilon (cispo: the cap on its importance weights)
+    importance_sampling_level: str = "token"  # token | sequence (GSPO: one ratio a completion, its mean log-ratio)
+    delta: float = 0.0  # > 0: two-sided clipping, the ratio also capped at delta (0: off)
+    mask_truncated_completions: bool = False  # completions cut at max_completion_length learn nothing
     beta: float = 0.0  # k3 KL to the reference (as in DPO: adapters off for LoRA, else a frozen copy)
     use_bias_correction_kl: bool = True  # the KL term times the importance ratio (trl's default since 1.x)
     num_iterations: int = 1  # updates per generation batch, against its stored old log-probs
@@ -249,7 +252,7 @@ def load_train_config(path: str | Path | None = None, overrides: dict | None = N
 
 # The values each enumerated key takes (the modules that use them import them from here).
 OBJECTIVES = ("sft", "dpo", "grpo")
-GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo")
 CHOICES = {
     "objective": OBJECTIVES,
     "precision": ("auto", "bf16", "fp32"),
@@ -260,6 +263,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "grpo.loss_type": GRPO_LOSS_TYPES,
     "grpo.scale_rewards": ("group", "batch", "none"),
+    "grpo.importance_sampling_level": ("token", "sequence"),
     "lora.base_bits": (16, 4),
     "cpu_memory": ("auto", "keep", "lean"),
     "moe.balance": ("global", "micro"),

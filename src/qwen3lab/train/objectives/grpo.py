@@ -13,8 +13,10 @@ LOSS_TYPES = GRPO_LOSS_TYPES
 def grpo_loss(hidden, weight, batch, cfg, chunk: int, extra_rows=None):
     """GRPO's clipped surrogate (+ beta * k3 KL to the reference) over the completion tokens of a micro-batch, summed
     so that the training loop's division by the batch's `num_items` gives trl's normalisation for cfg.loss_type:
-    dapo: over the step's completion tokens; grpo: per-sequence means, averaged; dr_grpo: over sequences x
-    max_completion_length; bnpo: over this micro-batch's completion tokens (num_items 1).
+    dapo and cispo: over the step's completion tokens; grpo: per-sequence means, averaged; dr_grpo: over sequences x
+    max_completion_length; bnpo: over this micro-batch's completion tokens (num_items 1). Importance ratios per
+    token, or per sequence (GSPO); cispo weighs each log-prob by its ratio capped at epsilon_high, without the
+    cap's gradient; delta caps the unclipped ratio too (two-sided clipping).
 
     batch: packed prompt + completion sequences (labels on the completion), sequence_ids, advantages [sequences],
     and per completion token (in order) old_logps (else this policy's, detached: one iteration) and ref_logps (beta).
@@ -26,10 +28,19 @@ def grpo_loss(hidden, weight, batch, cfg, chunk: int, extra_rows=None):
     eps_low, eps_high = cfg.epsilon, cfg.epsilon_high or cfg.epsilon
     hidden = hidden / cfg.temperature  # log-probs of the distribution the completions were sampled from
 
+    lengths = torch.bincount(seq, minlength=n_seq).clamp(min=1)  # [sequences] completion tokens
+
     def objective(logps):
-        ratio = torch.exp(logps - (logps.detach() if old is None else old))
+        log_ratio = logps - (logps.detach() if old is None else old)
+        if cfg.importance_sampling_level == "sequence":  # GSPO: each token weighted by its sequence's mean ratio
+            log_ratio = (torch.zeros(n_seq, device=logps.device).index_add(0, seq, log_ratio) / lengths)[seq]
+        ratio = torch.exp(log_ratio)
         clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-        per_token = -torch.min(ratio * advantages, clipped * advantages)
+        if cfg.loss_type == "cispo":  # the clipped weight without its gradient, on the log-prob's gradient
+            per_token = -torch.clamp(ratio, max=eps_high).detach() * advantages * logps
+        else:
+            capped = torch.clamp(ratio, max=cfg.delta) if cfg.delta > 0 else ratio  # two-sided clipping
+            per_token = -torch.min(capped * advantages, clipped * advantages)
         kl = None
         if cfg.beta != 0.0:
             kl = torch.exp(ref - logps) - (ref - logps) - 1
@@ -37,13 +48,12 @@ def grpo_loss(hidden, weight, batch, cfg, chunk: int, extra_rows=None):
                 kl = kl * ratio
             per_token = per_token + cfg.beta * kl
         if cfg.loss_type == "grpo":
-            lengths = torch.bincount(seq, minlength=n_seq).clamp(min=1)
             loss = (torch.zeros(n_seq, device=logps.device).index_add(0, seq, per_token) / lengths).sum()
         elif cfg.loss_type == "bnpo":
             loss = per_token.sum() / max(len(per_token), 1)
         elif cfg.loss_type == "dr_grpo":
             loss = per_token.sum() / cfg.max_completion_length
-        else:  # dapo
+        else:  # dapo, cispo
             loss = per_token.sum()
         low = (ratio < 1 - eps_low) & (advantages < 0)
         high = (ratio > 1 + eps_high) & (advantages > 0)

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
+import math
+import numbers
 import re
+import traceback
 from collections.abc import Callable
 
 from ...text.chat import parse_assistant
 
+log = logging.getLogger("qwen3lab")
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(.*)$", re.S)
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 
@@ -101,3 +106,40 @@ def load_reward(spec: str) -> Callable:
     if not callable(fn):
         raise ValueError(f"reward {spec!r} is not callable")
     return fn
+
+
+class RewardError(ValueError):
+    """A reward function that raised or returned something other than one number (or None) per completion."""
+
+
+def call_reward(spec: str, fn: Callable, n: int, when: str, **kwargs) -> list[float | None]:
+    """fn(**kwargs) checked: n scores, each a real number or None (NaN counts as None, as trl's nansum does).
+    Anything else stops the run with one line naming the reward, `when` (e.g. "at step 12") and what it raised
+    or returned; the function's own traceback goes to the log first."""
+    try:
+        scores = fn(**kwargs)
+    except Exception as e:
+        log.error("reward %s raised %s:\n%s", spec, when, "".join(traceback.format_exception(e)).rstrip())
+        raise RewardError(
+            f"reward {spec} raised {when}: {type(e).__name__}: {e} (its traceback is in the log above)"
+        ) from e
+    try:
+        scores = list(scores)
+    except TypeError:
+        raise RewardError(
+            f"reward {spec} returned {_short(scores)} {when}; it must return a list of {n} scores"
+        ) from None
+    if len(scores) != n:
+        raise RewardError(f"reward {spec} returned {len(scores)} scores for {n} completions {when}")
+    for i, s in enumerate(scores):
+        if s is not None and (isinstance(s, bool) or not isinstance(s, numbers.Real)):
+            raise RewardError(
+                f"reward {spec} returned {_short(s)} for completion {i} {when}; a score is a number, or None where "
+                "the reward does not apply"
+            )
+    return [None if s is None or math.isnan(s) else float(s) for s in scores]
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80]}{'...' if len(text) > 80 else ''}"

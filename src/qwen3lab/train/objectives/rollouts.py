@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from ...infer.engine import Engine
-from ...infer.sampling import SamplingParams
+from ...infer.sampling import SamplingParams, default_stop_ids
 from .. import batching as B
 from .. import data as D
 from ..parallel import Dist, gathered
-from .rewards import load_reward
+from .rewards import call_reward, load_reward
 
 
 def load_prompts(path, tok) -> list[dict]:
@@ -93,7 +93,7 @@ class Rollouts:
         # what trl hands its reward functions for a tokenizer without a response schema (Qwen3's): the completion
         # decoded without special tokens, so the stop id that ended it (kept in completion_ids) is not in the text
         texts = [self.tok.decode(ids, skip_special_tokens=True) for ids in completion_ids]
-        rewards = self.score(rows, completion_ids, texts) if rows else torch.zeros(0)  # [n * G]
+        rewards = self.score(rows, completion_ids, texts, step) if rows else torch.zeros(0)  # [n * G]
         batch_std = None
         if g.scale_rewards == "batch" and self.d.world > 1:
             n, total, squares = self.d.all_sum(len(rewards), float(rewards.sum()), float((rewards**2).sum()))
@@ -146,8 +146,11 @@ class Rollouts:
     def _training_batch(self, rows, completion_ids, rewards, batch_std) -> dict:
         """prompt + completion per sequence, learned on the completion, packed; advantages per sequence."""
         g, G = self.g, self.g.num_generations
+        stops = set(default_stop_ids(self.net.model))
+        # mask_truncated_completions: a completion that did not stop (cut at max_completion_length) learns nothing
+        learns = [not g.mask_truncated_completions or (ids and ids[-1] in stops) for ids in completion_ids]
         examples = [
-            (rows[j // G]["ids"] + ids, [0] * len(rows[j // G]["ids"]) + [1] * len(ids))
+            (rows[j // G]["ids"] + ids, [0] * len(rows[j // G]["ids"]) + [int(learns[j])] * len(ids))
             for j, ids in enumerate(completion_ids)
         ]
         keep = [j for j, (_, mask) in enumerate(examples) if any(mask[1:])]  # an empty completion teaches nothing
@@ -161,10 +164,12 @@ class Rollouts:
         order = [keep[i] for row in packed for i in row]  # sequence s of the batch is completion order[s]
         batch["advantages"] = adv[order]
         n_tokens = int((batch["labels"] != D.IGNORE).sum())
-        batch["num_items"] = torch.tensor({"dapo": n_tokens, "bnpo": 1}.get(g.loss_type, len(order)))
+        # grpo and dr_grpo average over every completion, those that learn nothing too (as trl's mean over the batch)
+        per = {"dapo": n_tokens, "cispo": n_tokens, "bnpo": 1}
+        batch["num_items"] = torch.tensor(per.get(g.loss_type, len(completion_ids)))
         return batch
 
-    def score(self, rows, completion_ids, texts) -> torch.Tensor:
+    def score(self, rows, completion_ids, texts, step: int) -> torch.Tensor:
         """Weighted sum of the reward functions per completion; None counts as nothing (trl's nansum)."""
         G = self.g.num_generations
         chat = isinstance(rows[0]["prompt"], list)
@@ -176,10 +181,9 @@ class Rollouts:
         }
         total = np.zeros(len(texts))
         for (spec, fn), w in zip(self.rewards.items(), self.weights, strict=True):
-            scores = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-            if len(scores) != len(texts):
-                raise ValueError(f"reward {spec}: {len(scores)} scores for {len(texts)} completions")
-            values = np.array([np.nan if s is None else float(s) for s in scores])
+            kw = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+            scores = call_reward(spec, fn, len(texts), f"at step {step}", **kw)
+            values = np.array([np.nan if s is None else s for s in scores])
             self._note(f"rewards/{spec}", values[~np.isnan(values)].tolist())
             total += w * np.nan_to_num(values)
         return torch.tensor(total, dtype=torch.float32)
