@@ -269,3 +269,31 @@ def test_dpo_on_prepared_pairs_is_dpo_on_their_file(tmp_path):
     from_file, from_folder = run("file", pairs), run("folder", tmp_path / "p")
     assert [m["loss"] for m in from_folder] == [m["loss"] for m in from_file]
     assert [m["rewards/margins"] for m in from_folder] == [m["rewards/margins"] for m in from_file]
+
+
+@pytest.mark.slow  # processes under torchrun's launcher
+def test_a_staged_mixture_on_two_ranks_trains_as_one_process(tmp_path):
+    """torchrun with 2 gloo ranks × 1 row against one process × 2 rows, on a run whose first stage mixes a file and a
+    prepared text corpus and whose second reads the corpus alone: the same losses, per-source losses and tokens."""
+    from pathlib import Path
+
+    import yaml
+
+    chats = write(tmp_path / "chats.jsonl", mixed_rows(40))
+    prepare([str(text_corpus(tmp_path / "text.jsonl"))], tmp_path / "t", workers=1)
+    mix = [f"{chats}:3", f"{tmp_path / 't'}:1"]
+    config = {"model": "tiny", "progress": False, "data": {"train": str(chats), "max_length": 128}, "seed": 3}
+    config["stages"] = [{"steps": 3, "data": {"mix": mix}}, {"steps": 2, "data": {"train": str(tmp_path / "t")}}]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    one = _train(tmp_path, "one", chats, batch_size=2, **{k: v for k, v in config.items() if k not in ("data",)})
+    worker = Path(__file__).with_name("dist_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    cmd += ["train", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "two"), "--batch_size", "1"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["stage"] for m in two] == [0, 0, 0, 1, 1]
+    for a, b in zip(one, two, strict=True):
+        assert set(a) - {"elapsed", "tokens_per_s"} == set(b) - {"elapsed", "tokens_per_s"}
+        for key in set(a) - {"elapsed", "tokens_per_s", "grad_norm"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
