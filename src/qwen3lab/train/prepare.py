@@ -47,7 +47,8 @@ def prepare(
     rows_per_shard: int = 1024,
 ) -> dict:
     """Tokenise `files` into shards under `out` (the tokenizer and template of the `model` folder, or the built-in
-    Qwen3 ones); returns the manifest. Examples other than text are cut to max_length, as training cuts them."""
+    Qwen3 ones); returns the manifest. Examples other than text are cut to max_length, as training cuts them.
+    The workers are spawned processes: a script that calls this runs it under `if __name__ == "__main__":`."""
     out = Path(out)
     workers = workers or len(os.sched_getaffinity(0))
     context = multiprocessing.get_context("spawn")  # fork would copy a parent's tokenizer thread pool
