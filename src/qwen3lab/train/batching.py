@@ -249,6 +249,12 @@ def rank_batch(data, rows: list, d: Dist, pad_id: int, pairs: bool = False, ref_
     return batch
 
 
+def eval_batches(data, rows, global_rows: int, d: Dist, pad_id: int, pairs: bool = False, ref_logps=None):
+    """The held-out rows in global batches of `global_rows`, this rank's share of each."""
+    for start in range(0, len(rows), global_rows):
+        yield rank_batch(data, rows[start : start + global_rows], d, pad_id, pairs, ref_logps)
+
+
 def units(batch) -> int:
     """What a step's loss is averaged over: supervised tokens (SFT), or pairs (DPO)."""
     return int(batch["num_items"]) if "num_items" in batch else int((batch["labels"] != IGNORE).sum())

@@ -24,7 +24,7 @@ from ..model.model import Qwen3
 from ..model.runtime import apply_compile, cpu_bf16_is_fast
 from ..text.tokenizer import Tokenizer, load_tokenizer
 from .balance import Balance
-from .batching import Cursor, rank_batch, to_device
+from .batching import Cursor, eval_batches, rank_batch, to_device
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .config import LORA_TARGETS, TrainConfig, stage_configs, train_config_dict
 from .lora import apply_lora, train_routers
@@ -35,7 +35,7 @@ from .optim import build_optimizer, lr_lambda, staged_lr_lambda
 from .parallel import Dist, apply_activation_checkpointing, reshard
 from .quant import load_model_4bit, quantize_linears
 from .sources import Mixture, load_data, log_data, make_cursor
-from .stages import stage_ends, staged_batches
+from .stages import micro_batches, stage_ends, staged_batches
 
 log = logging.getLogger("qwen3lab")
 
@@ -100,11 +100,8 @@ def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
                 out / "ref_logps_eval.npy", net, eval_data, d, device, autocast, tok.pad_token_id, cfg
             )
 
-    def eval_batches():
-        for start in range(0, len(eval_rows), global_rows):
-            yield rank_batch(
-                eval_data, eval_rows[start : start + global_rows], d, tok.pad_token_id, dpo, eval_ref_logps
-            )
+    def held_out():
+        return eval_batches(eval_data, eval_rows, global_rows, d, tok.pad_token_id, dpo, eval_ref_logps)
 
     optimizer = build_optimizer(net, cfg.optim)
     schedule = staged_lr_lambda(cfg, stages) if cfg.stages else lr_lambda(cfg, total_steps)
@@ -133,7 +130,7 @@ def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
         step=step,
         batches=iter(()),
         data_state=cursor.state(),
-        eval_batches=eval_batches,
+        eval_batches=held_out,
         has_eval=bool(eval_rows),
         rollouts=rollouts,
         checkpoints=checkpoints,
@@ -145,7 +142,7 @@ def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
     elif grpo:
         run.batches = _rollout_batches(run, cursor, rows, iterations)
     else:
-        run.batches = _micro_batches(run, cursor, data, rows, ref_logps)
+        run.batches = micro_batches(run, cursor, data, rows, ref_logps)
     return run
 
 
@@ -290,15 +287,6 @@ def build_tokenizer(model_source: str | None) -> Tokenizer:
 def _reference(cfg: TrainConfig) -> str:
     """DPO's reference: adapters (LoRA with them off), model (a frozen copy) or precompute."""
     return cfg.dpo.ref if cfg.dpo.ref != "auto" else ("adapters" if cfg.lora.rank > 0 else "model")
-
-
-def _micro_batches(run: Run, cursor: Cursor, data, rows: list, ref_logps) -> Iterator[dict]:
-    """This rank's micro-batches from the cursor on; the rows of global micro-batch m depend on (seed, epoch, rows
-    taken) alone."""
-    while True:
-        taken = [rows[i] for i in cursor.take(run.cfg.batch_size * run.d.world)]
-        run.data_state = cursor.state()
-        yield rank_batch(data, taken, run.d, run.tok.pad_token_id, run.cfg.objective == "dpo", ref_logps)
 
 
 def _rollout_batches(run: Run, cursor: Cursor, rows: list, iterations: int) -> Iterator[dict]:

@@ -189,13 +189,33 @@ def tokenize_row(tok: Tokenizer, row: dict, where: str) -> tuple[list[int], list
             ids = tok.encode(prompt + completion)
             start = _common_prefix(tok.encode(prompt), ids)
             return ids, [0] * start + [1] * (len(ids) - start)
-        text = row["text"]
-        if not isinstance(text, str):
-            raise DataError(f"{where}: text must be a string, got {type(text).__name__}")
+        text = row_text(row, where)
         ids = tok.encode(text if text.endswith(tok.eos_token) else text + tok.eos_token)
         return ids, [1] * len(ids)
     except ChatError as e:
         raise DataError(f"{where}: {e}") from None
+
+
+def row_text(row: dict, where: str) -> str:
+    """A text row's text."""
+    if not isinstance(row["text"], str):
+        raise DataError(f"{where}: text must be a string, got {type(row['text']).__name__}")
+    return row["text"]
+
+
+def cut_example(tok: Tokenizer, row: dict, where: str, max_length: int) -> tuple[list[int], list[int]] | None:
+    """A row's (ids, mask) kept to its first max_length tokens, as trl keeps them; None when no learned token is
+    left."""
+    ids, mask = tokenize_row(tok, row, where)
+    ids, mask = ids[:max_length], mask[:max_length]
+    return (ids, mask) if any(mask[1:]) else None
+
+
+def cut_pair(tok: Tokenizer, row: dict, where: str, max_length: int) -> list[tuple[list[int], list[int]]] | None:
+    """A preference row's chosen and rejected (ids, mask), each cut as cut_example; None when a side is left
+    without completion tokens."""
+    pair = [(ids[:max_length], mask[:max_length]) for ids, mask in tokenize_preference(tok, row, where)]
+    return pair if all(any(mask[1:]) for _, mask in pair) else None
 
 
 @dataclass
@@ -247,15 +267,9 @@ class TokenizedData:
 
 
 def tokenize_rows(tok: Tokenizer, rows, max_length: int) -> TokenizedData:
-    examples, dropped = [], 0
-    for where, row in rows:
-        ids, mask = tokenize_row(tok, row, where)
-        ids, mask = ids[:max_length], mask[:max_length]  # keep the start, as trl does
-        if not any(mask[1:]):  # no supervised token left
-            dropped += 1
-            continue
-        examples.append((ids, mask))
-    return TokenizedData.from_examples(examples, dropped)
+    examples = [cut_example(tok, row, where, max_length) for where, row in rows]
+    kept = [e for e in examples if e is not None]
+    return TokenizedData.from_examples(kept, len(examples) - len(kept))
 
 
 def _cache_key(path: Path, tok: Tokenizer, max_length: int) -> str:
@@ -355,8 +369,8 @@ def load_preferences(path: str | os.PathLike, tok: Tokenizer, max_length: int) -
     as trl does); a pair with a side left without completion tokens is dropped."""
     examples, dropped = [], 0
     for where, row in read_rows(path):
-        pair = [(ids[:max_length], mask[:max_length]) for ids, mask in tokenize_preference(tok, row, where)]
-        if not all(any(mask[1:]) for _, mask in pair):
+        pair = cut_pair(tok, row, where, max_length)
+        if pair is None:
             dropped += 1
             continue
         examples += pair

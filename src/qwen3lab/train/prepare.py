@@ -173,25 +173,16 @@ def _tokenize_chunk(chunk):
         try:
             row = json.loads(D._utf8(row, where)) if isinstance(row, bytes) else row
             kind = "pairs" if isinstance(row, dict) and "chosen" in row else D.row_format(row, where)
-            if kind == "text":
-                if not isinstance(row["text"], str):
-                    raise D.DataError(f"{where}: text must be a string, got {type(row['text']).__name__}")
-                texts.append(row["text"])
+            if kind == "text":  # kept whole (a text corpus is cut into rows at training time)
+                texts.append(D.row_text(row, where))
                 text_at.append(len(examples))
                 examples.append(None)
-            elif kind == "pairs":
-                pair = [(i[:max_length], m[:max_length]) for i, m in D.tokenize_preference(tok, row, where)]
-                if all(any(m[1:]) for _, m in pair):
-                    examples += pair
-                else:
-                    stats["dropped"] += 1
             else:
-                ids, mask = D.tokenize_row(tok, row, where)
-                ids, mask = ids[:max_length], mask[:max_length]
-                if any(mask[1:]):
-                    examples.append((ids, mask))
-                else:
+                cut = (D.cut_pair if kind == "pairs" else D.cut_example)(tok, row, where, max_length)
+                if cut is None:
                     stats["dropped"] += 1
+                else:
+                    examples += cut if kind == "pairs" else [cut]
             if kind in ("text", "pairs"):
                 stats[kind] += 1
         except (D.DataError, json.JSONDecodeError) as e:

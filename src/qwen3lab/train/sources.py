@@ -51,9 +51,6 @@ def load_data(cfg: TrainConfig, tok: Tokenizer):
         eval_data = examples(cfg.data.eval, tok, cfg, "sft")
     else:
         data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.seed)
-    if not cfg.data.assistant_only:
-        data = data.all_tokens_supervised()
-        eval_data = eval_data.all_tokens_supervised() if eval_data else None
     data, rows = _rows(data, cfg, cfg.data.pack_order)
     eval_data, eval_rows = _rows(eval_data, cfg, "best_fit") if eval_data else (None, [])
     return data, rows, eval_data, eval_rows
@@ -101,9 +98,6 @@ def _load_mixture(cfg: TrainConfig, tok: Tokenizer):
     names, weights, parts, rows, eval_parts, eval_rows = [], [], [], [], [], []
     for source in cfg.data.mix:
         data, eval_data = split_eval(examples(source["path"], tok, cfg, "sft"), cfg.data.eval_fraction, cfg.seed)
-        if not cfg.data.assistant_only:
-            data = data.all_tokens_supervised()
-            eval_data = eval_data.all_tokens_supervised() if eval_data else None
         data, source_rows = _rows(data, cfg, cfg.data.pack_order)
         names.append(source["name"]), weights.append(source["weight"]), parts.append(data), rows.append(source_rows)
         if eval_data is not None:
@@ -129,6 +123,10 @@ def make_cursor(cfg: TrainConfig, data, rows: list):
 
 
 def _rows(data, cfg: TrainConfig, order: str):
+    """SFT examples -> (examples, rows): every token learned unless data.assistant_only; packed or one a row, and a
+    pretraining text corpus cut into rows of max_length."""
+    if not cfg.data.assistant_only:
+        data = data.all_tokens_supervised()
     if getattr(data, "stream", False) and cfg.data.packing:  # pretraining text: cut, not packed
         return data.windows(cfg.data.max_length)
     return data, make_rows(data, cfg.data.max_length, cfg.data.packing, order, cfg.seed)

@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 
-from .batching import rank_batch
+from .batching import eval_batches, rank_batch
 from .config import TrainConfig
 from .sources import Mixture, load_data, log_data, make_cursor
 
@@ -30,7 +30,6 @@ def staged_batches(run, stages: list[tuple[str, TrainConfig]], first: tuple, sav
     position) if that checkpoint was taken inside it."""
     ends = stage_ends(stages)
     i = min(int(np.searchsorted(ends, run.step, side="right")), len(stages) - 1)
-    global_rows = run.cfg.batch_size * run.d.world
     while True:
         name, cfg = stages[i]
         data, rows, eval_data, eval_rows = first if i == 0 else load_data(cfg, run.tok)
@@ -40,11 +39,19 @@ def staged_batches(run, stages: list[tuple[str, TrainConfig]], first: tuple, sav
         saved = None
         _enter(run, i, name, cfg, data, rows, eval_data, eval_rows)
         left = int(ends[i]) - run.step if i < len(stages) - 1 else None  # the last stage: as long as the run asks
-        for _ in range(left * run.cfg.grad_accum) if left is not None else itertools.count():
-            taken = [rows[j] for j in cursor.take(global_rows)]
-            run.data_state = {"stage": i, **cursor.state()}
-            yield rank_batch(data, taken, run.d, run.tok.pad_token_id)
+        yield from micro_batches(run, cursor, data, rows, steps=left, stage=i)
         i += 1
+
+
+def micro_batches(run, cursor, data, rows, ref_logps=None, steps: int | None = None, stage: int | None = None):
+    """This rank's micro-batches from the cursor on, for `steps` optimizer steps (None: as many as asked for); the
+    rows of global micro-batch m depend on (seed, epoch, rows taken) alone. run.data_state follows the cursor (and
+    the stage, in a staged run), for the checkpoint after each step."""
+    global_rows, pairs = run.cfg.batch_size * run.d.world, run.cfg.objective == "dpo"
+    for _ in range(steps * run.cfg.grad_accum) if steps is not None else itertools.count():
+        taken = [rows[i] for i in cursor.take(global_rows)]
+        run.data_state = cursor.state() if stage is None else {"stage": stage, **cursor.state()}
+        yield rank_batch(data, taken, run.d, run.tok.pad_token_id, pairs, ref_logps)
 
 
 def _enter(run, i: int, name: str, cfg: TrainConfig, data, rows, eval_data, eval_rows) -> None:
@@ -64,10 +71,6 @@ def _enter(run, i: int, name: str, cfg: TrainConfig, data, rows, eval_data, eval
     )
     log_data(cfg, run.d, data, rows, int(run.total_steps))
     global_rows, pad = run.cfg.batch_size * run.d.world, run.tok.pad_token_id
-
-    def eval_batches():
-        for start in range(0, len(eval_rows), global_rows):
-            yield rank_batch(eval_data, eval_rows[start : start + global_rows], run.d, pad)
-
-    run.eval_batches, run.has_eval = eval_batches, bool(len(eval_rows))
+    run.eval_batches = lambda: eval_batches(eval_data, eval_rows, global_rows, run.d, pad)
+    run.has_eval = bool(len(eval_rows))
     run.sources = data.names if isinstance(data, Mixture) else []
