@@ -27,7 +27,8 @@ if fail_after:
     Reporter.log = log_then_fail
 
 if os.environ.get("QWEN3LAB_TEST_ROWS"):
-    rank_batch = T.rank_batch
+    S = importlib.import_module("qwen3lab.train.stages")  # where training micro-batches are made
+    rank_batch = S.rank_batch
 
     def logged_rank_batch(data, rows, d, *args, **kwargs):
         if d.rank == 0:
@@ -35,7 +36,7 @@ if os.environ.get("QWEN3LAB_TEST_ROWS"):
                 f.write(json.dumps(rows) + "\n")
         return rank_batch(data, rows, d, *args, **kwargs)
 
-    T.rank_batch = logged_rank_batch
+    S.rank_batch = logged_rank_batch
 
 if os.environ.get("QWEN3LAB_TEST_LOAD_RSS"):
     folder, before = Path(os.environ["QWEN3LAB_TEST_LOAD_RSS"]), []
