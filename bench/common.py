@@ -31,6 +31,20 @@ def hf_from_qwen3lab(model):
     return hf.eval()
 
 
+class StepTimes:
+    """Call once per training step (a callback); steps_per_s() after the first step, which carries one-off setup."""
+
+    def __init__(self):
+        self.stamps = [time.perf_counter()]
+
+    def __call__(self, *_):
+        self.stamps.append(time.perf_counter())
+
+    def steps_per_s(self) -> float:
+        later = self.stamps[2:]
+        return (len(later) - 1) / (later[-1] - later[0])
+
+
 def best_of(fn, repeats: int = 3) -> float:
     """Seconds of the fastest of `repeats` calls, after one warm-up call."""
     fn()

@@ -19,11 +19,10 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from common import SMALL_QWEN3, machine
+from common import SMALL_QWEN3, StepTimes, machine
 
 SHAPE = SMALL_QWEN3 | {"num_hidden_layers": 4}
 
@@ -48,18 +47,6 @@ def setup(folder: Path, n_prompts: int) -> Path:
 
 def length_mod3(prompts, completions, **_):
     return [float(len(c[-1]["content"]) % 3) for c in completions]  # varies, so advantages are not all 0
-
-
-class StepTimes:
-    def __init__(self):
-        self.stamps = [time.perf_counter()]
-
-    def __call__(self, *_):
-        self.stamps.append(time.perf_counter())
-
-    def steps_per_s(self) -> float:
-        later = self.stamps[2:]  # after the first step
-        return (len(later) - 1) / (later[-1] - later[0])
 
 
 def run_trl(folder: Path, prompts: Path, args) -> dict:

@@ -207,6 +207,36 @@ def test_grpo_under_fsdp_rolls_out_on_every_rank_and_resumes_exactly(setup):
     assert exported.config.num_hidden_layers == 2
 
 
+def test_distill_under_fsdp_matches_one_process_and_resumes_on_policy(setup, tok):
+    """The teacher sharded beside the student: off-policy, the losses and weights of one process with the same global
+    batch; with on-policy micro-batches (each rank samples its share with the whole student gathered), rank 0 dies
+    after step 3 and the resumed run logs the uninterrupted run's losses."""
+    from test_distill import save_pair
+
+    save_pair(setup, tok)  # teacher/ (hidden 64) and chat.jsonl beside the module's model
+    distill = {"teacher": str(setup / "teacher"), "beta": 0.5, "lmbda": 0.0, "max_new_tokens": 6}
+    keys = dict(data={"train": str(setup / "chat.jsonl"), "packing": False}, steps=3, optim={"lr": 5e-3})
+    config = objective_config(setup, "distill", **keys, distill=distill)
+    one = train({**yaml.safe_load((setup / config).read_text()), "out": str(setup / "distill-one"), "batch_size": 4})
+    run = torchrun(setup, setup / "distill-two", config=config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert losses(setup / "distill-two") == pytest.approx(losses(one), abs=1e-5)
+    wa, wb = weights(one), weights(setup / "distill-two")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0, msg=name)
+
+    keys |= dict(steps=4, grad_accum=2, save_every=2)
+    config = objective_config(setup, "distill", **keys, distill=distill | {"lmbda": 0.5})
+    straight, crashed = setup / "distill-straight", setup / "distill-crashed"
+    assert torchrun(setup, straight, config=config).returncode == 0
+    assert 0 < sum(m["on_policy"] for m in metrics(straight)) < 4
+    assert torchrun(setup, crashed, config=config, fail_after=3).returncode != 0
+    resumed = torchrun(setup, crashed, config=config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for key in ("loss", "on_policy"):
+        assert [m.get(key) for m in metrics(crashed)] == pytest.approx([m.get(key) for m in metrics(straight)]), key
+
+
 def test_each_rank_loads_only_its_shards(tmp_path, tok):
     """The model is built on the meta device and each rank reads the rows of its own shards from the safetensors
     files: its RSS grows by at most 0.65 x the full fp32 model + 100 MB while loading (a full copy per rank, as

@@ -29,6 +29,7 @@ from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .config import LORA_TARGETS, TrainConfig, stage_configs, train_config_dict
 from .lora import apply_lora, train_routers
 from .net import TrainableTokens, WithLoss, shard
+from .objectives.distill import OnPolicy, distill_batches
 from .objectives.dpo import sequence_logps
 from .objectives.rollouts import Rollouts
 from .optim import build_optimizer, lr_lambda, staged_lr_lambda
@@ -63,7 +64,7 @@ class Run:
     data_state: dict  # what a checkpoint records: the data position after the step (GRPO: its round's start)
     eval_batches: Callable[[], Iterator[dict]]
     has_eval: bool
-    rollouts: Rollouts | None
+    rollouts: Rollouts | OnPolicy | None  # GRPO's rollouts, distill's on-policy samples
     checkpoints: Path
     balance: Balance | None = None  # MoE: the load-balancing loss
     sources: list[str] = field(default_factory=list)  # data.mix: the sources' names (metrics per source)
@@ -112,6 +113,8 @@ def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
     if saved_data and not cfg.stages:
         cursor.restore(saved_data)
     rollouts = Rollouts(cfg, tok, data, net, autocast, d, out) if grpo else None
+    if cfg.objective == "distill":
+        rollouts = OnPolicy(cfg, tok, net, autocast, d)
     run = Run(
         cfg=cfg,
         d=d,
@@ -141,6 +144,8 @@ def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
         run.batches = staged_batches(run, stages, (data, rows, eval_data, eval_rows), saved_data)
     elif grpo:
         run.batches = _rollout_batches(run, cursor, rows, iterations)
+    elif cfg.objective == "distill":
+        run.batches = distill_batches(run, cursor, data, rows, rollouts)
     else:
         run.batches = micro_batches(run, cursor, data, rows, ref_logps)
     return run
@@ -220,13 +225,15 @@ def build_net(cfg: TrainConfig, d: Dist, device: torch.device, tok: Tokenizer):
         ref_model.attn_implementation = cfg.attention
         if upcast:  # a bf16 base computed in fp32
             ref_model.float()
-    net = WithLoss(
-        model, extra_tokens, cfg.data.packing, cfg.loss_chunk, upcast, cfg.objective, cfg.dpo.beta, ref_model, cfg.grpo
-    )
+    teacher = build_teacher(cfg, device, d.world) if cfg.objective == "distill" else None
+    args = (cfg.objective, cfg.dpo.beta, ref_model, cfg.grpo, teacher, cfg.distill)
+    net = WithLoss(model, extra_tokens, cfg.data.packing, cfg.loss_chunk, upcast, *args)
     if d.world > 1:
         shard(net, source, device, use_bf16)
         if net.ref_net is not None:
             shard(net.ref_net, source, device, use_bf16)
+        if net.teacher_net is not None:
+            shard(net.teacher_net, cfg.distill.teacher, device, use_bf16)
     net.train()
     return model, source, net, extra_tokens, autocast
 
@@ -253,6 +260,23 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int = 1):
     if cfg.lora.rank > 0 and cfg.precision != "fp32" and world == 1:
         dtype = stored_dtype(cfg.model)
     return load_model(cfg.model, dtype=dtype, device=device), cfg.model
+
+
+def build_teacher(cfg: TrainConfig, device: torch.device, world: int) -> Qwen3:
+    """distill's teacher, frozen: in its stored dtype (fp32 with precision fp32), its decoder linears in 4 bits
+    (teacher_bits 4), or under FSDP fp32 on the meta device, each rank filling its shards (`shard`)."""
+    dc = cfg.distill
+    if dc.teacher_bits == 4:
+        teacher = load_model_4bit(dc.teacher, LORA_TARGETS, device)
+    elif world > 1:
+        with torch.device("meta"):
+            teacher = Qwen3(ModelConfig.from_file(resolve_folder(dc.teacher)))
+    else:
+        dtype = torch.float32 if cfg.precision == "fp32" else stored_dtype(dc.teacher)
+        teacher = load_model(dc.teacher, dtype=dtype, device=device)
+    teacher.attn_implementation = cfg.attention
+    log.info("distill: teacher %s, %.2fB parameters", dc.teacher, sum(p.numel() for p in teacher.parameters()) / 1e9)
+    return teacher.eval().requires_grad_(False)
 
 
 def _set_rope(cfg: TrainConfig, model: Qwen3) -> Qwen3:

@@ -92,6 +92,18 @@ class GRPOConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = ""  # the teacher's HF folder: any Qwen3 (dense or MoE) with the student's tokenizer, held frozen
+    teacher_bits: int = 16  # 16: in its stored dtype (fp32 with precision fp32); 4: its decoder linears in NF4
+    beta: float = 0.5  # 0: forward KL(teacher || student), 1: reverse KL, between: generalized JSD (trl's GKD)
+    temperature: float = 1.0  # of both distributions in the loss, and of the student's sampling
+    lmbda: float = 0.5  # the share of micro-batches whose completions the student samples (on-policy)
+    max_new_tokens: int = 128  # the length limit of on-policy completions
+    top_p: float = 1.0
+    top_k: int = 0  # > 0: the teacher's k most likely tokens, renormalised, stand for its distribution (beta 0)
+
+
+@dataclass
 class MoEConfig:
     """Qwen3 MoE models only (model_type qwen3_moe)."""
 
@@ -106,10 +118,13 @@ class MoEConfig:
 class TrainConfig:
     model: str = ""  # HF model folder, or a preset name (random init) such as tiny
     out: str = "runs/sft"
-    objective: str = "sft"  # sft | dpo (preference pairs: prompt + chosen / rejected) | grpo (prompts + rewards)
+    # sft | dpo (preference pairs: prompt + chosen / rejected) | grpo (prompts + rewards) | distill (a teacher's
+    # distributions on chats or prompts)
+    objective: str = "sft"
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -251,7 +266,7 @@ def load_train_config(path: str | Path | None = None, overrides: dict | None = N
 
 
 # The values each enumerated key takes (the modules that use them import them from here).
-OBJECTIVES = ("sft", "dpo", "grpo")
+OBJECTIVES = ("sft", "dpo", "grpo", "distill")
 GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo")
 CHOICES = {
     "objective": OBJECTIVES,
@@ -265,6 +280,7 @@ CHOICES = {
     "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.importance_sampling_level": ("token", "sequence"),
     "lora.base_bits": (16, 4),
+    "distill.teacher_bits": (16, 4),
     "cpu_memory": ("auto", "keep", "lean"),
     "moe.balance": ("global", "micro"),
 }
@@ -296,6 +312,12 @@ RANGES = [
     ("grpo.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("grpo.epsilon", lambda v: v >= 0, ">= 0"),
     ("grpo.num_iterations", lambda v: v >= 1, ">= 1"),
+    ("distill.beta", lambda v: 0 <= v <= 1, "in [0, 1] (0: forward KL, 1: reverse KL)"),
+    ("distill.temperature", lambda v: v > 0, "> 0"),
+    ("distill.lmbda", lambda v: 0 <= v <= 1, "in [0, 1] (the share of on-policy micro-batches)"),
+    ("distill.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("distill.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("distill.top_k", lambda v: v >= 0, ">= 0 (0: the teacher's whole distribution)"),
 ]
 
 
@@ -343,6 +365,10 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> TrainConfig:
         raise ConfigError("lora.train_tokens: needs lora.rank > 0; full fine-tuning trains every embedding row already")
     if cfg.moe.lora_router:
         _check_lora_router(cfg)
+    if cfg.objective == "distill":
+        from .objectives.distill import check_config  # its teacher's config.json read, nothing loaded
+
+        check_config(cfg, world)
     if cfg.dpo.ref != "auto" and cfg.objective != "dpo":
         raise ConfigError(f"dpo.ref: {cfg.dpo.ref!r} applies to objective: dpo only (this run is {cfg.objective})")
     g = cfg.grpo

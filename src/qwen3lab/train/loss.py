@@ -15,64 +15,104 @@ from ..model.head import chunked_logps, head_logits
 IGNORE = -100
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """A loss over lm_head(hidden) whose gradient with respect to the logits is known in closed form, taken chunk by
+    chunk: each chunk's logits, its loss and at once the gradient (per_chunk), keeping only grad_hidden [N, H] and
+    grad_weight [V, H] for the backward."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, extra_ids, extra_delta, token_weights):
-        # hidden [N, H], weight [V, H], targets [N] -> summed loss (fp32 scalar). extra_delta [k, H] is added to the
-        # rows extra_ids [k] of weight (trained token rows of a frozen tied embedding) without copying weight.
-        # token_weights [N] (or None: all 1) weigh each position's cross-entropy in the sum.
-        need_h, need_w, need_d = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5]
+    def forward(ctx, hidden, weight, extra_ids, extra_delta, per_chunk, chunk_size):
+        # hidden [N, H], weight [V, H] -> summed loss (fp32 scalar), each position's loss [N]. extra_delta [k, H] is
+        # added to the rows extra_ids [k] of weight (trained token rows of a frozen tied embedding) without copying
+        # weight. per_chunk(logits, rows, need_grad) -> (loss, loss per position [n], grad of the loss with respect to
+        # the logits [n, V] or None); logits() makes the chunk's [n, V] fp32 logits, a block per_chunk owns (and can
+        # free or overwrite as soon as it has read them: a [n, vocab] block is the loss's unit of memory).
+        need_h, need_w, need_d = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        need = need_h or need_w or need_d
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None  # [V, H] fp32, made by the first chunk's product (not zero-filled, then added to)
         grad_d = torch.zeros_like(extra_delta, dtype=torch.float32) if need_d else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        per_token = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [N], for metrics
+        each = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [N], for metrics
         for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            # logits in the compute dtype, then fp32 as transformers does; log_softmax is one fused row-wise kernel,
-            # where logsumexp + sub + exp would stream the [n, vocab] block through memory several times
-            logp = torch.log_softmax(head_logits(h, weight, extra_ids, extra_delta).float(), dim=-1)  # [n, V]
-            w = None if token_weights is None else token_weights[start : start + chunk_size, None].float()
-            target_logp = logp.gather(1, t[:, None])
-            per_token[start : start + chunk_size] = -target_logp[:, 0]
-            loss -= (target_logp if w is None else target_logp * w).sum()
-            if need_h or need_w or need_d:
-                grad_logits = logp.exp_()  # softmax, in place
-                grad_logits[torch.arange(len(t), device=t.device), t] -= 1
-                if w is not None:
-                    grad_logits *= w
-                grad_logits = grad_logits.to(weight.dtype)
+            h = hidden[start : start + chunk_size]
+            rows = slice(start, start + len(h))
+            chunk_loss, each[rows], grad_logits = per_chunk(_logits_of(h, weight, extra_ids, extra_delta), rows, need)
+            loss += chunk_loss
+            if not need:
+                continue
+            grad_logits = grad_logits.to(weight.dtype)
+            if need_h:
+                grad_h[rows] = grad_logits @ weight
+            if need_w:
+                if grad_w is None:
+                    grad_w = (grad_logits.T @ h).float()
+                elif grad_w.dtype == h.dtype:
+                    grad_w.addmm_(grad_logits.T, h)
+                else:  # bf16 compute: the product in bf16, accumulated in fp32
+                    grad_w += (grad_logits.T @ h).float()
+            if extra_delta is not None and (need_h or need_d):
+                g = grad_logits[:, extra_ids]  # [n, k]: the trained rows' share of the gradient
                 if need_h:
-                    grad_h[start : start + chunk_size] = grad_logits @ weight
-                if need_w:
-                    if grad_w is None:
-                        grad_w = (grad_logits.T @ h).float()
-                    elif grad_w.dtype == h.dtype:
-                        grad_w.addmm_(grad_logits.T, h)
-                    else:  # bf16 compute: the product in bf16, accumulated in fp32
-                        grad_w += (grad_logits.T @ h).float()
-                if extra_delta is not None and (need_h or need_d):
-                    g = grad_logits[:, extra_ids]  # [n, k]: the trained rows' share of the gradient
-                    if need_h:
-                        grad_h[start : start + chunk_size] += (g @ extra_delta.to(g.dtype)).to(grad_h.dtype)
-                    if need_d:
-                        grad_d += g.T.float() @ h.float()
+                    grad_h[rows] += (g @ extra_delta.to(g.dtype)).to(grad_h.dtype)
+                if need_d:
+                    grad_d += g.T.float() @ h.float()
         ctx.save_for_backward(grad_h, grad_w, grad_d)
         ctx.weight_dtype, ctx.delta_dtype = weight.dtype, None if extra_delta is None else extra_delta.dtype
-        ctx.mark_non_differentiable(per_token)
-        return loss, per_token
+        ctx.mark_non_differentiable(each)
+        return loss, each
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_per_token):
+    def backward(ctx, grad_loss, _grad_each):
         # scaled in place: these buffers were made for this one backward, and grad_w is [vocab, hidden]
         grad_h, grad_w, grad_d = ctx.saved_tensors
         grad_h = grad_h.mul_(grad_loss) if grad_h is not None else None
         grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
         grad_d = grad_d.mul_(grad_loss).to(ctx.delta_dtype) if grad_d is not None else None
-        return grad_h, grad_w, None, None, None, grad_d, None
+        return grad_h, grad_w, None, grad_d, None, None
 
 
-def _supervised(hidden, weight, labels):
+def head_loss(h: torch.Tensor, weight: torch.Tensor, per_chunk, chunk_size: int, extra_rows=None):
+    """(summed loss, loss per position [N] without gradient) of per_chunk over lm_head(h) for h [N, H], chunk by
+    chunk (see _ChunkedHeadLoss); the gradient is kept only when grad is enabled."""
+    extra_ids, extra_delta = extra_rows if extra_rows is not None else (None, None)
+    if torch.is_grad_enabled():
+        return _ChunkedHeadLoss.apply(h, weight, extra_ids, extra_delta, per_chunk, chunk_size)
+    loss, each = torch.zeros((), dtype=torch.float32, device=h.device), []
+    for start in range(0, h.shape[0], chunk_size):
+        rows = slice(start, min(start + chunk_size, h.shape[0]))
+        chunk_loss, chunk_each, _ = per_chunk(_logits_of(h[rows], weight, extra_ids, extra_delta), rows, False)
+        loss += chunk_loss
+        each.append(chunk_each)
+    return loss, torch.cat(each) if each else h.new_zeros(0, dtype=torch.float32)
+
+
+def _logits_of(h, weight, extra_ids, extra_delta):
+    """The logits of a chunk, made when called: in the compute dtype, then fp32 as transformers does."""
+    return lambda: head_logits(h, weight, extra_ids, extra_delta).float()
+
+
+def _cross_entropy(targets: torch.Tensor, token_weights: torch.Tensor | None):
+    """per_chunk of the cross-entropy against targets [N], each position weighted by token_weights [N] (or 1)."""
+
+    def per_chunk(logits, rows, need_grad):
+        # log_softmax is one fused row-wise kernel, where logsumexp + sub + exp would stream the [n, vocab] block
+        # through memory several times
+        logp = torch.log_softmax(logits(), dim=-1)  # [n, V]; the logits freed at once
+        t = targets[rows]
+        ce = -logp.gather(1, t[:, None])[:, 0]  # [n]
+        w = None if token_weights is None else token_weights[rows].float()
+        loss = (ce if w is None else ce * w).sum()
+        if not need_grad:
+            return loss, ce, None
+        grad = logp.exp_()  # softmax - onehot, in place
+        grad[torch.arange(len(t), device=t.device), t] -= 1
+        return loss, ce, grad if w is None else grad.mul_(w[:, None])
+
+    return per_chunk
+
+
+def supervised(hidden, weight, labels):
     """hidden [B, T, H], labels [B, T] -> hidden [N, H] and targets [N] of the supervised positions, and the
     weight to multiply them with (a bf16-stored frozen base computed in fp32: converted once per call)."""
     keep = labels.reshape(-1) != IGNORE
@@ -99,22 +139,11 @@ def lm_loss_sum(
     Returns (loss_sum, number of supervised tokens), and with per_token the unweighted cross-entropy of each
     supervised position [N] (no gradient: for metrics, e.g. the loss per data source).
     """
-    h, targets, weight = _supervised(hidden, weight, labels)
+    h, targets, weight = supervised(hidden, weight, labels)
     if h.shape[0] == 0:
         out = hidden.sum() * 0.0, 0
         return (*out, hidden.new_zeros(0, dtype=torch.float32)) if per_token else out
-    extra_ids, extra_delta = extra_rows if extra_rows is not None else (None, None)
-    if torch.is_grad_enabled():
-        args = (h, weight, targets, chunk_size, extra_ids, extra_delta, token_weights)
-        loss, each = _ChunkedLinearCrossEntropy.apply(*args)
-    else:
-        loss, each = torch.zeros((), dtype=torch.float32, device=h.device), []
-        for start in range(0, h.shape[0], chunk_size):
-            logits = head_logits(h[start : start + chunk_size], weight, extra_ids, extra_delta).float()
-            ce = torch.nn.functional.cross_entropy(logits, targets[start : start + chunk_size], reduction="none")
-            loss += (ce if token_weights is None else ce * token_weights[start : start + chunk_size]).sum()
-            each.append(ce)
-        each = torch.cat(each)
+    loss, each = head_loss(h, weight, _cross_entropy(targets, token_weights), chunk_size, extra_rows)
     return (loss, int(targets.numel()), each) if per_token else (loss, int(targets.numel()))
 
 
@@ -122,7 +151,7 @@ def lm_loss_sum(
 def token_logprobs(hidden, weight, labels, chunk_size: int = 1024, extra_rows=None, entropy: bool = False):
     """Log-probabilities [N] (fp32) of the supervised targets, chunk by chunk through lm_head, and with entropy=True
     the entropy [N] of each of those positions' distributions too."""
-    h, targets, weight = _supervised(hidden, weight, labels)
+    h, targets, weight = supervised(hidden, weight, labels)
     extra_ids, extra_delta = extra_rows if extra_rows is not None else (None, None)
     logps, entropies = [], []
     for start, logp in chunked_logps(h, weight, chunk_size, extra_ids, extra_delta):

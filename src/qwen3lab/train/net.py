@@ -1,5 +1,6 @@
 """The model and its loss as one module (WithLoss), which is what the optimizer steps and FSDP2 shards: SFT's
-chunked cross-entropy, DPO's loss against its reference, GRPO's; and the trained embedding rows of chosen tokens.
+chunked cross-entropy, DPO's loss against its reference, GRPO's, distillation's against its teacher; and the
+trained embedding rows of chosen tokens.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from ..model.hf import load_sharded
 from .lora import lora_disabled
 from .loss import IGNORE, lm_loss_sum, token_logprobs
+from .objectives.distill import distill_loss
 from .objectives.dpo import dpo_loss, sequence_logps
 from .objectives.grpo import grpo_loss
 from .parallel import apply_fsdp
@@ -70,8 +72,9 @@ class WithLoss(torch.nn.Module):
 
     forward(batch) -> (summed loss, summed metrics). The objective is SFT's cross-entropy, DPO's loss against a
     reference (log-probs precomputed in the batch, a frozen copy `ref_model`, or this model with its adapters off),
-    or GRPO's. forward(batch, logps="policy" | "reference") -> the supervised tokens' log-probs [N], without grad.
-    forward(None, call=f) -> f(): work on self.model that needs the root's parameters, e.g. generation.
+    GRPO's, or the divergence from a teacher (distill). forward(batch, logps="policy" | "reference") -> the
+    supervised tokens' log-probs [N], without grad. forward(None, call=f) -> f(): work on self.model that needs
+    the root's parameters, e.g. generation.
     """
 
     def __init__(
@@ -85,12 +88,16 @@ class WithLoss(torch.nn.Module):
         beta: float = 0.1,
         ref_model=None,
         grpo=None,
+        teacher=None,
+        distill=None,
     ):
         super().__init__()
         self.model, self.extra_tokens, self.packing, self.chunk = model, extra_tokens, packing, chunk
-        self.upcast, self.objective, self.beta, self.grpo = upcast, objective, beta, grpo
-        # the frozen reference as its own module, outside this one's tree (never trained or saved; sharded apart)
+        self.upcast, self.objective, self.beta, self.grpo, self.distill = upcast, objective, beta, grpo, distill
+        # the frozen reference and teacher as modules of their own, outside this one's tree (never trained or saved;
+        # sharded apart)
         self.__dict__["ref_net"] = None if ref_model is None else WithLoss(ref_model, None, True, chunk)
+        self.__dict__["teacher_net"] = None if teacher is None else WithLoss(teacher, None, packing, chunk)
 
     def forward(self, batch, logps: str | None = None, temperature: float = 1.0, call=None):
         if call is not None:
@@ -101,6 +108,10 @@ class WithLoss(torch.nn.Module):
             return self._loss_by_source(batch)
         if self.objective == "sft":
             return micro_batch_loss(self.model, batch, self.packing, self.chunk, self.extra_tokens, self.upcast)[0], {}
+        if self.objective == "distill":
+            hidden, extra_rows = hidden_states(self.model, batch, self.packing, self.extra_tokens, self.upcast)
+            # inside the teacher's forward: under FSDP2 its lm_head is gathered there
+            return self.teacher_net(None, call=lambda: self._distill_loss(hidden, extra_rows, batch))
         ref = batch.get("ref_logps")
         if self.objective == "dpo" and ref is None:
             ref = sequence_logps(self._token_logps(batch, reference=True), batch)
@@ -123,6 +134,15 @@ class WithLoss(torch.nn.Module):
             metrics[f"source_loss/{s}"] = float(each[source == s].sum())
             metrics[f"source_units/{s}"] = float((source == s).sum())
         return loss, metrics
+
+    def _distill_loss(self, hidden, extra_rows, batch):
+        teacher = self.teacher_net.model
+        with torch.no_grad():
+            teacher_hidden = hidden_states(teacher, batch, self.packing, None)[0]
+        weights = self.model.lm_head.weight, teacher.lm_head.weight
+        return distill_loss(
+            hidden, weights[0], teacher_hidden, weights[1], batch["labels"], self.distill, self.chunk, extra_rows
+        )
 
     def hidden(self, batch) -> torch.Tensor:
         """Final hidden states [B, T, H] of a batch (e.g. the routing pass of MoE balancing, train/balance.py)."""

@@ -25,6 +25,7 @@ PANELS = {
         ),
         ("share of pairs", [("rewards/accuracies", "accuracy: chosen above rejected")]),
     ],
+    "distill": [("divergence from the teacher (nats / learned token)", [("loss", "train"), ("eval_loss", "eval")])],
     "grpo": [
         ("reward (sampled completions)", [("reward", "mean"), ("reward_std", "std")]),
         ("tokens", [("completion_length", "completion length")]),

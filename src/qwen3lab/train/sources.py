@@ -26,7 +26,8 @@ def load_data(cfg: TrainConfig, tok: Tokenizer):
     """(data, rows, eval_data, eval_rows) for the objective. SFT: tokenized examples, rows of examples (packed or
     one each; a prepared text corpus: the documents end to end, cut every max_length tokens). DPO: examples 2i /
     2i + 1 are pair i's chosen / rejected sides, a row is a pair's index. GRPO: the prompts, a row is a prompt's
-    index (its micro-batch is made by rollouts at the step that uses it)."""
+    index (its micro-batch is made by rollouts at the step that uses it). distill: as SFT, or a prompt file's
+    prompts as examples with nothing learned (the student completes them)."""
     if cfg.objective == "grpo":
         if is_prepared(cfg.data.train):
             raise D.DataError(f"{cfg.data.train}: GRPO reads its prompts from a file (the rewards read their columns)")
@@ -45,6 +46,14 @@ def load_data(cfg: TrainConfig, tok: Tokenizer):
         return data, sorted(rows[n_eval:]), data, sorted(rows[:n_eval])
     if cfg.data.mix:
         return _load_mixture(cfg, tok)
+    if cfg.objective == "distill" and _prompts_only(cfg.data.train):
+        if cfg.distill.lmbda != 1:
+            raise D.DataError(
+                f"{cfg.data.train}: prompts without completions; the student must sample every one: distill.lmbda: 1"
+            )
+        prompts = load_prompts(cfg.data.train, tok)
+        data = D.TokenizedData.from_examples([(p["ids"], [0] * len(p["ids"])) for p in prompts])
+        return data, make_rows(data, cfg.data.max_length, cfg.data.packing, cfg.data.pack_order, cfg.seed), None, []
     data = examples(cfg.data.train, tok, cfg, "sft")
     eval_data = None
     if cfg.data.eval:
@@ -54,6 +63,14 @@ def load_data(cfg: TrainConfig, tok: Tokenizer):
     data, rows = _rows(data, cfg, cfg.data.pack_order)
     eval_data, eval_rows = _rows(eval_data, cfg, "best_fit") if eval_data else (None, [])
     return data, rows, eval_data, eval_rows
+
+
+def _prompts_only(path: str) -> bool:
+    """A file of GRPO-style prompt rows (`prompt` without `completion`), which distillation completes on-policy."""
+    if is_prepared(path):
+        return False
+    row = next(D.read_rows(path), (None, None))[1]
+    return isinstance(row, dict) and "prompt" in row and "completion" not in row
 
 
 class Mixture:

@@ -59,6 +59,30 @@ def advantages(rewards: torch.Tensor, groups: int, scale: str, batch_std: float 
     return centred / ((rewards.std() if batch_std is None else batch_std) + 1e-4)
 
 
+def sample(model, prompts: list[list[int]], G: int, params: SamplingParams, seed: int) -> list[list[int]]:
+    """G completions of each prompt from the engine (prompt k's at k*G ... k*G + G - 1): the generated ids, and the
+    stop id that ended them (the model learns to stop). One seeded generator for the batch and one SamplingParams
+    object: every decode step samples all rows in one call, and the same call gives the same completions (a
+    resumed run's)."""
+    if not prompts:
+        return []
+    longest = max(len(p) for p in prompts) + params.max_new_tokens
+    engine = Engine(model, len(prompts) * G, capacity=longest, max_waiting=len(prompts), seed=seed)
+    events: list[list] = [[] for _ in range(len(prompts) * G)]  # what the engine emitted for each completion
+    requests = []
+    for k, ids in enumerate(prompts):
+        requests += engine.submit_group(ids, [params] * G, [_recorder(events[k * G + c]) for c in range(G)])
+    engine.run_until_idle()
+    completion_ids = []
+    for request, emitted in zip(requests, events, strict=True):
+        errors = [v for kind, v in emitted if kind == "error"]
+        if errors:
+            raise RuntimeError(f"sampling failed: {errors[0]}")
+        ids = [v for kind, v in emitted if kind == "token"]
+        completion_ids.append(ids + ([request.stop_token] if request.stop_token is not None else []))
+    return completion_ids
+
+
 class Rollouts:
     """Makes GRPO micro-batches for the training loop (`batch`) and keeps what it saw for the step's metrics."""
 
@@ -113,35 +137,10 @@ class Rollouts:
         return batch
 
     def _generate(self, rows: list[dict], step: int, micro: int) -> list[list[int]]:
-        """G completions per row from the engine: the generated ids, and the stop id that ended them (the model
-        learns to stop)."""
-        g, G = self.g, self.g.num_generations
-        if not rows:
-            return []
-        longest = max(len(r["ids"]) for r in rows) + g.max_completion_length
-        # one seeded generator for the micro-batch and one SamplingParams object: every decode step samples all
-        # rows in one call, and the same submissions give the same completions (a resumed run's rollouts)
-        engine = Engine(
-            self.net.model,
-            len(rows) * G,
-            capacity=longest,
-            max_waiting=len(rows),
-            seed=self.seed(step, micro, self.d.rank),
-        )
+        g = self.g
         params = SamplingParams(max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p)
-        events: list[list] = [[] for _ in range(len(rows) * G)]  # what the engine emitted for each completion
-        requests = []
-        for k, row in enumerate(rows):
-            requests += engine.submit_group(row["ids"], [params] * G, [_recorder(events[k * G + c]) for c in range(G)])
-        engine.run_until_idle()
-        completion_ids = []
-        for request, emitted in zip(requests, events, strict=True):
-            errors = [v for kind, v in emitted if kind == "error"]
-            if errors:
-                raise RuntimeError(f"rollout failed: {errors[0]}")
-            ids = [v for kind, v in emitted if kind == "token"]
-            completion_ids.append(ids + ([request.stop_token] if request.stop_token is not None else []))
-        return completion_ids
+        prompts = [r["ids"] for r in rows]
+        return sample(self.net.model, prompts, g.num_generations, params, self.seed(step, micro, self.d.rank))
 
     def _training_batch(self, rows, completion_ids, rewards, batch_std) -> dict:
         """prompt + completion per sequence, learned on the completion, packed; advantages per sequence."""
