@@ -189,3 +189,22 @@ def test_distill_config_is_checked_before_anything_loads(tmp_path, tok):
 
         hf_tiny().save_pretrained(hf_tiny_dir)
         check_train_config(load_train_config(None, base | {"distill.teacher": str(hf_tiny_dir)}))
+
+
+@pytest.mark.parametrize("teacher", ["nf4", "moe"])
+def test_a_4bit_or_moe_teacher(tmp_path, tok, teacher):
+    """The teacher held in 4 bits (its decoder linears NF4): the first step's loss within NF4's error of the 16-bit
+    teacher's. A Qwen3 MoE teacher (tiny-moe, qwen3lab's own save) teaches a dense student."""
+    import qwen3lab
+
+    save_pair(tmp_path, tok)
+    if teacher == "nf4":
+        pytest.importorskip("bitsandbytes")
+        full = distill_run(tmp_path, tmp_path / "16", steps=1, distill__lmbda=0.0)
+        four = distill_run(tmp_path, tmp_path / "4", steps=1, distill__lmbda=0.0, distill__teacher_bits=4)
+        assert four[0]["loss"] != full[0]["loss"] and four[0]["loss"] == pytest.approx(full[0]["loss"], rel=0.05)
+        return
+    qwen3lab.save_model(qwen3lab.new_model(qwen3lab.preset("tiny-moe"), seed=3), tmp_path / "moe")
+    tok.save(tmp_path / "moe")
+    metrics = distill_run(tmp_path, tmp_path / "from-moe", distill__teacher=str(tmp_path / "moe"))
+    assert all(m["loss"] > 0 for m in metrics) and metrics[-1]["loss"] < metrics[0]["loss"]
