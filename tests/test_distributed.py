@@ -168,7 +168,8 @@ def test_dpo_under_fsdp_matches_one_process(setup, lora):
 def test_grpo_under_fsdp_rolls_out_on_every_rank_and_resumes_exactly(setup):
     """Each rank rolls out its share of the prompts with the whole model gathered, then trains on them sharded; a
     sharded frozen reference gives the KL; old log-probs for two iterations; rewards scaled by the std of the batch
-    over both ranks. Rank 0 dies after step 3: the resumed run logs the uninterrupted run's losses and rewards."""
+    over both ranks; the sampler correction's ratios. Rank 0 dies after step 3: the resumed run logs the
+    uninterrupted run's losses and rewards."""
     rows = [{"prompt": [{"role": "user", "content": f"Reverse {n}"}], "answer": str(n)[::-1]} for n in range(10, 18)]
     (setup / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     grpo = {
@@ -178,6 +179,7 @@ def test_grpo_under_fsdp_rolls_out_on_every_rank_and_resumes_exactly(setup):
         "beta": 0.04,
         "num_iterations": 2,
         "scale_rewards": "batch",
+        "sampler_correction": "token_truncate",
     }
     config = objective_config(
         setup,
@@ -195,6 +197,8 @@ def test_grpo_under_fsdp_rolls_out_on_every_rank_and_resumes_exactly(setup):
     a = metrics(straight)
     assert len(a) == 4 and all(m["grad_norm"] > 0 and m["kl"] >= 0 for m in a) and a[-1]["kl"] > 0
     assert ["rewards/test_grpo:even_ids" in m for m in a] == [True, False, True, False]  # steps that rolled out
+    # the engine's log-probs on the gathered model are the sharded trainer's
+    assert all(m["sampling/importance_sampling_ratio"] == pytest.approx(1, abs=1e-3) for m in a[::2])
     samples = (straight / "completions.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 2 * 4  # rank 0 alone writes: G samples of its first prompt per rollout micro-batch
     assert torchrun(setup, crashed, config=config, fail_after=3).returncode != 0

@@ -13,7 +13,8 @@ from qwen3lab.train import batching as B
 from qwen3lab.train import data as D
 from qwen3lab.train.config import GRPOConfig
 from qwen3lab.train.net import hidden_states
-from qwen3lab.train.objectives.grpo import LOSS_TYPES, grpo_loss
+from qwen3lab.train.objectives.grpo import LOSS_TYPES, grpo_loss, sampler_weights
+from qwen3lab.train.objectives.logprob import token_sequences
 
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
@@ -75,6 +76,13 @@ VARIANTS = {
     "delta": dict(delta=1.1),
     "cispo-cap-5": dict(loss_type="cispo", epsilon_high=5.0),
 }
+SAMPLER = dict(sampler_clip_min=0.5, sampler_clip_max=1.5)  # tight, so that some ratios meet each bound
+VARIANTS |= {
+    "sampler-token-truncate": dict(sampler_correction="token_truncate", **SAMPLER),
+    "sampler-token-mask-kl": dict(sampler_correction="token_mask", beta=0.04, **SAMPLER),
+    "sampler-sequence-truncate": dict(sampler_correction="sequence_truncate", **SAMPLER),
+    "sampler-sequence-mask-grpo": dict(sampler_correction="sequence_mask", loss_type="grpo", **SAMPLER),
+}
 
 
 @pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS)
@@ -98,6 +106,7 @@ def equal_to_trl(tmp_path, tok, **keys):
         logits = hf(torch.cat([prompts, completions], 1)).logits[:, PROMPT_LEN - 1 : -1] / cfg.temperature
         logps = logits.log_softmax(-1).gather(-1, completions[..., None])[..., 0]
     old, ref = logps + old_noise, logps + ref_noise
+    sampled = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(7))  # the engine's
     inputs = {
         "prompt_ids": prompts,
         "prompt_mask": torch.ones_like(prompts),
@@ -108,6 +117,15 @@ def equal_to_trl(tmp_path, tok, **keys):
         "ref_per_token_logps": ref,
         "num_items_in_batch": mask.sum(),
     }
+    if cfg.sampler_correction != "none":  # the ratio as trl's _generate_and_score_completions makes it
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+        diff = (old - sampled) * mask
+        ratio = (diff.sum(-1, keepdim=True) if cfg.sampler_correction.startswith("sequence") else diff).exp()
+        low, high = cfg.sampler_clip_min, cfg.sampler_clip_max
+        if cfg.sampler_correction.endswith("truncate"):
+            inputs["importance_sampling_ratio"] = ratio.clamp(min=low, max=high)
+        else:
+            inputs["importance_sampling_ratio"] = ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
     hf.train()
     want = trainer.compute_loss(trainer.model, inputs)
     want.backward()
@@ -127,6 +145,12 @@ def equal_to_trl(tmp_path, tok, **keys):
         "ref_logps": ref[keep],
         "num_items": torch.tensor({"dapo": n_tokens, "cispo": n_tokens, "bnpo": 1}.get(loss_type, n_seq)),
     }
+    if cfg.sampler_correction != "none":
+        batch["sampler_weights"] = sampler_weights(old[keep], sampled[keep], token_sequences(batch), n_seq, cfg)
+        got = batch["sampler_weights"]
+        want_w = inputs["importance_sampling_ratio"].expand_as(mask)[keep]
+        torch.testing.assert_close(got, want_w)
+        assert 0 < float((got == (0 if cfg.sampler_correction.endswith("mask") else 1.5)).float().mean()) < 1
     hidden, _ = hidden_states(ours, batch, True, None)
     loss_sum, metrics = grpo_loss(hidden, ours.lm_head.weight, batch, replace(cfg), chunk=5)
     loss = loss_sum / batch["num_items"]
@@ -274,6 +298,29 @@ def test_grpo_run_rolls_out_scores_and_resumes_exactly(tmp_path, tok, monkeypatc
     resumed = run(tmp_path / "b", save_every=2)
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], abs=1e-6)
     assert [m["reward"] for m in resumed] == pytest.approx([m["reward"] for m in straight], abs=1e-6)
+
+
+def test_the_engines_sampled_logprobs_are_the_trainers(tmp_path, tok):
+    """With the sampler correction on, the engine reports each sampled token's log-prob at the sampling temperature
+    (0.7; top_p 0.95 cuts what is sampled from, not what is compared, as vLLM's processed logprobs) and the trainer
+    recomputes it: in fp32 on the same weights they agree, so every ratio is 1 (a misaligned token, a missing
+    temperature or the top-p cut would put them apart)."""
+    import json
+
+    from qwen3lab import train
+
+    hf_small().save_pretrained(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    rows = [{"prompt": [{"role": "user", "content": f"Reverse {n}"}], "answer": str(n)[::-1]} for n in range(10, 14)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grpo = {"num_generations": 4, "max_completion_length": 8, "temperature": 0.7, "top_p": 0.95}
+    grpo |= {"rewards": ["test_grpo:even_ids"], "sampler_correction": "sequence_mask"}
+    keys = {"data": {"train": str(tmp_path / "p.jsonl")}, "steps": 2, "batch_size": 2, "progress": False}
+    run = train({"model": str(tmp_path / "m"), "out": str(tmp_path / "o"), "objective": "grpo", "grpo": grpo, **keys})
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        assert m["sampling/importance_sampling_ratio"] == pytest.approx(1.0, abs=1e-3)
+        assert 0 <= m["sampling/sampling_logp_difference"] < 1e-4
 
 
 @pytest.mark.slow

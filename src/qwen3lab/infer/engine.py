@@ -18,6 +18,7 @@ prefill it once and copy its cache to each row.
     # ("token", id) per generated token, then ("end", "stop" | "length"), or ("error", message); with
     # params.logprobs, ("logprob", (logp, [(id, logp), ...])) before each token and before the "end" of a stop id
     # (request.stop_token: the stop id is sampled like any token, so it has a log-prob, as OpenAI and vLLM report);
+    # with params.sampled_logprobs, ("sampled_logprob", logp) likewise, at the sampling temperature;
     # with params.prompt_logprobs, ("prompt_logprobs", [None, (logp, [(id, logp), ...]), ...]) once, before any token
     request.cancel()                                          # the row leaves at the next step
 """
@@ -65,6 +66,19 @@ class Request:
 
 # The model calls `layer_cache.update(k, v)` inside each (maybe compiled) block. These hold only tensor views made
 # outside the block, never Python ints, so a compiled block sees shapes, not a constant per row or offset.
+
+
+def _emit_sampled_logprobs(requests: list[Request], logits: torch.Tensor, tokens: list[int]) -> None:
+    """("sampled_logprob", logp) before each token or stop id, for requests whose params ask: the token's log-prob
+    under the model's distribution at the sampling temperature (logits [n, V]; before top-k / top-p / min-p cut it,
+    as vLLM's processed logprobs), which is what a trainer recomputes."""
+    p = requests[0].params
+    if not p.sampled_logprobs:
+        return
+    scaled = logits.float() / p.temperature if p.temperature > 0 else logits.float()
+    logp = torch.log_softmax(scaled, -1).gather(1, torch.tensor(tokens, device=logits.device)[:, None])
+    for request, value in zip(requests, logp[:, 0].tolist(), strict=True):
+        request.emit("sampled_logprob", value)
 
 
 class _PrefillLayer:
@@ -398,6 +412,7 @@ class Engine:
                 continue
             p = request.params
             tokens[i] = int(sample(process_logits(logits[i : i + 1], request.history, p), p, request.generator)[0])
+            _emit_sampled_logprobs([request], logits[i : i + 1], tokens[i : i + 1])
             if request.history is not None:
                 request.history = torch.cat([request.history, torch.tensor([[tokens[i]]], device=self.device)], 1)
         for rows in shared.values():
@@ -405,6 +420,7 @@ class Engine:
             picked = sample(process_logits(logits[rows], None, p), p, self.generator).tolist()
             for i, token in zip(rows, picked, strict=True):
                 tokens[i] = token
+            _emit_sampled_logprobs([requests[i] for i in rows], logits[rows], picked)
         return tokens
 
     def _take(self, request: Request, token: int) -> None:

@@ -26,6 +26,9 @@ class SamplingParams:
     # after the first and the `prompt_logprobs` most likely there (None: none)
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # the log-prob of each sampled token under the model's distribution at the sampling temperature (before top-k /
+    # top-p cut it), as vLLM's processed logprobs: what GRPO's sampler correction compares with the trainer's
+    sampled_logprobs: bool = False
 
 
 def default_stop_ids(model) -> list[int]:

@@ -89,6 +89,12 @@ class GRPOConfig:
     beta: float = 0.0  # k3 KL to the reference (as in DPO: adapters off for LoRA, else a frozen copy)
     use_bias_correction_kl: bool = True  # the KL term times the importance ratio (trl's default since 1.x)
     num_iterations: int = 1  # updates per generation batch, against its stored old log-probs
+    # the sampler-mismatch correction (trl's vllm_importance_sampling_*): each token's loss weighted by the ratio of
+    # the trainer's log-prob to the engine's, per token or per sequence, clipped (truncate) or zeroed (mask) outside
+    # [sampler_clip_min, sampler_clip_max]: none | token_truncate | token_mask | sequence_truncate | sequence_mask
+    sampler_correction: str = "none"
+    sampler_clip_min: float = 0.0
+    sampler_clip_max: float = 3.0
 
 
 @dataclass
@@ -279,6 +285,7 @@ CHOICES = {
     "grpo.loss_type": GRPO_LOSS_TYPES,
     "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.importance_sampling_level": ("token", "sequence"),
+    "grpo.sampler_correction": ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
     "lora.base_bits": (16, 4),
     "distill.teacher_bits": (16, 4),
     "cpu_memory": ("auto", "keep", "lean"),
@@ -312,6 +319,8 @@ RANGES = [
     ("grpo.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("grpo.epsilon", lambda v: v >= 0, ">= 0"),
     ("grpo.num_iterations", lambda v: v >= 1, ">= 1"),
+    ("grpo.sampler_clip_min", lambda v: v >= 0, ">= 0"),
+    ("grpo.sampler_clip_max", lambda v: v > 0, "> 0"),
     ("distill.beta", lambda v: 0 <= v <= 1, "in [0, 1] (0: forward KL, 1: reverse KL)"),
     ("distill.temperature", lambda v: v > 0, "> 0"),
     ("distill.lmbda", lambda v: 0 <= v <= 1, "in [0, 1] (the share of on-policy micro-batches)"),

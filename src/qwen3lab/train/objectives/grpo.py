@@ -16,7 +16,8 @@ def grpo_loss(hidden, weight, batch, cfg, chunk: int, extra_rows=None):
     dapo and cispo: over the step's completion tokens; grpo: per-sequence means, averaged; dr_grpo: over sequences x
     max_completion_length; bnpo: over this micro-batch's completion tokens (num_items 1). Importance ratios per
     token, or per sequence (GSPO); cispo weighs each log-prob by its ratio capped at epsilon_high, without the
-    cap's gradient; delta caps the unclipped ratio too (two-sided clipping).
+    cap's gradient; delta caps the unclipped ratio too (two-sided clipping); sampler_weights (sampler_weights())
+    weigh each token's surrogate, as trl's vllm_importance_sampling_correction does.
 
     batch: packed prompt + completion sequences (labels on the completion), sequence_ids, advantages [sequences],
     and per completion token (in order) old_logps (else this policy's, detached: one iteration) and ref_logps (beta).
@@ -24,7 +25,7 @@ def grpo_loss(hidden, weight, batch, cfg, chunk: int, extra_rows=None):
     seq = token_sequences(batch)
     n_seq = batch["advantages"].shape[0]
     advantages = batch["advantages"].float()[seq]  # [N]
-    old, ref = batch.get("old_logps"), batch.get("ref_logps")
+    old, ref, weights = batch.get("old_logps"), batch.get("ref_logps"), batch.get("sampler_weights")
     eps_low, eps_high = cfg.epsilon, cfg.epsilon_high or cfg.epsilon
     hidden = hidden / cfg.temperature  # log-probs of the distribution the completions were sampled from
 
@@ -41,6 +42,8 @@ def grpo_loss(hidden, weight, batch, cfg, chunk: int, extra_rows=None):
         else:
             capped = torch.clamp(ratio, max=cfg.delta) if cfg.delta > 0 else ratio  # two-sided clipping
             per_token = -torch.min(capped * advantages, clipped * advantages)
+        if weights is not None:  # the sampler-mismatch correction
+            per_token = per_token * weights
         kl = None
         if cfg.beta != 0.0:
             kl = torch.exp(ref - logps) - (ref - logps) - 1
@@ -66,3 +69,17 @@ def grpo_loss(hidden, weight, batch, cfg, chunk: int, extra_rows=None):
     if kl is not None:
         metrics["kl"] = float(kl.sum()) * share
     return loss, metrics
+
+
+def sampler_weights(old: torch.Tensor, sampled: torch.Tensor, seq: torch.Tensor, n_seq: int, cfg) -> torch.Tensor:
+    """trl's sampler-mismatch correction: the ratio of the trainer's probability of each completion token (old [N])
+    to the engine's (sampled [N]), per token or per sequence (the product over its tokens), clipped to
+    [sampler_clip_min, sampler_clip_max] (truncate) or 0 outside it (mask). seq [N]: each token's sequence."""
+    log_ratio = old - sampled
+    if cfg.sampler_correction.startswith("sequence"):
+        log_ratio = torch.zeros(n_seq, dtype=log_ratio.dtype).index_add(0, seq, log_ratio)[seq]
+    ratio = log_ratio.exp()
+    low, high = cfg.sampler_clip_min, cfg.sampler_clip_max
+    if cfg.sampler_correction.endswith("truncate"):
+        return ratio.clamp(min=low, max=high)
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)

@@ -18,6 +18,8 @@ from ...infer.sampling import SamplingParams, default_stop_ids
 from .. import batching as B
 from .. import data as D
 from ..parallel import Dist, gathered
+from .grpo import sampler_weights
+from .logprob import token_sequences
 from .rewards import call_reward, load_reward
 
 
@@ -59,11 +61,12 @@ def advantages(rewards: torch.Tensor, groups: int, scale: str, batch_std: float 
     return centred / ((rewards.std() if batch_std is None else batch_std) + 1e-4)
 
 
-def sample(model, prompts: list[list[int]], G: int, params: SamplingParams, seed: int) -> list[list[int]]:
+def sample(model, prompts: list[list[int]], G: int, params: SamplingParams, seed: int, logprobs=None) -> list:
     """G completions of each prompt from the engine (prompt k's at k*G ... k*G + G - 1): the generated ids, and the
     stop id that ended them (the model learns to stop). One seeded generator for the batch and one SamplingParams
     object: every decode step samples all rows in one call, and the same call gives the same completions (a
-    resumed run's)."""
+    resumed run's). With params.sampled_logprobs, each completion's log-probs as sampled are appended to
+    `logprobs`."""
     if not prompts:
         return []
     longest = max(len(p) for p in prompts) + params.max_new_tokens
@@ -80,6 +83,8 @@ def sample(model, prompts: list[list[int]], G: int, params: SamplingParams, seed
             raise RuntimeError(f"sampling failed: {errors[0]}")
         ids = [v for kind, v in emitted if kind == "token"]
         completion_ids.append(ids + ([request.stop_token] if request.stop_token is not None else []))
+        if logprobs is not None:
+            logprobs.append([v for kind, v in emitted if kind == "sampled_logprob"])
     return completion_ids
 
 
@@ -95,6 +100,9 @@ class Rollouts:
         self.samples = out / "completions.jsonl" if d.main else None
         # the same keys on every rank, in one order: the step's metrics are summed over ranks
         keys = ("reward", "completion_length", *(f"rewards/{spec}" for spec in self.rewards))
+        if g.sampler_correction != "none":
+            keys += ("sampling/importance_sampling_ratio", "sampling/sampling_logp_difference")
+        self.sampled_logps: list[list[float]] | None = None  # the last rollouts' log-probs as sampled (_generate)
         self._metrics: dict[str, list[float]] = {k: [] for k in keys}
 
     def seed(self, *where: int) -> int:
@@ -122,14 +130,22 @@ class Rollouts:
         if g.scale_rewards == "batch" and self.d.world > 1:
             n, total, squares = self.d.all_sum(len(rewards), float(rewards.sum()), float((rewards**2).sum()))
             batch_std = ((squares - total**2 / n) / max(n - 1, 1)) ** 0.5
-        batch = self._training_batch(rows, completion_ids, rewards, batch_std)
-        if g.beta != 0.0 or g.num_iterations > 1:
+        batch = self._training_batch(rows, completion_ids, rewards, batch_std, self.sampled_logps)
+        correct = g.sampler_correction != "none"
+        if g.beta != 0.0 or g.num_iterations > 1 or correct:
             on_device = {k: v.to(model.lm_head.weight.device) for k, v in batch.items()}
             with self.autocast():
                 if g.beta != 0.0:
                     batch["ref_logps"] = self.net(on_device, "reference", g.temperature).cpu()
-                if g.num_iterations > 1:  # the policy that sampled, for every update of this batch
+                if g.num_iterations > 1 or correct:  # the policy that sampled, for every update of this batch
                     batch["old_logps"] = self.net(on_device, "policy", g.temperature).cpu()
+        if correct and "sampled_logps" in batch:
+            old, sampled = batch["old_logps"], batch.pop("sampled_logps")
+            batch["sampler_weights"] = sampler_weights(
+                old, sampled, token_sequences(batch), len(batch["advantages"]), g
+            )
+            self._note("sampling/importance_sampling_ratio", batch["sampler_weights"].tolist())
+            self._note("sampling/sampling_logp_difference", (old - sampled).abs().tolist())
         self._note("reward", rewards.tolist())
         self._note("completion_length", [len(ids) for ids in completion_ids])
         if rows:
@@ -137,13 +153,18 @@ class Rollouts:
         return batch
 
     def _generate(self, rows: list[dict], step: int, micro: int) -> list[list[int]]:
-        g = self.g
-        params = SamplingParams(max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p)
-        prompts = [r["ids"] for r in rows]
-        return sample(self.net.model, prompts, g.num_generations, params, self.seed(step, micro, self.d.rank))
+        """G completions a row; with the sampler correction, their log-probs as sampled in self.sampled_logps."""
+        g, correct = self.g, self.g.sampler_correction != "none"
+        params = SamplingParams(
+            max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p, sampled_logprobs=correct
+        )
+        prompts, seed = [r["ids"] for r in rows], self.seed(step, micro, self.d.rank)
+        self.sampled_logps = [] if correct else None
+        return sample(self.net.model, prompts, g.num_generations, params, seed, self.sampled_logps)
 
-    def _training_batch(self, rows, completion_ids, rewards, batch_std) -> dict:
-        """prompt + completion per sequence, learned on the completion, packed; advantages per sequence."""
+    def _training_batch(self, rows, completion_ids, rewards, batch_std, sampled=None) -> dict:
+        """prompt + completion per sequence, learned on the completion, packed; advantages per sequence; and the
+        completions' log-probs as sampled (`sampled`, one list a completion) in the order of the learned tokens."""
         g, G = self.g, self.g.num_generations
         stops = set(default_stop_ids(self.net.model))
         # mask_truncated_completions: a completion that did not stop (cut at max_completion_length) learns nothing
@@ -162,6 +183,8 @@ class Rollouts:
         batch = B.collate_sequences(data, packed, self.tok.pad_token_id)
         order = [keep[i] for row in packed for i in row]  # sequence s of the batch is completion order[s]
         batch["advantages"] = adv[order]
+        if sampled:
+            batch["sampled_logps"] = torch.tensor([lp for j in order for lp in sampled[j]])
         n_tokens = int((batch["labels"] != D.IGNORE).sum())
         # grpo and dr_grpo average over every completion, those that learn nothing too (as trl's mean over the batch)
         per = {"dapo": n_tokens, "cispo": n_tokens, "bnpo": 1}
