@@ -141,3 +141,17 @@ def test_the_demo_as_shipped_reaches_what_the_readme_says(tmp_path):
     )
     found = json.loads(report.read_text())["results"]["model"]
     assert {task: found[f"exact_match/{task}"] for task in results["after"]} == results["after"]
+
+
+def test_distill_demo_runs_end_to_end(tmp_path, trained_sort):
+    """`qwen3lab demo --distill` shortened to a few steps with the fixture's model as the teacher (its learning is
+    measured in docs/benchmarks.md, minutes): the three students trained from one init, scored, plotted."""
+    from qwen3lab.demo_distill import WAYS, run_distill_demo
+
+    _, teacher = trained_sort
+    out = tmp_path / "distill"
+    results = run_distill_demo(str(out), 3, str(teacher / "model"), n_train=100, n_eval=2, log=lambda *_: None)
+    assert set(results) == {"teacher", *WAYS, "seconds"}
+    on = [json.loads(line) for line in (out / "student-2" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in on] == [1, 2, 3] and all("on_policy" in m for m in on)
+    assert (out / "distill.png").is_file() and (out / "distill_results.json").is_file()

@@ -208,3 +208,19 @@ def test_a_4bit_or_moe_teacher(tmp_path, tok, teacher):
     tok.save(tmp_path / "moe")
     metrics = distill_run(tmp_path, tmp_path / "from-moe", distill__teacher=str(tmp_path / "moe"))
     assert all(m["loss"] > 0 for m in metrics) and metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+def test_stages_go_off_policy_then_on_policy_and_resume_inside_either(tmp_path, tok, monkeypatch):
+    """Qwen3's order in one run: a stage on the data's completions, then a stage on the student's own (stages with
+    distill.lmbda 0, then 1); a crash inside the second stage resumes onto the straight run."""
+    save_pair(tmp_path, tok)
+    stages = [
+        {"name": "off", "steps": 2, "distill": {"lmbda": 0.0}},
+        {"name": "on", "steps": 2, "distill": {"lmbda": 1.0}},
+    ]
+    straight = distill_run(tmp_path, tmp_path / "a", stages=stages, steps=0)
+    assert [(m["stage"], m["on_policy"]) for m in straight] == [(0, 0.0), (0, 0.0), (1, 1.0), (1, 1.0)]
+    with crash_after_step(monkeypatch, 3):
+        distill_run(tmp_path, tmp_path / "b", stages=stages, steps=0, save_every=1)
+    resumed = distill_run(tmp_path, tmp_path / "b", stages=stages, steps=0, save_every=1)
+    assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], rel=1e-5)

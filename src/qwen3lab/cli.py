@@ -218,6 +218,12 @@ def cmd_demo(args) -> None:
         out = args.out if args.out != "runs/demo" else "runs/demo-moe"
         run_moe_demo(out=out, steps=args.steps or 200, seed=args.seed)
         return
+    if args.distill:
+        from .demo_distill import run_distill_demo
+
+        out = args.out if args.out != "runs/demo" else "runs/demo-distill"
+        run_distill_demo(out=out, steps=args.steps or 300, teacher=args.model, seed=args.seed)
+        return
     run_demo(out=args.out, steps=args.steps, tasks=tasks, model_dir=args.model, seed=args.seed)
 
 
@@ -335,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rl", action="store_true", help="the RL stage: a short SFT, then GRPO lifting a held-out task")
     p.add_argument("--moe", action="store_true", help="a tiny Qwen3 MoE trained with global and with micro balancing")
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="distil the demo's model (or --model) into a student of half its width: SFT vs off- vs on-policy",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help=cmd_eval.__doc__)

@@ -401,6 +401,7 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> TrainConfig:
 # what a stage may change; the rest (model, adapters, optimizer, batch) is the run's
 STAGE_KEYS = ("steps", "data.", "optim.lr", "optim.muon_lr", "optim.schedule", "optim.warmup_steps")
 STAGE_KEYS += ("optim.decay_fraction", "optim.min_lr_ratio", "rope_theta", "rope_scaling")
+STAGE_KEYS += ("distill.lmbda", "distill.beta", "distill.temperature", "distill.max_new_tokens", "distill.top_p")
 
 
 def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
@@ -414,7 +415,7 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
         if not isinstance(stage, dict) or not isinstance(stage.get("steps"), int) or stage["steps"] < 1:
             raise ConfigError(f"{where}: {stage!r}; a stage is a mapping with steps (>= 1) and the keys it changes")
         c = dataclasses.replace(cfg, stages=[], data=dataclasses.replace(cfg.data))
-        c.optim = dataclasses.replace(cfg.optim)
+        c.optim, c.distill = dataclasses.replace(cfg.optim), dataclasses.replace(cfg.distill)
         changes = flatten_keys({k: v for k, v in stage.items() if k != "name"})
         if "data.mix" in changes:
             c.data.train = ""
@@ -434,8 +435,10 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
 
 
 def _check_stages(cfg: TrainConfig, world: int) -> None:
-    if cfg.objective != "sft":
-        raise ConfigError(f"stages: phases of SFT / pretraining runs; objective {cfg.objective} has none")
+    if cfg.objective not in ("sft", "distill"):
+        raise ConfigError(
+            f"stages: phases of SFT, pretraining or distillation runs; objective {cfg.objective} has none"
+        )
     for i, (name, stage) in enumerate(stage_configs(cfg)):
         try:
             check_train_config(stage, world)

@@ -15,6 +15,7 @@ import numpy as np
 
 from .batching import eval_batches, rank_batch
 from .config import TrainConfig
+from .objectives.distill import distill_batches
 from .sources import Mixture, load_data, log_data, make_cursor
 
 log = logging.getLogger("qwen3lab")
@@ -39,7 +40,10 @@ def staged_batches(run, stages: list[tuple[str, TrainConfig]], first: tuple, sav
         saved = None
         _enter(run, i, name, cfg, data, rows, eval_data, eval_rows)
         left = int(ends[i]) - run.step if i < len(stages) - 1 else None  # the last stage: as long as the run asks
-        yield from micro_batches(run, cursor, data, rows, steps=left, stage=i)
+        if cfg.objective == "distill":  # each stage its own on-policy share (off-policy first, then on-policy)
+            yield from distill_batches(run, cursor, data, rows, run.rollouts, steps=left, stage=i)
+        else:
+            yield from micro_batches(run, cursor, data, rows, steps=left, stage=i)
         i += 1
 
 
@@ -74,3 +78,5 @@ def _enter(run, i: int, name: str, cfg: TrainConfig, data, rows, eval_data, eval
     run.eval_batches = lambda: eval_batches(eval_data, eval_rows, global_rows, run.d, pad)
     run.has_eval = bool(len(eval_rows))
     run.sources = data.names if isinstance(data, Mixture) else []
+    if run.rollouts is not None:  # distillation: the stage's lmbda, beta, temperature, sampling
+        run.rollouts.dc = run.net.distill = cfg.distill

@@ -12,6 +12,7 @@ either model whole. With `top_k`, the teacher's k most likely tokens (renormalis
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import random
 
@@ -165,15 +166,16 @@ class OnPolicy:
         return out
 
 
-def distill_batches(run, cursor, data, rows, on_policy: OnPolicy):
-    """This rank's micro-batches: the data's rows as they are, or (lmbda's share) their prompts completed by the
-    student with the weights of the step that uses them."""
+def distill_batches(run, cursor, data, rows, on_policy: OnPolicy, steps: int | None = None, stage: int | None = None):
+    """This rank's micro-batches for `steps` optimizer steps (None: as many as asked for): the data's rows as they
+    are, or (lmbda's share) their prompts completed by the student with the weights of the step that uses them.
+    run.data_state follows the cursor (and the stage, in a staged run)."""
     global_rows, step = run.cfg.batch_size * run.d.world, run.step
-    while True:
+    for _ in range(steps) if steps is not None else itertools.count():
         step += 1
         for micro in range(run.cfg.grad_accum):
             taken = [rows[i] for i in cursor.take(global_rows)]
-            run.data_state = cursor.state()
+            run.data_state = cursor.state() if stage is None else {"stage": stage, **cursor.state()}
             sampled = on_policy.wants(step, micro)
             on_policy.note(sampled)
             if sampled:
