@@ -105,7 +105,8 @@ def distill_loss(hidden, weight, teacher_hidden, teacher_weight, labels, cfg, ch
         value, grad = divergence(logits, teacher_logits, cfg.beta, cfg.temperature, cfg.top_k, need_grad)
         return value.sum(), value, grad
 
-    return head_loss(h, weight, per_chunk, chunk, extra_rows)[0], {}
+    # chunks of half the cross-entropy's: divergence() holds up to five [n, vocab] blocks where it holds two
+    return head_loss(h, weight, per_chunk, max(1, chunk // 2), extra_rows)[0], {}
 
 
 def prompt_of(ids, labels) -> list[int]:
