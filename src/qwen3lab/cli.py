@@ -222,7 +222,7 @@ def cmd_demo(args) -> None:
         from .demo_distill import run_distill_demo
 
         out = args.out if args.out != "runs/demo" else "runs/demo-distill"
-        run_distill_demo(out=out, steps=args.steps or 300, teacher=args.model, seed=args.seed)
+        run_distill_demo(out=out, steps=args.steps or 600, teacher=args.model, seed=args.seed)
         return
     run_demo(out=args.out, steps=args.steps, tasks=tasks, model_dir=args.model, seed=args.seed)
 

@@ -1,11 +1,11 @@
 """`qwen3lab demo --distill`: strong-to-weak distillation on the demo's tasks, as Qwen3 made its small models.
 
-The teacher is the demo's model (runs/demo/model when it is there, else trained first by `run_demo`); the student
-has half its width (hidden 64) and starts from one random init. Three ways at one step budget and one schedule (two
-stages: three quarters of the steps, then the last quarter at a lower rate): on the data alone (SFT); on the teacher's
-distributions over the data's answers throughout (off-policy distillation, forward KL); and off-policy first, then
-on the student's own completions scored token by token by the teacher (on-policy in the last stage). Held-out exact
-match of each, printed and plotted beside the teacher's.
+The teacher is the demo's model (runs/demo/model, or this demo's from a run before, else trained first by `run_demo`);
+the student has half its width (hidden 64) and starts from one random init. Three ways at one step budget and one
+schedule (two stages: three quarters of the steps, then the last quarter at a lower rate): on the data alone (SFT);
+on the teacher's distributions over the data's answers throughout (off-policy distillation, forward KL); and
+off-policy first, then half on the student's own completions scored token by token by the teacher (reverse KL) in
+the last stage. Held-out exact match of each, printed and plotted beside the teacher's.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def run_distill_demo(
     from . import load_model, load_tokenizer, new_model, preset, save_model, train
 
     t0, out_dir, tok = time.perf_counter(), Path(out), load_tokenizer()
-    if teacher is None and Path("runs/demo/model/config.json").is_file():
-        teacher = "runs/demo/model"
+    for trained in ("runs/demo/model", out_dir / "teacher" / "model"):  # the demo's, or this demo's of a run before
+        if teacher is None and Path(trained, "config.json").is_file():
+            teacher = str(trained)
     if teacher is None:
         log("the teacher: the demo's model, trained first")
         teacher = run_demo(out=str(out_dir / "teacher"), seed=seed, n_train=n_train, n_eval=n_eval, log=log)["model"]
