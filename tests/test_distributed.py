@@ -226,8 +226,9 @@ def test_distill_under_fsdp_matches_one_process_and_resumes_on_policy(setup, tok
     assert run.returncode == 0, run.stderr[-3000:]
     assert losses(setup / "distill-two") == pytest.approx(losses(one), abs=1e-5)
     wa, wb = weights(one), weights(setup / "distill-two")
-    for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0, msg=name)
+    for name in wa:  # Adam's step is lr-sized wherever a gradient is ~0 (grad norm 2e-3 at step 1): the reduction's
+        # float order moves a few such elements by up to 2e-5 (measured; mean 4e-8)
+        torch.testing.assert_close(wb[name], wa[name], atol=1e-4, rtol=0, msg=name)
 
     keys |= dict(steps=4, grad_accum=2, save_every=2)
     config = objective_config(setup, "distill", **keys, distill=distill | {"lmbda": 0.5})

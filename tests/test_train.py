@@ -563,6 +563,7 @@ def test_shipped_recipes_run_on_a_tiny_model(path, tmp_path):
     assert cfg.model and cfg.data.train
     rows = {
         "sft": [{"messages": c} for c in CHATS],
+        "distill": [{"messages": c} for c in CHATS],
         "dpo": [{"prompt": c[:-1], "chosen": [c[-1]], "rejected": [c[-1] | {"content": "?"}]} for c in CHATS[:6]],
         "grpo": [{"prompt": c[:-1], "answer": c[-1]["content"]} for c in CHATS[:6]],
     }[cfg.objective]
@@ -577,6 +578,9 @@ def test_shipped_recipes_run_on_a_tiny_model(path, tmp_path):
         "grpo.max_completion_length": 8,
         "progress": False,
     }
+    if cfg.objective == "distill":  # a tiny teacher, completions of a few tokens
+        qwen3lab.save_model(qwen3lab.new_model(qwen3lab.preset("tiny"), seed=1), tmp_path / "teacher")
+        sizes |= {"distill.teacher": str(tmp_path / "teacher"), "distill.max_new_tokens": 8}
     run = train(load_train_config(path, sizes))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and (run / "model" / "config.json").is_file()

@@ -3,7 +3,9 @@
 A [tokens x 151,936] logits tensor is never materialised: the forward computes each chunk's logits, its loss and
 at once its gradients (softmax - onehot), keeping only grad_hidden [N, hidden] and grad_weight [vocab, hidden] for
 the backward. The loss is a *sum*; the training loop divides by the number of supervised tokens in the whole
-optimizer step, so short micro-batches are not over-weighted (no mean of means).
+optimizer step, so short micro-batches are not over-weighted (no mean of means). `head_loss` is that chunked pass for
+any loss whose gradient in the logits is known in closed form: the cross-entropy here, distillation's divergence
+(objectives/distill.py).
 """
 
 from __future__ import annotations
