@@ -29,7 +29,7 @@ from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .config import LORA_TARGETS, TrainConfig, stage_configs, train_config_dict
 from .lora import apply_lora, train_routers
 from .net import TrainableTokens, WithLoss, shard
-from .objectives.distill import OnPolicy, distill_batches
+from .objectives.distill import OnPolicy
 from .objectives.dpo import sequence_logps
 from .objectives.rollouts import Rollouts
 from .optim import build_optimizer, lr_lambda, staged_lr_lambda
@@ -144,10 +144,9 @@ def build_run(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
         run.batches = staged_batches(run, stages, (data, rows, eval_data, eval_rows), saved_data)
     elif grpo:
         run.batches = _rollout_batches(run, cursor, rows, iterations)
-    elif cfg.objective == "distill":
-        run.batches = distill_batches(run, cursor, data, rows, rollouts)
-    else:
-        run.batches = micro_batches(run, cursor, data, rows, ref_logps)
+    else:  # distillation's on-policy share drawn among them
+        on_policy = rollouts if cfg.objective == "distill" else None
+        run.batches = micro_batches(run, cursor, data, rows, ref_logps, on_policy=on_policy)
     return run
 
 

@@ -15,7 +15,6 @@ import numpy as np
 
 from .batching import eval_batches, rank_batch
 from .config import TrainConfig
-from .objectives.distill import distill_batches
 from .sources import Mixture, load_data, log_data, make_cursor
 
 log = logging.getLogger("qwen3lab")
@@ -40,22 +39,30 @@ def staged_batches(run, stages: list[tuple[str, TrainConfig]], first: tuple, sav
         saved = None
         _enter(run, i, name, cfg, data, rows, eval_data, eval_rows)
         left = int(ends[i]) - run.step if i < len(stages) - 1 else None  # the last stage: as long as the run asks
-        if cfg.objective == "distill":  # each stage its own on-policy share (off-policy first, then on-policy)
-            yield from distill_batches(run, cursor, data, rows, run.rollouts, steps=left, stage=i)
-        else:
-            yield from micro_batches(run, cursor, data, rows, steps=left, stage=i)
+        on_policy = run.rollouts if cfg.objective == "distill" else None  # the stage's lmbda (set by _enter)
+        yield from micro_batches(run, cursor, data, rows, steps=left, stage=i, on_policy=on_policy)
         i += 1
 
 
-def micro_batches(run, cursor, data, rows, ref_logps=None, steps: int | None = None, stage: int | None = None):
+def micro_batches(run, cursor, data, rows, ref_logps=None, steps=None, stage=None, on_policy=None):
     """This rank's micro-batches from the cursor on, for `steps` optimizer steps (None: as many as asked for); the
     rows of global micro-batch m depend on (seed, epoch, rows taken) alone. run.data_state follows the cursor (and
-    the stage, in a staged run), for the checkpoint after each step."""
-    global_rows, pairs = run.cfg.batch_size * run.d.world, run.cfg.objective == "dpo"
-    for _ in range(steps * run.cfg.grad_accum) if steps is not None else itertools.count():
+    the stage, in a staged run), for the checkpoint after each step. With on_policy (distillation), the micro-batches
+    its lmbda draws are the student's completions of their rows' prompts, sampled with the weights of their step."""
+    global_rows, pairs, accum, first = (
+        run.cfg.batch_size * run.d.world,
+        run.cfg.objective == "dpo",
+        run.cfg.grad_accum,
+        run.step,
+    )
+    for k in range(steps * accum) if steps is not None else itertools.count():
         taken = [rows[i] for i in cursor.take(global_rows)]
         run.data_state = cursor.state() if stage is None else {"stage": stage, **cursor.state()}
-        yield rank_batch(data, taken, run.d, run.tok.pad_token_id, pairs, ref_logps)
+        step, micro = first + k // accum + 1, k % accum
+        if on_policy is not None and on_policy.draw(step, micro):
+            yield on_policy.batch(data, taken[run.d.rank :: run.d.world], step, micro)
+        else:
+            yield rank_batch(data, taken, run.d, run.tok.pad_token_id, pairs, ref_logps)
 
 
 def _enter(run, i: int, name: str, cfg: TrainConfig, data, rows, eval_data, eval_rows) -> None:

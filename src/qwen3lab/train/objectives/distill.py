@@ -12,7 +12,6 @@ either model whole. With `top_k`, the teacher's k most likely tokens (renormalis
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import math
 import random
 
@@ -24,8 +23,8 @@ from ...model.hf import resolve_folder
 from .. import batching as B
 from .. import data as D
 from ..loss import head_loss, supervised
-from ..parallel import Dist, gathered
-from .rollouts import sample
+from ..parallel import Dist
+from .rollouts import generating, sample
 
 
 def check_config(cfg, world: int) -> None:
@@ -128,8 +127,12 @@ class OnPolicy:
         self.cfg, self.dc, self.tok, self.net, self.autocast, self.d = cfg, cfg.distill, tok, net, autocast, d
         self.counts = {"micro": 0, "sampled": 0, "lengths": []}
 
-    def wants(self, step: int, micro: int) -> bool:
-        return random.Random(f"{self.cfg.seed}/{step}/{micro}").random() < self.dc.lmbda
+    def draw(self, step: int, micro: int) -> bool:
+        """Whether micro-batch `micro` of `step` is the student's own (counted for the on_policy metric)."""
+        sampled = random.Random(f"{self.cfg.seed}/{step}/{micro}").random() < self.dc.lmbda
+        self.counts["micro"] += 1
+        self.counts["sampled"] += int(sampled)
+        return sampled
 
     @torch.no_grad()
     def batch(self, data, rows: list[list[int]], step: int, micro: int) -> dict:
@@ -139,11 +142,7 @@ class OnPolicy:
         prompts = [prompt_of(*data.example(i)) for row in rows for i in row]
         params = SamplingParams(max_new_tokens=dc.max_new_tokens, temperature=dc.temperature, top_p=dc.top_p)
         seed = hash((self.cfg.seed, step, micro, self.d.rank)) % 2**62
-        training = model.training
-        model.eval()
-        with gathered(self.net, model.model.layers), self.autocast():
-            completions = self.net(None, call=lambda: sample(model, prompts, 1, params, seed))
-        model.train(training)
+        completions = generating(self.net, self.autocast, lambda: sample(model, prompts, 1, params, seed))
         self.counts["lengths"] += [len(c) for c in completions]
         examples = [(p + c, [0] * len(p) + [1] * len(c)) for p, c in zip(prompts, completions, strict=True) if c]
         if not examples:
@@ -151,10 +150,6 @@ class OnPolicy:
         sampled = D.TokenizedData.from_examples(examples)
         longest = max(self.cfg.data.max_length, int(sampled.lengths().max()))
         return B.collate(sampled, B.make_rows(sampled, longest, self.cfg.data.packing), self.tok.pad_token_id)
-
-    def note(self, sampled: bool) -> None:
-        self.counts["micro"] += 1
-        self.counts["sampled"] += int(sampled)
 
     def pop_metrics(self) -> dict[str, float]:
         """The share of micro-batches the student sampled, and its completions' mean length, since the last call."""
@@ -165,21 +160,3 @@ class OnPolicy:
         if n:
             out["completion_length"] = total / n
         return out
-
-
-def distill_batches(run, cursor, data, rows, on_policy: OnPolicy, steps: int | None = None, stage: int | None = None):
-    """This rank's micro-batches for `steps` optimizer steps (None: as many as asked for): the data's rows as they
-    are, or (lmbda's share) their prompts completed by the student with the weights of the step that uses them.
-    run.data_state follows the cursor (and the stage, in a staged run)."""
-    global_rows, step = run.cfg.batch_size * run.d.world, run.step
-    for _ in range(steps) if steps is not None else itertools.count():
-        step += 1
-        for micro in range(run.cfg.grad_accum):
-            taken = [rows[i] for i in cursor.take(global_rows)]
-            run.data_state = cursor.state() if stage is None else {"stage": stage, **cursor.state()}
-            sampled = on_policy.wants(step, micro)
-            on_policy.note(sampled)
-            if sampled:
-                yield on_policy.batch(data, taken[run.d.rank :: run.d.world], step, micro)
-            else:
-                yield B.rank_batch(data, taken, run.d, run.tok.pad_token_id)

@@ -88,6 +88,18 @@ def sample(model, prompts: list[list[int]], G: int, params: SamplingParams, seed
     return completion_ids
 
 
+def generating(net, autocast, fn):
+    """fn() run on the policy in eval mode with the whole model gathered (FSDP2: once, not per generated token; every
+    rank runs the same collectives whatever it generates), inside the root's forward for its own parameters."""
+    model = net.model
+    training = model.training
+    model.eval()
+    with gathered(net, model.model.layers), autocast():
+        out = net(None, call=fn)
+    model.train(training)
+    return out
+
+
 class Rollouts:
     """Makes GRPO micro-batches for the training loop (`batch`) and keeps what it saw for the step's metrics."""
 
@@ -117,11 +129,7 @@ class Rollouts:
         generation, the batch's reward std, the log-prob forwards."""
         g, G, model = self.g, self.g.num_generations, self.net.model
         rows = [self.prompts[i] for i in items]
-        training = model.training
-        model.eval()
-        with gathered(self.net, model.model.layers), self.autocast():
-            completion_ids = self.net(None, call=lambda: self._generate(rows, step, micro))
-        model.train(training)
+        completion_ids = generating(self.net, self.autocast, lambda: self._generate(rows, step, micro))
         # what trl hands its reward functions for a tokenizer without a response schema (Qwen3's): the completion
         # decoded without special tokens, so the stop id that ended it (kept in completion_ids) is not in the text
         texts = [self.tok.decode(ids, skip_special_tokens=True) for ids in completion_ids]
