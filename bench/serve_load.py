@@ -119,7 +119,7 @@ class StaticEngine(Engine):
     did not do: a slightly stronger baseline than it was)."""
 
     def _admit(self, block: bool) -> None:
-        if not self.running:
+        if not (self.running or self.prefill or self.pending):
             super()._admit(block)
 
 

@@ -59,6 +59,41 @@ def test_rows_joining_and_leaving_equal_each_request_alone(model, tok, sampling)
     assert engine.capacity > 16 and engine.running == []
 
 
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_chunked_prefill_gives_the_same_outputs(model, tok, chunk):
+    """Prompts prefilled `chunk` tokens a step (a long one over many steps, short ones batched): greedy and seeded
+    rows give what they give with every prompt prefilled in one step."""
+    budgets, sampling = [9, 12, 6, 10], [{}, {"temperature": 1.0, "seed": 5}, {}, {"temperature": 0.8, "seed": 9}]
+
+    def run(prefill_chunk):
+        engine = Engine(model, max_batch=4, prefill_chunk=prefill_chunk)
+        results = [Collect() for _ in PROMPTS]
+        for prompt, budget, kw, got in zip(PROMPTS, budgets, sampling, results, strict=True):
+            engine.submit(tok.encode(prompt), SamplingParams(max_new_tokens=budget, stop_ids=[], **kw), got)
+            engine.step()
+        engine.run_until_idle()
+        return [got.ids for got in results]
+
+    assert run(chunk) == run(4096)
+
+
+def test_running_rows_decode_while_a_long_prompt_prefills(model, tok):
+    engine = Engine(model, prefill_chunk=16)
+    running, long = Collect(), Collect()
+    engine.submit(tok.encode(PROMPTS[0]), SamplingParams(max_new_tokens=200, stop_ids=[]), running)
+    engine.step()
+    before, prompt = len(running.ids), tok.encode(PROMPTS[2])
+    engine.submit(prompt, SamplingParams(max_new_tokens=3, stop_ids=[]), long)
+    steps = 0
+    while not long.ids:
+        engine.step()
+        steps += 1
+    assert steps == -(-len(prompt) // 16) > 5  # a chunk per step
+    assert len(running.ids) == before + steps  # and a token for the running row every one of those steps
+    engine.run_until_idle()
+    assert long.ids == generate(model, tok, prompt, max_new_tokens=3, stop_ids=[]).ids
+
+
 def test_stop_id_ends_the_row(model, tok):
     alone = generate(model, tok, PROMPTS[0], max_new_tokens=12, stop_ids=[])
     stop = alone.ids[5]

@@ -137,14 +137,28 @@ def test_a_client_that_disconnects_frees_its_row(server, n):
 def test_full_queue_is_503_with_retry_after_and_timeouts_are_504(server, tok):
     from fastapi.testclient import TestClient
 
+    from qwen3lab.infer.sampling import SamplingParams
     from qwen3lab.serve import create_app
 
     body = {"model": "tiny", "prompt": "Hi", "max_tokens": 5}
-    with TestClient(create_app(server[1], tok, "tiny", max_batch=1, max_queue=0)) as busy:
+    app = create_app(server[1], tok, "tiny", max_batch=1, max_queue=1)
+    with TestClient(app) as busy:
+        # one row runs, one request is held for the next free row, one waits in the queue: the queue is full
+        ahead = [app.state.engine.submit([1, 2], SamplingParams(max_new_tokens=3000), lambda *a: None)]
+        while app.state.engine.running == []:
+            time.sleep(0.01)
+        ahead += [app.state.engine.submit([1, 2], SamplingParams(max_new_tokens=5), lambda *a: None)]
+        while app.state.engine.waiting.qsize():
+            time.sleep(0.01)
+        ahead += [app.state.engine.submit([1, 2], SamplingParams(max_new_tokens=5), lambda *a: None)]
         r = busy.post("/v1/completions", json=body)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert "server busy" in r.json()["error"]["message"]
         assert busy.get("/health").status_code == 200
+        r = busy.post("/v1/completions", json=body | {"prompt": ["Hi", "Ho"]})  # no retry can help: 400
+        assert r.status_code == 400 and "at most 1 can wait" in r.json()["error"]["message"]
+        for request in ahead:
+            request.cancel()
     with TestClient(create_app(server[1], tok, "tiny", request_timeout=0.01)) as slow:
         r = slow.post("/v1/completions", json=body | {"max_tokens": 3000})
         assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]

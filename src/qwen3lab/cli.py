@@ -119,7 +119,18 @@ def cmd_generate(args) -> None:
         thinking = False if args.no_think else None
         prompt = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=thinking, assistant_mask=False)
         prompt = prompt.input_ids
-    for piece in stream(model, tok, prompt, _sampling(args)):
+    params = _sampling(args)
+    if args.json_schema is not None:  # a file or the JSON itself
+        from .infer import grammar
+
+        given = args.json_schema
+        try:
+            schema = json.loads(given if given.lstrip().startswith("{") else Path(given).read_text())
+            held = grammar.Constraint(tok, grammar.json_schema(schema), model.config.vocab_size)
+        except ValueError as e:  # not JSON, or not a schema llguidance takes
+            raise ValueError(f"--json-schema: {e}") from None
+        params.constraint = held
+    for piece in stream(model, tok, prompt, params):
         print(piece, end="", flush=True)
     print()
 
@@ -196,6 +207,7 @@ def cmd_serve(args) -> None:
         request_timeout=args.request_timeout,
         prefix_cache_tokens=args.prefix_cache_tokens,
         api_key=args.api_key,
+        prefill_chunk=args.prefill_chunk,
     )
 
 
@@ -327,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_flags(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, not as a chat message")
+    p.add_argument("--json-schema", default=None, help="hold the output to this JSON schema (a file, or the JSON)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help=cmd_chat.__doc__)
@@ -395,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8192,
         help="prompt tokens whose cache is kept for later requests that begin the same way (0: off)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=2048,
+        help="prompt tokens prefilled per engine step at most, between the running rows' decode steps",
     )
     p.add_argument(
         "--api-key",

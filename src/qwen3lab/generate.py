@@ -2,14 +2,16 @@
 
 generate(model, tok, "Once upon a time", max_new_tokens=32)      # -> Generation(ids, text, finish_reason)
 generate(model, tok, [messages, "text", [1, 2, 3]], temperature=0.7, seed=0)
+generate(model, tok, messages, json_schema={"type": "object", ...})  # output held to the schema (infer/grammar.py)
 for piece in stream(model, tok, messages): print(piece, end="")
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from .infer import grammar
 from .infer.detokenize import TextStream
 from .infer.engine import Engine
 from .infer.sampling import SamplingParams
@@ -76,6 +78,16 @@ def _submit(model, tok: Tokenizer, prompts: list, params: SamplingParams, max_ro
     return engine, outs
 
 
+def _params(model, tok: Tokenizer, params: SamplingParams | None, kw: dict) -> SamplingParams:
+    """The params given, or built from keywords; json_schema=... holds the output to that schema."""
+    schema = kw.pop("json_schema", None)
+    params = params or SamplingParams(**kw)
+    if schema is not None:
+        held = grammar.Constraint(tok, grammar.json_schema(schema), model.config.vocab_size)
+        params = replace(params, constraint=held)
+    return params
+
+
 def _check(out: _Collect) -> None:
     if out.error is not None:
         raise RuntimeError(f"generation failed: {out.error}")
@@ -87,7 +99,7 @@ def generate(
     """Generate for one prompt or a batch. A prompt is text, token ids, or a list of chat messages (rendered with
     the generation prompt). Returns one Generation per prompt (a list for a batch). max_rows: rows decoded together
     at most (more rows: fewer decode steps, each larger)."""
-    params = params or SamplingParams(**kw)
+    params = _params(model, tok, params, kw)
     # one prompt: text, ids [int, ...] or messages [{...}, ...]; a batch: a list of those
     single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], (int, dict)))
     engine, outs = _submit(model, tok, [prompts] if single else list(prompts), params, max_rows)
@@ -101,7 +113,7 @@ def generate(
 
 def stream(model, tok: Tokenizer, prompt, params: SamplingParams | None = None, **kw) -> Iterator[str]:
     """Text pieces of one generation as they come (see TextStream)."""
-    params = params or SamplingParams(**kw)
+    params = _params(model, tok, params, kw)
     engine, (out,) = _submit(model, tok, [prompt], params)
     while out.finish_reason is None and out.error is None:
         engine.step()

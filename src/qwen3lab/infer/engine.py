@@ -4,9 +4,11 @@ batching — a row joins the running batch at the next decode step and leaves it
 The KV cache has one slot per row, [layers, max_batch, kv_heads, capacity, head_dim]. Running rows hold slots
 0..n-1 — a row that leaves is replaced by the last one, whose cache is copied into its slot — so each decode step
 works on views of the first n slots, every row at its own length (no left padding: positions are plain cache
-indices). New prompts are prefilled by forwards of their own, in chunks of columns: several short prompts together,
-right-padded (a real token never sees the padding after it, so plain causal attention needs no mask), a long one
-alone. The capacity grows (doubling, up to the model's context) as rows get longer.
+indices). The capacity grows (doubling, up to the model's context) as rows get longer.
+
+Chunked prefill: each step computes at most `prefill_chunk` prompt tokens (prefill.py: several short prompts
+together, a long one a chunk per step, first come first served) and then decodes every running row by one token, so
+a 32k-token prompt delays the running rows by a chunk per step instead of stalling them for its whole prefill.
 
 Prefix caching: the cache of each prompt prefilled is kept (least recently used first out, `prefix_cache_tokens` in
 all), and a new prompt that begins with a kept one — a shared system prompt, a conversation's earlier turns — copies
@@ -36,8 +38,9 @@ from typing import Any
 
 import torch
 
-from ..model.head import logprobs_topk
-from .sampling import SamplingParams, default_stop_ids, process_logits, sample
+from .prefill import Prefill
+from .rows import emit_logprobs, sample_rows
+from .sampling import SamplingParams, default_stop_ids
 
 log = logging.getLogger("qwen3lab")
 
@@ -58,6 +61,7 @@ class Request:
     stops: set = field(default_factory=set)
     generator: torch.Generator | None = None
     history: torch.Tensor | None = None  # [1, tokens] for the repetition penalty
+    matcher: Any = None  # params.constraint's llguidance matcher: where this row is in its grammar
 
     def cancel(self) -> None:
         """Stop generating for this request (a stop string was found, or its client went away)."""
@@ -66,32 +70,6 @@ class Request:
 
 # The model calls `layer_cache.update(k, v)` inside each (maybe compiled) block. These hold only tensor views made
 # outside the block, never Python ints, so a compiled block sees shapes, not a constant per row or offset.
-
-
-def _emit_sampled_logprobs(requests: list[Request], logits: torch.Tensor, tokens: list[int]) -> None:
-    """("sampled_logprob", logp) before each token or stop id, for requests whose params ask: the token's log-prob
-    under the model's distribution at the sampling temperature (logits [n, V]; before top-k / top-p / min-p cut it,
-    as vLLM's processed logprobs), which is what a trainer recomputes."""
-    p = requests[0].params
-    if not p.sampled_logprobs:
-        return
-    scaled = logits.float() / p.temperature if p.temperature > 0 else logits.float()
-    logp = torch.log_softmax(scaled, -1).gather(1, torch.tensor(tokens, device=logits.device)[:, None])
-    for request, value in zip(requests, logp[:, 0].tolist(), strict=True):
-        request.emit("sampled_logprob", value)
-
-
-class _PrefillLayer:
-    """One layer's slots [rows, kv_heads, end, D] for a prefill chunk that fills their last T positions."""
-
-    def __init__(self, k, v):
-        self.k, self.v = k, v
-
-    def update(self, k, v):  # [rows, kv_heads, T, D] -> [rows, kv_heads, end, D], this chunk's included
-        T = k.shape[2]
-        self.k[:, :, self.k.shape[2] - T :] = k
-        self.v[:, :, self.v.shape[2] - T :] = v
-        return self.k, self.v
 
 
 class _DecodeLayer:
@@ -120,12 +98,6 @@ def _common_prefix(a: list[int], b: tuple[int, ...]) -> int:
     return n
 
 
-def _entries(logps, top_ids, top_logps, k: int) -> list[tuple[float, list[tuple[int, float]]]]:
-    """Tensors [N], [N, >= k], [N, >= k] -> per position (log-prob, [(id, log-prob)] of the k most likely)."""
-    top = [list(zip(i[:k], v[:k], strict=True)) for i, v in zip(top_ids.tolist(), top_logps.tolist(), strict=True)]
-    return list(zip(logps.tolist(), top, strict=True))
-
-
 class Engine:
     def __init__(
         self,
@@ -139,7 +111,9 @@ class Engine:
         prefill_batch_tokens: int = 2048,
         seed: int | None = None,
     ):
-        self.model, self.max_batch, self.prefill_chunk, self.max_waiting = model, max_batch, prefill_chunk, max_waiting
+        self.model, self.max_batch, self.max_waiting = model, max_batch, max_waiting
+        # prompt tokens computed per step at most (padding counted), between the running rows' decode steps
+        self.prefill_chunk = prefill_chunk
         # Prompts are prefilled together up to this many padded tokens: fuller matmuls and one forward's fixed cost
         # shared, but every row of a batch gets its first token when the batch ends. Measured on the 0.6B shape, 16
         # clients (bench/serve_load.py): 2048 gave 15.8 tok/s, TTFT p50 17.3 s, p99 19.0 s; 256 gave 13.3 tok/s,
@@ -158,7 +132,9 @@ class Engine:
         self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         self.waiting: queue.Queue[list[Request]] = queue.Queue()  # groups: one prompt, one or more completions
         self._held: list[Request] | None = None  # a group waiting for enough free rows
-        self.running: list[Request] = []
+        self.pending: list[list[Request]] = []  # groups admitted (their rows counted), not yet prefilling
+        self.prefill: Prefill | None = None  # the prompts being prefilled, a chunk per step
+        self.running: list[Request] = []  # decoding, in slots 0..n-1
         self._thread = None
         # prompt ids -> its cache (k, v [layers, kv_heads, len, D]), least recently used first
         self.prefixes: collections.OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = (
@@ -183,6 +159,8 @@ class Engine:
         if not ids:
             raise ValueError("empty prompt: give at least one token")
         longest = max(p.max_new_tokens for p in params)
+        if min(p.max_new_tokens for p in params) < 0:
+            raise ValueError("max_new_tokens must be 0 or more")
         if len(ids) + longest > self.max_context:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({longest}) exceeds the model's "
@@ -204,8 +182,11 @@ class Engine:
         while True:
             self.step(block=True)
 
+    def busy(self) -> bool:
+        return bool(self.running or self.prefill or self.pending or self._held or not self.waiting.empty())
+
     def run_until_idle(self) -> None:
-        while self.running or self._held or not self.waiting.empty():
+        while self.busy():
             self.step(block=False)
 
     def metrics(self, window: float = 10.0) -> dict:
@@ -214,22 +195,24 @@ class Engine:
         with self._lock:
             since = time.monotonic() - window
             recent = sum(1 for t in self._recent if t > since)
+        prefilling = len(self.prefill.requests) if self.prefill is not None else 0
         return {
-            "running": len(self.running),
-            "waiting": self.waiting.qsize(),
+            "running": len(self.running) + prefilling,
+            "waiting": self.waiting.qsize() + len(self.pending) + (self._held is not None),
             "generated_tokens_total": self.generated_total,
             "tokens_per_second": recent / window,
             "prompt_tokens_total": self.prefilled_total + self.prefix_hit_total,
             "prefix_cache_hit_tokens_total": self.prefix_hit_total,
         }
 
-    # ---- one engine step: admit waiting rows, then decode every running row by one token ----
+    # ---- one engine step: admit waiting rows, prefill a chunk, then decode every running row by one token ----
 
     @torch.inference_mode()
     def step(self, block: bool = False) -> None:
         try:
-            self._admit(block and not self.running)
+            self._admit(block and not (self.running or self.prefill or self.pending))
             self._drop_cancelled()
+            self._prefill_step()
             if self.running:
                 self._decode()
         except Exception as e:  # a failure ends the requests in flight with an error, never the engine
@@ -239,8 +222,9 @@ class Engine:
             self.running.clear()
 
     def _admit(self, block: bool) -> None:
-        """Take waiting groups while their rows fit, and prefill them."""
-        groups, rows = [], len(self.running)
+        """Take waiting groups while their rows fit (those prefilling and pending count)."""
+        rows = len(self.running) + sum(map(len, self.pending))
+        rows += len(self.prefill.requests) if self.prefill is not None else 0
         while True:
             group = self._held
             if group is None:
@@ -255,29 +239,55 @@ class Engine:
                 break
             self._held = None
             if group:
-                groups.append(group)
+                self.pending.append(group)
                 rows += len(group)
-        # a prompt whose log-probs are asked for is computed whole
-        hits = [(0, None) if g[0].params.prompt_logprobs is not None else self._prefix_hit(g[0].ids) for g in groups]
-        fresh = sorted((g for g, (m, _) in zip(groups, hits, strict=True) if not m), key=lambda g: len(g[0].ids))
-        batches, batch = [], []
-        for group in fresh:  # similar lengths together, at most prefill_batch_tokens padded tokens per forward
-            if batch and (len(batch) + 1) * len(group[0].ids) > self.prefill_batch_tokens:
-                batches.append(batch)
-                batch = []
-            batch.append(group)
-        if batch:
-            batches.append(batch)
-        work = [(b, 0, None) for b in batches] + [([g], m, kv) for g, (m, kv) in zip(groups, hits, strict=True) if m]
-        for batch, start, kv in work:
+
+    def _prefill_step(self) -> None:
+        """Spend this step's prompt-token budget: on the prompts being prefilled, then on the next ones."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            job = self.prefill = self.prefill or self._next_prefill()
+            if job is None:
+                return
+            if all(r.cancelled for r in job.requests):
+                self.prefill = None
+                continue
             try:
-                self._prefill(batch, start, kv)
+                budget -= job.step(self.model, budget)
+                if job.finished:
+                    self.prefill = None
+                    self._join(job)
             except Exception as e:
                 log.exception("prefill failed")
-                for request in (r for g in batch for r in g):
+                self.prefill = None
+                for request in job.requests:
                     request.emit("error", f"{type(e).__name__}: {e}")
 
-    def _prefix_hit(self, ids: list[int]) -> tuple[int, tuple | None]:
+    def _next_prefill(self) -> Prefill | None:
+        """The oldest pending group, alone when the prefix cache holds its start; else with the fresh groups closest
+        to it in length, up to prefill_batch_tokens padded tokens. A prompt whose log-probs are asked for is
+        computed whole."""
+        self.pending = [g for g in ([r for r in g if not r.cancelled] for g in self.pending) if g]
+        if not self.pending:
+            return None
+        first = self.pending.pop(0)
+        start, kv = (0, None) if first[0].params.prompt_logprobs is not None else self._prefix_hit(first[0].ids)
+        if start:
+            self.prefix_hit_total += start
+            return Prefill(self.model, [first], start, kv)
+        batch, width = [first], len(first[0].ids)
+        for group in sorted(self.pending, key=lambda g: abs(len(g[0].ids) - len(first[0].ids))):
+            wider = max(width, len(group[0].ids))
+            if (len(batch) + 1) * wider > self.prefill_batch_tokens:
+                continue
+            if group[0].params.prompt_logprobs is None and self._prefix_hit(group[0].ids, touch=False)[0]:
+                continue  # its own prefill, from the cache
+            batch.append(group)
+            width = wider
+        self.pending = [g for g in self.pending if all(g is not b for b in batch)]
+        return Prefill(self.model, batch)
+
+    def _prefix_hit(self, ids: list[int], touch: bool = True) -> tuple[int, tuple | None]:
         """The longest kept prefix of these ids (at most all but the last token, whose logits are needed)."""
         best, hit = 0, None
         for key, kv in self.prefixes.items():
@@ -286,68 +296,39 @@ class Engine:
                 best, hit = n, (key, kv)
         if best < self.min_prefix:
             return 0, None
-        self.prefixes.move_to_end(hit[0])
+        if touch:
+            self.prefixes.move_to_end(hit[0])
         return best, hit[1]
 
-    def _prefill(self, groups: list[list[Request]], start: int, kv) -> None:
-        """Prefill the prompts of these groups together (right-padded), their first rows taking the next slots; the
-        group's other rows get a copy. `start` slots come from the prefix cache's kv."""
-        prompts = [g[0].ids for g in groups]
-        lengths = [len(p) for p in prompts]
-        T, B, first = max(lengths), len(groups), len(self.running)
-        self._grow(T + 1)
-        ids = torch.zeros(B, T, dtype=torch.long, device=self.device)
-        for r, p in enumerate(prompts):
-            ids[r, : len(p)] = torch.tensor(p, device=self.device)
-        if kv is not None:  # [layers, kv_heads, start, D] -> the first `start` slots of this one row
-            self.k[:, first, :, :start], self.v[:, first, :, :start] = kv[0][:, :, :start], kv[1][:, :, :start]
-            self.prefix_hit_total += start
-        self.prefilled_total += sum(lengths) - start * B
-        last = torch.tensor(lengths, device=self.device) - 1
-        hidden = torch.empty(B, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
-        scored = [[] for _ in groups]  # prompt log-probs asked for: per row, (logp, top ids, top logps) per chunk
-        for s in range(start, T, self.prefill_chunk):
-            e = min(s + self.prefill_chunk, T)
-            positions = torch.arange(s, e, device=self.device).expand(B, -1)
-            layers = [_PrefillLayer(k[first : first + B, :, :e], v[first : first + B, :, :e]) for k, v in self._kv()]
-            out = self.model(ids[:, s:e], positions, return_hidden=True, kv_cache=layers)  # [B, e - s, hidden]
-            ends = ((last >= s) & (last < e)).nonzero()[:, 0]  # rows whose last prompt token is in this chunk
-            hidden[ends] = out[ends, last[ends] - s].to(self.dtype)
-            for r, group in enumerate(groups):
-                k = group[0].params.prompt_logprobs
-                if k is not None and s < lengths[r] - 1:  # positions s.. predict tokens s + 1.. of the prompt
-                    n = min(e, lengths[r] - 1) - s
-                    scored[r].append(
-                        logprobs_topk(out[r, :n], self.model.lm_head.weight, ids[r, s + 1 : s + 1 + n], max(k, 1))
-                    )
-        logits = self.model.lm_head(hidden).float()  # [B, V]
-        for r, group in enumerate(groups):
-            k = group[0].params.prompt_logprobs
-            if k is not None:  # the first token has none: nothing came before it
-                entries = [None] + (_entries(*map(torch.cat, zip(*scored[r], strict=True)), k) if scored[r] else [])
+    def _join(self, job: Prefill) -> None:
+        """The prompts are in: each row of their groups takes the next slot, its prompt's cache copied there, and
+        samples its first token."""
+        self.prefilled_total += sum(job.lengths) - job.start
+        logits = self.model.lm_head(job.hidden).float()  # [B, V]
+        rows = []  # (request, its prompt's index in the job)
+        for r, group in enumerate(job.groups):
+            if group[0].params.prompt_logprobs is not None:
+                entries = job.prompt_logprobs(r)
                 for request in group:
                     request.emit("prompt_logprobs", entries)
-        for r in range(B):
-            self._keep_prefix(prompts[r], first + r)
-        rows = [(group[0], r) for r, group in enumerate(groups)]  # in slots first..first+B-1, then the copies
-        for r, group in enumerate(groups):
-            for request in group[1:]:
-                slot = first + len(rows)
-                self.k[:, slot, :, : lengths[r]] = self.k[:, first + r, :, : lengths[r]]
-                self.v[:, slot, :, : lengths[r]] = self.v[:, first + r, :, : lengths[r]]
-                rows.append((request, r))
+            self._keep_prefix(group[0].ids, job.k[:, r], job.v[:, r])
+            rows += [(request, r) for request in group]
+        self._grow(job.ids.shape[1] + 1)
         for request, r in rows:
-            p = request.params
-            request.length = lengths[r]
+            slot, n, p = len(self.running), job.lengths[r], request.params
+            self.k[:, slot, :, :n], self.v[:, slot, :, :n] = job.k[:, r, :, :n], job.v[:, r, :, :n]
+            request.length = n
             request.stops = set(p.stop_ids if p.stop_ids is not None else self.default_stops)
             if p.seed is not None:
                 request.generator = torch.Generator(self.device).manual_seed(p.seed)
             if p.repetition_penalty != 1.0:
-                request.history = ids[r : r + 1, : lengths[r]]
+                request.history = job.ids[r : r + 1, :n]
+            if p.constraint is not None:
+                request.matcher = p.constraint.matcher()
             self.running.append(request)
         requests, logits = [request for request, _ in rows], logits[[r for _, r in rows]]  # a row per request
-        tokens = self._sample(requests, logits)
-        self._emit_logprobs(requests, logits, tokens)
+        tokens = sample_rows(requests, logits, self.generator)
+        emit_logprobs(requests, logits, tokens)
         for request, token in zip(requests, tokens, strict=True):
             if request.params.max_new_tokens == 0:  # the prompt's log-probs were all it asked for
                 request.emit("end", "length")
@@ -355,12 +336,13 @@ class Engine:
             else:
                 self._take(request, token)
 
-    def _keep_prefix(self, ids: list[int], slot: int) -> None:
+    def _keep_prefix(self, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep a prompt's cache (k, v [layers, kv_heads, >= len(ids), D]) for later prompts that begin with it."""
         if self.prefix_cache_tokens < max(len(ids), self.min_prefix):
             return
         key = tuple(ids)
         if key not in self.prefixes:
-            self.prefixes[key] = (self.k[:, slot, :, : len(ids)].clone(), self.v[:, slot, :, : len(ids)].clone())
+            self.prefixes[key] = (k[:, :, : len(ids)].clone(), v[:, :, : len(ids)].clone())
         self.prefixes.move_to_end(key)
         while sum(len(k) for k in self.prefixes) > self.prefix_cache_tokens:
             self.prefixes.popitem(last=False)
@@ -383,51 +365,20 @@ class Engine:
         running = list(self.running)  # _take may remove rows as it goes
         for request in running:
             request.length += 1
-        tokens = self._sample(running, logits)
-        self._emit_logprobs(running, logits, tokens)
+        tokens = sample_rows(running, logits, self.generator)
+        emit_logprobs(running, logits, tokens)
         for request, token in zip(running, tokens, strict=True):
             self._take(request, token)
-
-    def _emit_logprobs(self, requests: list[Request], logits: torch.Tensor, tokens: list[int]) -> None:
-        """("logprob", ...) for the rows that asked, before their token or stop id."""
-        rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-        if not rows:
-            return
-        logp = torch.log_softmax(logits[rows], -1)  # [n, V]
-        picked = logp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logp.device))[:, 0]
-        k = max(requests[i].params.logprobs for i in rows)
-        top = logp.topk(max(k, 1), -1)
-        for j, entry in enumerate(_entries(picked, top.indices, top.values, k)):
-            request = requests[rows[j]]
-            request.emit("logprob", (entry[0], entry[1][: request.params.logprobs]))
-
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        """One token per request from its row of logits [n, V]. Rows that share a SamplingParams object and have
-        no generator or history of their own are sampled together; the others one by one."""
-        tokens: list[int | None] = [None] * len(requests)
-        shared: dict[int, list[int]] = {}
-        for i, request in enumerate(requests):
-            if request.generator is None and request.history is None:
-                shared.setdefault(id(request.params), []).append(i)
-                continue
-            p = request.params
-            tokens[i] = int(sample(process_logits(logits[i : i + 1], request.history, p), p, request.generator)[0])
-            _emit_sampled_logprobs([request], logits[i : i + 1], tokens[i : i + 1])
-            if request.history is not None:
-                request.history = torch.cat([request.history, torch.tensor([[tokens[i]]], device=self.device)], 1)
-        for rows in shared.values():
-            p = requests[rows[0]].params
-            picked = sample(process_logits(logits[rows], None, p), p, self.generator).tolist()
-            for i, token in zip(rows, picked, strict=True):
-                tokens[i] = token
-            _emit_sampled_logprobs([requests[i] for i in rows], logits[rows], picked)
-        return tokens
 
     def _take(self, request: Request, token: int) -> None:
         """Hand a sampled token to its request, or end the request (stop id, token budget)."""
         if token in request.stops:
             request.stop_token = token
             request.emit("end", "stop")
+            self._remove(request)
+            return
+        if request.matcher is not None and not request.matcher.consume_token(token):
+            request.emit("error", f"token {token} breaks the grammar: {request.matcher.get_error()}")
             self._remove(request)
             return
         request.emit("token", token)
@@ -438,6 +389,10 @@ class Engine:
             self._recent.append(now)
             while self._recent[0] < now - 60:
                 self._recent.popleft()
+        if request.matcher is not None and request.matcher.is_stopped():  # the grammar allows nothing more
+            request.emit("end", "stop")
+            self._remove(request)
+            return
         if request.generated >= request.params.max_new_tokens:
             request.emit("end", "length")
             self._remove(request)

@@ -4,6 +4,7 @@ top-p, min-p), the sampler, and the default stop ids."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +30,8 @@ class SamplingParams:
     # the log-prob of each sampled token under the model's distribution at the sampling temperature (before top-k /
     # top-p cut it), as vLLM's processed logprobs: what GRPO's sampler correction compares with the trainer's
     sampled_logprobs: bool = False
+    # a grammar.Constraint (a JSON schema, a regex, tool calls): each token is sampled from those it allows
+    constraint: Any = None
 
 
 def default_stop_ids(model) -> list[int]:

@@ -34,22 +34,27 @@ def create_app(
     request_timeout: float = 600.0,
     prefix_cache_tokens: int = 8192,
     api_key: str | None = None,
+    prefill_chunk: int = 2048,
 ) -> FastAPI:
-    """api_key: every route but / and /health needs `Authorization: Bearer <api_key>`."""
+    """api_key: every route but / and /health needs `Authorization: Bearer <api_key>`. prefill_chunk: prompt tokens
+    prefilled per engine step at most."""
     app = FastAPI(title="qwen3lab")
-    engine = Engine(model, max_batch, max_waiting=max_queue, prefix_cache_tokens=prefix_cache_tokens).start()
+    engine = Engine(
+        model, max_batch, prefill_chunk, max_waiting=max_queue, prefix_cache_tokens=prefix_cache_tokens
+    ).start()
     per_token = 2 * engine.k[:, 0, :, 0].numel() * engine.k.element_size()  # keys and values, every layer
     log.info(
         "prefix cache: up to %d prompt tokens (%.0f MiB)", prefix_cache_tokens, prefix_cache_tokens * per_token / 2**20
     )
     s = app.state
     s.engine, s.tok, s.model_name, s.request_timeout = engine, tok, model_name, request_timeout
-    s.max_context = model.config.max_position_embeddings
+    s.max_context, s.vocab_size = model.config.max_position_embeddings, model.config.vocab_size
     s.page, s.csp = _chat_page()
     s.registry = CollectorRegistry()
     s.registry.register(_EngineCollector(engine))
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(Exception, _unexpected)
     if api_key:
         app.middleware("http")(_authorize(f"Bearer {api_key}".encode()))
     for module in (chat_completions, completions, tokens):
@@ -69,6 +74,12 @@ async def _invalid(request: Request, exc: RequestValidationError):
 
 async def _api_error(request: Request, exc: APIError):
     return error_response(exc.message, exc.status, exc.param)
+
+
+async def _unexpected(request: Request, exc: Exception):
+    """A bug, not the client's fault: logged with its traceback, answered in OpenAI's error shape."""
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(f"internal error: {type(exc).__name__}: {exc}", 500)
 
 
 def _authorize(expected: bytes):
@@ -153,6 +164,7 @@ def serve(
     request_timeout: float = 600.0,
     prefix_cache_tokens: int = 8192,
     api_key: str | None = None,
+    prefill_chunk: int = 2048,
 ):
     import ipaddress
 
@@ -166,7 +178,15 @@ def serve(
     prepare_for_inference(model, compile)
     tok = load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else load_tokenizer()
     app = create_app(
-        model, tok, Path(model_dir).name, max_batch, max_queue, request_timeout, prefix_cache_tokens, api_key
+        model,
+        tok,
+        Path(model_dir).name,
+        max_batch,
+        max_queue,
+        request_timeout,
+        prefix_cache_tokens,
+        api_key,
+        prefill_chunk,
     )
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback

@@ -11,10 +11,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..infer.sampling import SamplingParams
-from ..text.chat import ChatError, parse_assistant
+from ..text.chat import TEMPLATE_NAMES, ChatError, parse_assistant
 from ..text.tokenizer import Tokenizer
 from .jobs import Job, collect, merged, submit, texts
-from .protocol import APIError, ChatBody, sampling_params, sse
+from .protocol import APIError, ChatBody, constraint, sampling_params, sse
 
 router = APIRouter()
 
@@ -23,10 +23,13 @@ router = APIRouter()
 async def chat_completions(body: ChatBody, request: Request):
     s = request.app.state
     kwargs = dict(body.chat_template_kwargs or {})
+    taken = sorted(set(kwargs) & TEMPLATE_NAMES)
+    if taken:
+        raise APIError(f"chat_template_kwargs: {taken[0]!r} is set by the server itself", "chat_template_kwargs")
     try:
         ids = s.tok.encode_chat(
             text_content(body.messages),
-            tools=body.tools,
+            tools=None if body.tool_choice == "none" else body.tools,
             add_generation_prompt=True,
             assistant_mask=False,
             **kwargs,
@@ -37,8 +40,9 @@ async def chat_completions(body: ChatBody, request: Request):
         raise APIError("top_logprobs: needs logprobs: true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    params = sampling_params(body, len(ids), max_tokens, s.max_context, logprobs=logprobs)
-    jobs = submit(s.engine, ids, params, body.n)
+    held = await asyncio.to_thread(constraint, body, s.tok, s.vocab_size, kwargs.get("enable_thinking") is True)
+    params = sampling_params(body, len(ids), max_tokens, s.max_context, logprobs=logprobs, constraint=held)
+    jobs = submit(s.engine, [(ids, params)], body.n)[0]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": s.model_name}
     if body.stream:

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from ..text.tokenizer import Tokenizer
 from .jobs import Job, collect, merged, submit, texts
-from .protocol import APIError, CompletionBody, sampling_params, sse, stop_strings
+from .protocol import APIError, CompletionBody, constraint, sampling_params, sse, stop_strings
 
 router = APIRouter()
 
@@ -35,12 +35,10 @@ async def completions(body: CompletionBody, request: Request):
     s = request.app.state
     prompts, stop = prompts_of(s.tok, body.prompt), stop_strings(body.stop)
     echo_k = body.logprobs if body.echo else None
-    choices = []  # (prompt, job) in index order
-    for prompt in prompts:
-        params = sampling_params(
-            body, len(prompt.ids), body.max_tokens, s.max_context, logprobs=body.logprobs, prompt_logprobs=echo_k
-        )
-        choices += [(prompt, job) for job in submit(s.engine, prompt.ids, params, body.n)]
+    held = await asyncio.to_thread(constraint, body, s.tok, s.vocab_size)
+    lp = {"logprobs": body.logprobs, "prompt_logprobs": echo_k, "constraint": held}
+    asks = [(p.ids, sampling_params(body, len(p.ids), body.max_tokens, s.max_context, **lp)) for p in prompts]
+    choices = [(p, job) for p, jobs in zip(prompts, submit(s.engine, asks, body.n), strict=True) for job in jobs]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": s.model_name}
     if body.stream:
         streams = [

@@ -42,20 +42,33 @@ class Job:
             self.request.cancel()
 
 
-def submit(engine: Engine, ids: list[int], params: SamplingParams, n: int = 1) -> list[Job]:
-    """n completions of one prompt (prefilled once); with a seed, completion i samples with seed + i."""
-    loop = asyncio.get_running_loop()
-    jobs = [Job(loop) for _ in range(n)]
-    each = [params if i == 0 or params.seed is None else replace(params, seed=params.seed + i) for i in range(n)]
+def submit(engine: Engine, prompts: list[tuple[list[int], SamplingParams]], n: int = 1) -> list[list[Job]]:
+    """n completions of each prompt (each prompt prefilled once); with a seed, completion i samples with seed + i.
+    All or nothing: what no retry can fix is a 400, a full queue a 503, and either leaves nothing in the engine."""
+    if n > engine.max_batch:
+        raise APIError(f"n={n}, but at most {engine.max_batch} rows run at once (--max-batch)", "n")
+    if len(prompts) > engine.max_waiting:
+        raise APIError(
+            f"{len(prompts)} prompts in one request, but at most {engine.max_waiting} can wait (--max-queue)", "prompt"
+        )
+    loop, out = asyncio.get_running_loop(), []
     try:
-        requests = engine.submit_group(ids, each, [job.push for job in jobs])
-    except EngineFull as e:
-        raise APIError(f"server busy: {e}; retry shortly", status=503) from None
-    except ValueError as e:
-        raise APIError(str(e), "n" if n > engine.max_batch else "max_tokens") from None
-    for job, request in zip(jobs, requests, strict=True):
-        job.request = request
-    return jobs
+        for ids, params in prompts:
+            jobs = [Job(loop) for _ in range(n)]
+            each = [
+                params if i == 0 or params.seed is None else replace(params, seed=(params.seed + i) % 2**64)
+                for i in range(n)
+            ]
+            for job, request in zip(jobs, engine.submit_group(ids, each, [job.push for job in jobs]), strict=True):
+                job.request = request
+            out.append(jobs)
+    except (EngineFull, ValueError) as e:
+        for job in (j for jobs in out for j in jobs):
+            job.cancel()
+        if isinstance(e, EngineFull):
+            raise APIError(f"server busy: {e}; retry shortly", status=503) from None
+        raise APIError(str(e), "max_tokens") from None
+    return out
 
 
 class RequestTimeout(RuntimeError):

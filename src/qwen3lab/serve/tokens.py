@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from .protocol import DetokenizeBody, TokenizeBody
+from .protocol import APIError, DetokenizeBody, TokenizeBody
 
 router = APIRouter()
 
@@ -30,4 +30,7 @@ async def tokenize(body: TokenizeBody, request: Request):
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeBody, request: Request):
-    return {"prompt": request.app.state.tok.decode(body.tokens)}
+    tok = request.app.state.tok
+    if body.tokens and not 0 <= min(body.tokens) <= max(body.tokens) < tok.vocab_size:
+        raise APIError(f"tokens: token ids must lie in [0, {tok.vocab_size})", "tokens")
+    return {"prompt": tok.decode(body.tokens)}

@@ -22,6 +22,11 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 ROLES = ("system", "user", "assistant", "tool")
+# what encode_chat and render set themselves: a caller's template kwargs may not name these
+TEMPLATE_NAMES = frozenset(
+    {"messages", "tools", "add_generation_prompt", "assistant_mask", "bos_token", "eos_token", "pad_token"}
+    | {"raise_exception", "strftime_now"}
+)
 
 
 class ChatError(ValueError):

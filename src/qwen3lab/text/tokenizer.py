@@ -211,6 +211,9 @@ class Tokenizer:
         if self.chat_template is None:
             raise ChatError("this tokenizer has no chat template; its folder needs chat_template.jinja")
         chat.check_messages(messages, tools)
+        taken = sorted(set(kwargs) & chat.TEMPLATE_NAMES)
+        if taken:
+            raise ChatError(f"template variable {taken[0]!r} is set by the tokenizer itself; pass it by its own name")
         if enable_thinking is not None:
             kwargs["enable_thinking"] = enable_thinking
         return chat.render(
