@@ -2,8 +2,8 @@
 
     python bench/serve_load.py [--shape qwen3-0.6b] [--clients 16,64] [--max-batch 16] [--shared-prefix 0]
 
-N clients arrive staggered (one every --gap seconds) with mixed prompt lengths (16-256 tokens) and completion lengths
-(8-128 tokens, greedy, no stop id). The same load, weights and prompts go to:
+N clients arrive staggered (one every --gap seconds; 0: all at once) with mixed prompt lengths (16-256 tokens) and
+completion lengths (--new-tokens, 8-128 by default; greedy, no stop id). The same load, weights and prompts go to:
   qwen3lab   engine.Engine (what `qwen3lab serve` runs), rows joining and leaving every step
   static     the batcher `qwen3lab serve` had before: waiting requests join only an empty batch
   no-prefix-cache  the engine without its prefix cache (with --shared-prefix: what reusing a system prompt saves)
@@ -27,15 +27,16 @@ from qwen3lab.infer.engine import Engine
 from qwen3lab.infer.sampling import SamplingParams
 
 
-def workload(n: int, gap: float, vocab: int, shared: int = 0, seed: int = 0) -> list[dict]:
-    """n requests, one every `gap` seconds; each prompt begins with the same `shared` tokens (a system prompt)."""
+def workload(n: int, gap: float, vocab: int, shared: int = 0, seed: int = 0, new=(8, 128)) -> list[dict]:
+    """n requests, one every `gap` seconds; each prompt begins with the same `shared` tokens (a system prompt);
+    completions of new[0]..new[1] tokens."""
     rng = random.Random(seed)
     system = [rng.randrange(1000, vocab - 1000) for _ in range(shared)]
     return [
         {
             "at": i * gap,
             "ids": system + [rng.randrange(1000, vocab - 1000) for _ in range(rng.randint(16, 256))],
-            "new": rng.randint(8, 128),
+            "new": rng.randint(*new),
         }
         for i in range(n)
     ]
@@ -99,7 +100,8 @@ def drive(load: list[dict], submit) -> dict:
 
 
 def run_engine(model, load, max_batch, cls=Engine, prefix_cache_tokens=8192) -> dict:
-    engine = cls(model, max_batch=max_batch, prefix_cache_tokens=prefix_cache_tokens).start()
+    # as `qwen3lab serve` runs it: 512 prompt tokens a step, in one forward with the running rows' next tokens
+    engine = cls(model, max_batch=max_batch, prefix_cache_tokens=prefix_cache_tokens, prefill_chunk=512).start()
 
     def submit(i, r, times):
         def emit(kind, value):
@@ -166,17 +168,19 @@ def main():
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--systems", default="qwen3lab,static,hf-cb", help=f"of {', '.join(RUNNERS)}, hf-cb")
     ap.add_argument("--shared-prefix", type=int, default=0, help="tokens of system prompt every request begins with")
+    ap.add_argument("--new-tokens", default="8-128", help="completion lengths, uniform in this range")
     args = ap.parse_args()
     print(machine())
     torch.manual_seed(0)
     model = qwen3lab.new_model(qwen3lab.preset(args.shape), seed=0).eval()
     print(
         f"{args.shape}, fp32, max batch {args.max_batch}, one arrival every {args.gap} s, "
-        f"shared prompt prefix {args.shared_prefix} tokens"
+        f"shared prompt prefix {args.shared_prefix} tokens, completions of {args.new_tokens} tokens"
     )
     runners = RUNNERS | {"hf-cb": run_transformers}
     for n in (int(x) for x in args.clients.split(",")):
-        load = workload(n, args.gap, model.config.vocab_size, args.shared_prefix)
+        new = tuple(int(x) for x in args.new_tokens.split("-"))
+        load = workload(n, args.gap, model.config.vocab_size, args.shared_prefix, new=new)
         results = {}
         for name in args.systems.split(","):
             r = results[name] = runners[name](model, load, args.max_batch)

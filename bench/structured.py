@@ -1,7 +1,8 @@
 """What structured output costs: generated tokens/s with every row held to a JSON schema vs the same rows free, same
-model, same prompts, sampled at temperature 1 (a random model's greedy text repeats itself).
+model, same prompts, sampled at temperature 1 (a random model's greedy text repeats itself); each free row generates
+as many tokens as its held twin did.
 
-    python bench/structured.py [--shape qwen3-0.6b] [--rows 1,16] [--tokens 128]
+    python bench/structured.py [--shape qwen3-0.6b] [--rows 1,16] [--tokens 256]
 
 Each row's grammar gives a bitmask of its allowed tokens per step (llguidance, ~0.1 ms a row), which the engine turns
 into -inf on the row's logits before sampling. Reported: tokens/s both ways and their ratio, and the time the masks
@@ -28,6 +29,7 @@ SCHEMA = {
         "customer": {"type": "string", "maxLength": 40},
         "items": {
             "type": "array",
+            "minItems": 8,
             "maxItems": 40,
             "items": {
                 "type": "object",
@@ -46,20 +48,20 @@ SCHEMA = {
 }
 
 
-def run(model, prompts, new_tokens: int, constraint) -> tuple[float, int]:
-    """Seconds and tokens for the prompts generated together, each with its own seed."""
+def run(model, prompts, new_tokens: list[int], constraint) -> tuple[float, list[int]]:
+    """Seconds, and tokens per row, for the prompts generated together, each row with its own seed and budget."""
     engine = Engine(model, max_batch=len(prompts), capacity=256)
-    count = [0]
+    counts = [0] * len(prompts)
+    for i, (ids, budget) in enumerate(zip(prompts, new_tokens, strict=True)):
 
-    def emit(kind, value):
-        count[0] += kind == "token"
+        def emit(kind, value, i=i):
+            counts[i] += kind == "token"
 
-    for i, ids in enumerate(prompts):
-        params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=i, stop_ids=[], constraint=constraint)
+        params = SamplingParams(max_new_tokens=budget, temperature=1.0, seed=i, stop_ids=[], constraint=constraint)
         engine.submit(ids, params, emit)
     t = time.perf_counter()
     engine.run_until_idle()
-    return time.perf_counter() - t, count[0]
+    return time.perf_counter() - t, counts
 
 
 class MaskClock:
@@ -80,7 +82,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-0.6b")
     ap.add_argument("--rows", default="1,16")
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=256)
     args = ap.parse_args()
     print(machine())
     torch.manual_seed(0)
@@ -93,10 +95,13 @@ def main():
     rows.constrain = clock
     for n in (int(x) for x in args.rows.split(",")):
         prompts = [tok.encode(f"Order {i}: write it as JSON.") for i in range(n)]
-        run(model, prompts, 4, held)  # warm-up, untimed
-        free_s, free_n = run(model, prompts, args.tokens, None)
+        run(model, prompts, [4] * n, held)  # warm-up, untimed
         clock.seconds = clock.rows = 0
-        held_s, held_n = run(model, prompts, args.tokens, held)
+        held_s, lengths = run(model, prompts, [args.tokens] * n, held)
+        # the free rows generate as many tokens as the held ones did (a held row ends when its JSON does), so both
+        # runs decode the same number of rows at every step
+        free_s, _ = run(model, prompts, lengths, None)
+        held_n = free_n = sum(lengths)
         free, constrained = free_n / free_s, held_n / held_s
         print(
             f"{n:3d} rows  free {free:7.1f} tok/s ({free_n} tokens)  JSON schema {constrained:7.1f} tok/s ({held_n} "

@@ -126,7 +126,7 @@ def test_backend_selection():
 
 def test_chunked_prefill_after_cache_is_causal(model):
     """A chunk of several tokens after cached keys (the causal mask aligned to the end of the keys)."""
-    from qwen3lab.infer.engine import _PrefillLayer
+    from qwen3lab.infer.cache import PrefillLayer
 
     ids = torch.randint(0, 512, (1, 30))
     cfg = model.config
@@ -135,6 +135,6 @@ def test_chunked_prefill_after_cache_is_causal(model):
     with torch.no_grad():
         full = model(ids)
         layers = list(zip(k, v, strict=True))
-        first = model(ids[:, :18], kv_cache=[_PrefillLayer(a[:, :, :18], b[:, :, :18]) for a, b in layers])
-        second = model(ids[:, 18:], torch.arange(18, 30)[None], kv_cache=[_PrefillLayer(a, b) for a, b in layers])
+        first = model(ids[:, :18], kv_cache=[PrefillLayer(a[:, :, :18], b[:, :, :18]) for a, b in layers])
+        second = model(ids[:, 18:], torch.arange(18, 30)[None], kv_cache=[PrefillLayer(a, b) for a, b in layers])
     torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=1e-5)

@@ -77,18 +77,23 @@ def test_chunked_prefill_gives_the_same_outputs(model, tok, chunk):
     assert run(chunk) == run(4096)
 
 
-def test_running_rows_decode_while_a_long_prompt_prefills(model, tok):
+def test_running_rows_decode_while_a_long_prompt_prefills(model, tok, monkeypatch):
+    """Each step, one forward: the running row's next token and the next chunk of the long prompt (16 tokens in
+    all), so the row takes a token on every step of the prefill."""
     engine = Engine(model, prefill_chunk=16)
     running, long = Collect(), Collect()
     engine.submit(tok.encode(PROMPTS[0]), SamplingParams(max_new_tokens=200, stop_ids=[]), running)
     engine.step()
     before, prompt = len(running.ids), tok.encode(PROMPTS[2])
     engine.submit(prompt, SamplingParams(max_new_tokens=3, stop_ids=[]), long)
+    forwards, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, *a, **kw: forwards.append(ids.shape) or forward(ids, *a, **kw))
     steps = 0
     while not long.ids:
         engine.step()
         steps += 1
-    assert steps == -(-len(prompt) // 16) > 5  # a chunk per step
+    assert steps == -(-len(prompt) // 15) > 5  # a chunk of 15 prompt tokens per step, beside the running row's
+    assert forwards == [(1, 16)] * (steps - 1) + [(1, 1 + len(prompt) - 15 * (steps - 1))]
     assert len(running.ids) == before + steps  # and a token for the running row every one of those steps
     engine.run_until_idle()
     assert long.ids == generate(model, tok, prompt, max_new_tokens=3, stop_ids=[]).ids

@@ -323,6 +323,36 @@ def test_the_engines_sampled_logprobs_are_the_trainers(tmp_path, tok):
         assert 0 <= m["sampling/sampling_logp_difference"] < 1e-4
 
 
+def test_rollouts_held_to_a_json_schema(tmp_path, tok):
+    """grpo.response_format: every completion the engine samples for training is JSON valid under the schema."""
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema")
+    from qwen3lab import train
+    from qwen3lab.model.config import ConfigError
+
+    hf_small().save_pretrained(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    rows = [{"prompt": [{"role": "user", "content": f"Reverse {n}"}], "answer": str(n)[::-1]} for n in range(10, 14)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99}, "sure": {"type": "boolean"}},
+        "required": ["answer", "sure"],
+        "additionalProperties": False,
+    }
+    grpo = {"num_generations": 4, "max_completion_length": 24, "rewards": ["test_grpo:even_ids"]}
+    keys = {"data": {"train": str(tmp_path / "p.jsonl")}, "steps": 2, "batch_size": 2, "progress": False}
+    cfg = {"model": str(tmp_path / "m"), "out": str(tmp_path / "o"), "objective": "grpo", **keys}
+    run = train(cfg | {"grpo": grpo | {"response_format": schema}})
+    samples = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert len(samples) == 8  # the completions of each step's first micro-batch
+    for sample in samples:
+        jsonschema.validate(json.loads(sample["completion"]), schema)
+    with pytest.raises(ConfigError, match="grpo.response_format: .*nope"):
+        train(cfg | {"out": str(tmp_path / "o2"), "grpo": grpo | {"response_format": {"type": "nope"}}})
+
+
 @pytest.mark.slow
 def test_grpo_with_a_builtin_reward_lifts_a_model_that_answers_right_part_of_the_time(tmp_path, trained_sort):
     """The demo's briefly trained sort model, GRPO on four of its training prompts with exact_match alone: the

@@ -116,7 +116,7 @@ def test_greedy_constrained_rows_take_the_best_allowed_token_beside_free_rows(mo
         for t, token in enumerate(o["ids"]):
             with torch.no_grad():
                 logits = model(torch.tensor([prompt + o["ids"][:t]]))[0, -1].float()
-            ok = grammar.allowed([m], logits.shape[0], logits.device)[0]
+            ok = ~grammar.forbidden([m], logits.shape[0])[0]
             assert ok[token] and logits[token] >= logits[ok].max() - 1e-4
             assert m.consume_token(token)
         assert o["end"] == ("end", "stop") and m.is_accepting()

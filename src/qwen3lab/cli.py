@@ -130,7 +130,7 @@ def cmd_generate(args) -> None:
         except ValueError as e:  # not JSON, or not a schema llguidance takes
             raise ValueError(f"--json-schema: {e}") from None
         params.constraint = held
-    for piece in stream(model, tok, prompt, params):
+    for piece in stream(model, tok, prompt, params, speculate=args.speculate):
         print(piece, end="", flush=True)
     print()
 
@@ -180,7 +180,7 @@ def cmd_chat(args) -> None:
         ids = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=thinking, assistant_mask=False)
         print("assistant> ", end="", flush=True)
         text, in_think = "", False
-        for piece in stream(model, tok, ids.input_ids, _sampling(args)):
+        for piece in stream(model, tok, ids.input_ids, _sampling(args), speculate=args.speculate):
             text += piece
             if "<think>" in piece:
                 in_think = True
@@ -208,6 +208,7 @@ def cmd_serve(args) -> None:
         prefix_cache_tokens=args.prefix_cache_tokens,
         api_key=args.api_key,
         prefill_chunk=args.prefill_chunk,
+        speculate=args.speculate,
     )
 
 
@@ -311,9 +312,13 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-think", action="store_true", help="enable_thinking=False: an empty think block")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--speculate", type=int, default=0, help=SPECULATE_HELP)
 
 
 COMPILE_HELP = "torch.compile the decoder blocks: compiles once (seconds), then decodes faster"
+SPECULATE_HELP = (
+    "speculative decoding: up to this many draft tokens a step, looked up in the prompt and output (0: off)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,9 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefill-chunk",
         type=int,
-        default=2048,
-        help="prompt tokens prefilled per engine step at most, between the running rows' decode steps",
+        default=512,
+        help="prompt tokens prefilled per engine step at most, in one forward with the running rows' next tokens",
     )
+    p.add_argument("--speculate", type=int, default=0, help=SPECULATE_HELP)
     p.add_argument(
         "--api-key",
         default=os.environ.get("QWEN3LAB_API_KEY"),

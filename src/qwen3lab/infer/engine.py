@@ -6,9 +6,10 @@ The KV cache has one slot per row, [layers, max_batch, kv_heads, capacity, head_
 works on views of the first n slots, every row at its own length (no left padding: positions are plain cache
 indices). The capacity grows (doubling, up to the model's context) as rows get longer.
 
-Chunked prefill: each step computes at most `prefill_chunk` prompt tokens (prefill.py: several short prompts
-together, a long one a chunk per step, first come first served) and then decodes every running row by one token, so
-a 32k-token prompt delays the running rows by a chunk per step instead of stalling them for its whole prefill.
+Chunked prefill: each step is one forward over the running rows' next tokens and at most `prefill_chunk` less that
+many prompt tokens (prefill.py: several short prompts together, a long one a chunk per step, first come first
+served), flattened into one row so each weight is read once for both (cache.py's MixedLayer keeps their attention
+apart). A 32k-token prompt costs the running rows a larger forward per step, not a stall for its whole prefill.
 
 Prefix caching: the cache of each prompt prefilled is kept (least recently used first out, `prefix_cache_tokens` in
 all), and a new prompt that begins with a kept one — a shared system prompt, a conversation's earlier turns — copies
@@ -38,6 +39,8 @@ from typing import Any
 
 import torch
 
+from . import speculative
+from .cache import DecodeLayer, MixedLayer
 from .prefill import Prefill
 from .rows import emit_logprobs, sample_rows
 from .sampling import SamplingParams, default_stop_ids
@@ -62,27 +65,11 @@ class Request:
     generator: torch.Generator | None = None
     history: torch.Tensor | None = None  # [1, tokens] for the repetition penalty
     matcher: Any = None  # params.constraint's llguidance matcher: where this row is in its grammar
+    seen: list[int] | None = None  # prompt and output, where speculative decoding looks its drafts up
 
     def cancel(self) -> None:
         """Stop generating for this request (a stop string was found, or its client went away)."""
         self.cancelled = True
-
-
-# The model calls `layer_cache.update(k, v)` inside each (maybe compiled) block. These hold only tensor views made
-# outside the block, never Python ints, so a compiled block sees shapes, not a constant per row or offset.
-
-
-class _DecodeLayer:
-    """One layer's slots [n, kv_heads, width, D] for a decode step: row i writes its new key at positions[i]."""
-
-    def __init__(self, k, v, positions: torch.Tensor):
-        self.k, self.v, self.positions = k, v, positions
-
-    def update(self, k, v):  # [n, kv_heads, 1, D] -> [n, kv_heads, width, D]
-        rows = torch.arange(k.shape[0], device=k.device)
-        self.k[rows, :, self.positions] = k[:, :, 0]
-        self.v[rows, :, self.positions] = v[:, :, 0]
-        return self.k, self.v
 
 
 class EngineFull(RuntimeError):
@@ -108,17 +95,18 @@ class Engine:
         max_waiting: int = 256,
         prefix_cache_tokens: int = 0,
         min_prefix: int = 16,
-        prefill_batch_tokens: int = 2048,
+        prefill_batch_tokens: int | None = None,
         seed: int | None = None,
+        speculate: int = 0,
     ):
         self.model, self.max_batch, self.max_waiting = model, max_batch, max_waiting
-        # prompt tokens computed per step at most (padding counted), between the running rows' decode steps
+        # tokens per step at most (padding counted): a prefill chunk and the running rows' next tokens, one forward
         self.prefill_chunk = prefill_chunk
-        # Prompts are prefilled together up to this many padded tokens: fuller matmuls and one forward's fixed cost
-        # shared, but every row of a batch gets its first token when the batch ends. Measured on the 0.6B shape, 16
-        # clients (bench/serve_load.py): 2048 gave 15.8 tok/s, TTFT p50 17.3 s, p99 19.0 s; 256 gave 13.3 tok/s,
-        # p50 9.9 s, p99 20.5 s.
-        self.prefill_batch_tokens = prefill_batch_tokens
+        # Prompts are prefilled together up to this many padded tokens (default: prefill_chunk): fuller matmuls and
+        # one forward's fixed cost shared, but every row of a batch gets its first token when the batch ends.
+        # Measured on the 0.6B shape, 16 clients (bench/serve_load.py, mixed steps): 2048 gave TTFT p50 7.4 s, p99
+        # 8.6 s; 512 gave p50 4.6 s, p99 8.9 s; 256 p50 5.4 s, p99 9.5 s; the same 21.5 tok/s each.
+        self.prefill_batch_tokens = prefill_batch_tokens or prefill_chunk
         cfg = model.config
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         self.max_context = cfg.max_position_embeddings
@@ -141,6 +129,8 @@ class Engine:
             collections.OrderedDict()
         )
         self.prefix_cache_tokens, self.min_prefix = prefix_cache_tokens, min_prefix
+        self.speculate = speculate  # draft tokens a row proposes per decode step by prompt lookup (0: off)
+        self.drafted_total = self.accepted_total = 0
         self.generated_total = 0  # tokens handed out since start
         self.prefilled_total = self.prefix_hit_total = 0  # prompt tokens computed / copied from the prefix cache
         self._recent: collections.deque[float] = collections.deque()  # when each token of the last minute came
@@ -205,21 +195,26 @@ class Engine:
             "prefix_cache_hit_tokens_total": self.prefix_hit_total,
         }
 
-    # ---- one engine step: admit waiting rows, prefill a chunk, then decode every running row by one token ----
+    # ---- one engine step: admit waiting rows; one forward for a prefill chunk and every running row's next token ----
 
     @torch.inference_mode()
     def step(self, block: bool = False) -> None:
         try:
             self._admit(block and not (self.running or self.prefill or self.pending))
             self._drop_cancelled()
-            self._prefill_step()
-            if self.running:
+            job = self._prefill_job()
+            if job is not None and self.running:
+                self._mixed_step(job)
+            elif job is not None:
+                self._prefill_step(job)
+            elif self.running:
                 self._decode()
         except Exception as e:  # a failure ends the requests in flight with an error, never the engine
             log.exception("generation failed")
-            for request in self.running:
+            for request in self.running + (self.prefill.requests if self.prefill is not None else []):
                 request.emit("error", f"{type(e).__name__}: {e}")
             self.running.clear()
+            self.prefill = None
 
     def _admit(self, block: bool) -> None:
         """Take waiting groups while their rows fit (those prefilling and pending count)."""
@@ -242,26 +237,38 @@ class Engine:
                 self.pending.append(group)
                 rows += len(group)
 
-    def _prefill_step(self) -> None:
-        """Spend this step's prompt-token budget: on the prompts being prefilled, then on the next ones."""
+    def _prefill_job(self) -> Prefill | None:
+        """The prompts being prefilled, else the next ones; prompts whose every row was cancelled are dropped."""
+        while True:
+            self.prefill = self.prefill or self._next_prefill()
+            if self.prefill is None or not all(r.cancelled for r in self.prefill.requests):
+                return self.prefill
+            self.prefill = None
+
+    def _prefill_step(self, job: Prefill) -> None:
+        """No row is running: spend the step's prompt-token budget on prefill alone, job after job."""
         budget = self.prefill_chunk
-        while budget > 0:
-            job = self.prefill = self.prefill or self._next_prefill()
-            if job is None:
-                return
-            if all(r.cancelled for r in job.requests):
+        while job is not None and budget > 0:
+            budget -= job.step(self.model, budget)
+            if job.finished:
                 self.prefill = None
-                continue
-            try:
-                budget -= job.step(self.model, budget)
-                if job.finished:
-                    self.prefill = None
-                    self._join(job)
-            except Exception as e:
-                log.exception("prefill failed")
-                self.prefill = None
-                for request in job.requests:
-                    request.emit("error", f"{type(e).__name__}: {e}")
+                self._join(job)
+                job = self._prefill_job() if budget > 0 and not self.running else None
+
+    def _mixed_step(self, job: Prefill) -> None:
+        """One forward for the running rows' next tokens and the prefill's next chunk (the budget less the rows)."""
+        n = len(self.running)
+        ids, positions, chunk_layers = job.chunk(self.prefill_chunk - n)
+        B, C = ids.shape
+        x, lengths, mask, layers = self._decode_inputs()
+        layers = [MixedLayer(d, p, n, (B, C), mask) for d, p in zip(layers, chunk_layers, strict=True)]
+        x, positions = torch.cat([x.view(1, n), ids.reshape(1, -1)], 1), torch.cat([lengths, positions.flatten()])
+        hidden = self.model(x, positions[None], return_hidden=True, kv_cache=layers)  # [1, n + B*C, hidden]
+        job.chunk_done(self.model, hidden[0, n:].view(B, C, -1))
+        self._decode_outputs(hidden[0, :n])
+        if job.finished:
+            self.prefill = None
+            self._join(job)
 
     def _next_prefill(self) -> Prefill | None:
         """The oldest pending group, alone when the prefix cache holds its start; else with the fresh groups closest
@@ -325,6 +332,8 @@ class Engine:
                 request.history = job.ids[r : r + 1, :n]
             if p.constraint is not None:
                 request.matcher = p.constraint.matcher()
+            if self.speculate:
+                request.seen = list(request.ids)
             self.running.append(request)
         requests, logits = [request for request, _ in rows], logits[[r for _, r in rows]]  # a row per request
         tokens = sample_rows(requests, logits, self.generator)
@@ -351,6 +360,14 @@ class Engine:
         return zip(self.k, self.v, strict=True)
 
     def _decode(self) -> None:
+        if self.speculate and self._decode_drafts():
+            return
+        x, lengths, mask, layers = self._decode_inputs()
+        hidden = self.model(x, lengths[:, None], mask, return_hidden=True, kv_cache=layers)  # [n, 1, hidden]
+        self._decode_outputs(hidden[:, -1])
+
+    def _decode_inputs(self):
+        """The running rows' next tokens [n, 1], their positions [n], the mask, and the cache layers."""
         n, host_lengths = len(self.running), [r.length for r in self.running]
         width = max(host_lengths) + 1  # the keys a row can see this step, at most
         self._grow(width)
@@ -359,9 +376,12 @@ class Engine:
         mask = None  # rows of one length (one row, a group of rollouts) see every slot: no mask needed
         if min(host_lengths) < width - 1:  # [n, 1, 1, width]: each row its own filled slots and this step's token
             mask = (torch.arange(width, device=self.device)[None, :] <= lengths[:, None])[:, None, None, :]
-        layers = [_DecodeLayer(k[:n, :, :width], v[:n, :, :width], lengths) for k, v in self._kv()]
-        hidden = self.model(x, lengths[:, None], mask, return_hidden=True, kv_cache=layers)
-        logits = self.model.lm_head(hidden[:, -1]).float()  # [n, V]
+        layers = [DecodeLayer(k[:n, :, :width], v[:n, :, :width], lengths[:, None]) for k, v in self._kv()]
+        return x, lengths, mask, layers
+
+    def _decode_outputs(self, hidden: torch.Tensor) -> None:
+        """hidden [n, hidden] of the running rows' tokens: a token each, sampled and handed out."""
+        logits = self.model.lm_head(hidden).float()  # [n, V]
         running = list(self.running)  # _take may remove rows as it goes
         for request in running:
             request.length += 1
@@ -369,6 +389,48 @@ class Engine:
         emit_logprobs(running, logits, tokens)
         for request, token in zip(running, tokens, strict=True):
             self._take(request, token)
+
+    def _decode_drafts(self) -> bool:
+        """A decode step that checks the rows' drafts (speculative.py) in one forward of 1 + k positions a row;
+        False, and nothing done, when no row has any."""
+        rows, n = list(self.running), len(self.running)
+        drafts = [speculative.drafts_for(r, self.speculate, self.max_context) for r in rows]
+        T = 1 + max(map(len, drafts))
+        if T == 1:
+            return False
+        lengths = torch.tensor([r.length for r in rows], device=self.device)
+        width = int(lengths.max()) + T
+        self._grow(width)
+        x = [[r.next_token, *d] + [0] * (T - 1 - len(d)) for r, d in zip(rows, drafts, strict=True)]  # [n, T]
+        positions = lengths[:, None] + torch.arange(T, device=self.device)  # [n, T]
+        mask = (torch.arange(width, device=self.device) <= positions[:, :, None])[:, None]  # [n, 1, T, width]
+        layers = [DecodeLayer(k[:n, :, :width], v[:n, :, :width], positions) for k, v in self._kv()]
+        x = torch.tensor(x, device=self.device)
+        hidden = self.model(x, positions, mask, return_hidden=True, kv_cache=layers)  # [n, T, hidden]
+        takes = [None] * n
+        plain = [i for i, d in enumerate(drafts) if not d]  # sampled as in a plain step, from position 0
+        if plain:
+            logits = self.model.lm_head(hidden[plain, 0]).float()
+            tokens = sample_rows([rows[i] for i in plain], logits, self.generator)
+            emit_logprobs([rows[i] for i in plain], logits, tokens)
+            for i, token in zip(plain, tokens, strict=True):
+                takes[i] = [token]
+        for i, d in enumerate(drafts):
+            if d:
+                logits = self.model.lm_head(hidden[i, : 1 + len(d)]).float()
+                takes[i] = speculative.verify(logits, d, rows[i].params, rows[i].generator or self.generator)
+                self.drafted_total, self.accepted_total = (
+                    self.drafted_total + len(d),
+                    self.accepted_total + len(takes[i]) - 1,
+                )
+        for request, tokens in zip(rows, takes, strict=True):  # all lengths first: a row that leaves moves another
+            request.length += len(tokens)  # its next token and the drafts kept are in the cache now
+        for request, tokens in zip(rows, takes, strict=True):
+            for token in tokens:
+                if request not in self.running:  # ended by an earlier one (stop id, budget)
+                    break
+                self._take(request, token)
+        return True
 
     def _take(self, request: Request, token: int) -> None:
         """Hand a sampled token to its request, or end the request (stop id, token budget)."""
@@ -382,6 +444,8 @@ class Engine:
             self._remove(request)
             return
         request.emit("token", token)
+        if request.seen is not None:
+            request.seen.append(token)
         request.generated += 1
         self.generated_total += 1
         with self._lock:

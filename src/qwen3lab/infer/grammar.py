@@ -2,9 +2,10 @@
 a Lark grammar, or tool calls in Qwen3's own format (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`).
 
 llguidance (Rust, no dependencies; vLLM, SGLang and llama.cpp use it) computes each step's allowed tokens as a bitmask
-in ~0.1 ms a row; the engine turns the masks of the constrained rows into -inf in their logits, so they sample with
-the unconstrained rows of the same step. Chosen over xgrammar (its wheel requires transformers and triton) and
-outlines-core (0.24 s to build the index of a small schema over this vocabulary, vs 1 ms).
+(0.002–0.7 ms a row on a 2-core CPU, by the grammar's state); the engine turns the masks of the constrained rows into
+-inf in their logits, so they sample with the unconstrained rows of the same step. Chosen over xgrammar (its wheel
+requires transformers and triton) and outlines-core (0.24 s to build the index of a small schema over this
+vocabulary, vs 1 ms).
 
     constraint = Constraint(tok, json_schema(schema), vocab_size)     # checked now: GrammarError says what is wrong
     SamplingParams(..., constraint=constraint)                         # each row gets its own matcher from it
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 
 import llguidance
+import numpy as np
 import torch
 
 from ..text.tokenizer import Tokenizer
@@ -99,11 +101,11 @@ class Constraint:
         return llguidance.LLMatcher(self.tokenizer, self.grammar)
 
 
-def allowed(matchers: list[llguidance.LLMatcher], vocab_size: int, device) -> torch.Tensor:
-    """[n, vocab] bool: the tokens each matcher allows next."""
-    words = (vocab_size + 31) // 32
-    bits = torch.zeros(len(matchers), words, dtype=torch.int32)
+def forbidden(matchers: list[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
+    """[n, vocab] bool, on the CPU: the tokens each matcher does not allow next."""
+    bits = np.zeros((len(matchers), (vocab_size + 31) // 32), dtype=np.int32)
     for i, m in enumerate(matchers):  # each writes its row of the bitmask: bit j of word w is token 32 w + j
-        m.unsafe_compute_mask_ptr(bits[i].data_ptr(), words * 4)
-    shifts = torch.arange(32, dtype=torch.int32)
-    return ((bits[:, :, None] >> shifts) & 1).bool().view(len(matchers), -1)[:, :vocab_size].to(device)
+        m.unsafe_compute_mask_ptr(bits[i].ctypes.data, bits.shape[1] * 4)
+    # numpy unpacks 8 bits a byte in one pass (~0.15 ms for 16 rows; shifts in torch took ~1 ms)
+    unpacked = np.unpackbits((~bits).view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+    return torch.from_numpy(unpacked.view(np.bool_))

@@ -10,20 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..model.head import logprobs_topk
+from .cache import PrefillLayer
 from .rows import entries
-
-
-class _PrefillLayer:
-    """One layer's cache [rows, kv_heads, end, D] for a chunk that fills its last T positions."""
-
-    def __init__(self, k, v):
-        self.k, self.v = k, v
-
-    def update(self, k, v):  # [rows, kv_heads, T, D] -> [rows, kv_heads, end, D], this chunk's included
-        T = k.shape[2]
-        self.k[:, :, self.k.shape[2] - T :] = k
-        self.v[:, :, self.v.shape[2] - T :] = v
-        return self.k, self.v
 
 
 class Prefill:
@@ -57,11 +45,21 @@ class Prefill:
 
     def step(self, model, budget: int) -> int:
         """Prefill the next columns, as many as `budget` tokens allow (at least one); returns the tokens computed."""
+        ids, positions, layers = self.chunk(budget)
+        self.chunk_done(model, model(ids, positions, return_hidden=True, kv_cache=layers))  # [B, C, hidden]
+        return ids.numel()
+
+    def chunk(self, budget: int) -> tuple[torch.Tensor, torch.Tensor, list[PrefillLayer]]:
+        """The next chunk's ids [B, C], positions [B, C] and cache layers: C columns, C * B <= budget (C >= 1)."""
         B, s = self.ids.shape[0], self.done
         e = min(self.ids.shape[1], s + max(1, budget // B))
         positions = torch.arange(s, e, device=self.ids.device).expand(B, -1)
-        layers = [_PrefillLayer(k[:, :, :e], v[:, :, :e]) for k, v in zip(self.k, self.v, strict=True)]
-        out = model(self.ids[:, s:e], positions, return_hidden=True, kv_cache=layers)  # [B, e - s, hidden]
+        layers = [PrefillLayer(k[:, :, :e], v[:, :, :e]) for k, v in zip(self.k, self.v, strict=True)]
+        return self.ids[:, s:e], positions, layers
+
+    def chunk_done(self, model, out: torch.Tensor) -> None:
+        """The chunk's final hidden states [B, C, hidden]: keep those of last prompt tokens, score the prompt."""
+        s, e = self.done, self.done + out.shape[1]
         ends = ((self.last >= s) & (self.last < e)).nonzero()[:, 0]  # rows whose last prompt token is in this chunk
         self.hidden[ends] = out[ends, self.last[ends] - s].to(self.hidden.dtype)
         for r, group in enumerate(self.groups):
@@ -71,7 +69,6 @@ class Prefill:
                 head = model.lm_head.weight
                 self.scored[r].append(logprobs_topk(out[r, :n], head, self.ids[r, s + 1 : s + 1 + n], max(k, 1)))
         self.done = e
-        return B * (e - s)
 
     def prompt_logprobs(self, r: int) -> list:
         """Per prompt token of group r, (logp, [(id, logp), ...]); the first has none (nothing came before it)."""

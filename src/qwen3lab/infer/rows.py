@@ -10,17 +10,20 @@ from .sampling import process_logits, sample
 
 
 def constrain(requests: list, logits: torch.Tensor) -> torch.Tensor:
-    """The logits with what each constrained row's grammar forbids at -inf (a copy: the log-probs reported stay the
-    model's). A row whose grammar is complete may also take its stop ids."""
+    """The logits with what each constrained row's grammar forbids at -inf; a row whose grammar is complete may also
+    take its stop ids. In place, unless a row reports log-probs (those stay the model's)."""
     rows = [i for i, r in enumerate(requests) if r.matcher is not None]
     if not rows:
         return logits
-    ok = grammar.allowed([requests[i].matcher for i in rows], logits.shape[1], logits.device)
+    masked = grammar.forbidden([requests[i].matcher for i in rows], logits.shape[1])
     for j, i in enumerate(rows):
         if requests[i].matcher.is_accepting():
-            ok[j, sorted(requests[i].stops)] = True
-    logits = logits.clone()
-    logits[rows] = logits[rows].masked_fill(~ok, float("-inf"))
+            masked[j, sorted(requests[i].stops)] = False
+    if any(r.params.logprobs is not None for r in requests):
+        logits = logits.clone()
+    if len(rows) == len(requests):  # every row held: one pass over the logits
+        return logits.masked_fill_(masked.to(logits.device), float("-inf"))
+    logits[rows] = logits[rows].masked_fill_(masked.to(logits.device), float("-inf"))
     return logits
 
 

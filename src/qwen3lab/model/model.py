@@ -126,6 +126,8 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if hasattr(kv_cache, "attend"):  # the engine's mixed step: parts over caches of their own (infer/cache.py)
+            return self.o_proj(kv_cache.attend(q, k, v))
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # -> [B, Hkv, S, D]: every filled slot, this forward's included
         return self.o_proj(attend(q, k, v, mask, docs))  # attention.py: packed documents, a mask, or causal

@@ -34,13 +34,19 @@ def create_app(
     request_timeout: float = 600.0,
     prefix_cache_tokens: int = 8192,
     api_key: str | None = None,
-    prefill_chunk: int = 2048,
+    prefill_chunk: int = 512,
+    speculate: int = 0,
 ) -> FastAPI:
     """api_key: every route but / and /health needs `Authorization: Bearer <api_key>`. prefill_chunk: prompt tokens
-    prefilled per engine step at most."""
+    prefilled per engine step at most. speculate: draft tokens a row proposes per step by prompt lookup (0: off)."""
     app = FastAPI(title="qwen3lab")
     engine = Engine(
-        model, max_batch, prefill_chunk, max_waiting=max_queue, prefix_cache_tokens=prefix_cache_tokens
+        model,
+        max_batch,
+        prefill_chunk,
+        max_waiting=max_queue,
+        prefix_cache_tokens=prefix_cache_tokens,
+        speculate=speculate,
     ).start()
     per_token = 2 * engine.k[:, 0, :, 0].numel() * engine.k.element_size()  # keys and values, every layer
     log.info(
@@ -164,7 +170,8 @@ def serve(
     request_timeout: float = 600.0,
     prefix_cache_tokens: int = 8192,
     api_key: str | None = None,
-    prefill_chunk: int = 2048,
+    prefill_chunk: int = 512,
+    speculate: int = 0,
 ):
     import ipaddress
 
@@ -187,6 +194,7 @@ def serve(
         prefix_cache_tokens,
         api_key,
         prefill_chunk,
+        speculate,
     )
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback

@@ -95,6 +95,8 @@ class GRPOConfig:
     sampler_correction: str = "none"
     sampler_clip_min: float = 0.0
     sampler_clip_max: float = 3.0
+    response_format: dict = field(default_factory=dict)  # a JSON schema every completion is held to ({}: none)
+    speculate: int = 0  # draft tokens per decode step by prompt lookup while sampling (infer/speculative.py; 0: off)
 
 
 @dataclass
@@ -321,6 +323,7 @@ RANGES = [
     ("grpo.num_iterations", lambda v: v >= 1, ">= 1"),
     ("grpo.sampler_clip_min", lambda v: v >= 0, ">= 0"),
     ("grpo.sampler_clip_max", lambda v: v > 0, "> 0"),
+    ("grpo.speculate", lambda v: v >= 0, ">= 0"),
     ("distill.beta", lambda v: 0 <= v <= 1, "in [0, 1] (0: forward KL, 1: reverse KL)"),
     ("distill.temperature", lambda v: v > 0, "> 0"),
     ("distill.lmbda", lambda v: 0 <= v <= 1, "in [0, 1] (the share of on-policy micro-batches)"),

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...infer import grammar
 from ...infer.engine import Engine
 from ...infer.sampling import SamplingParams, default_stop_ids
+from ...model.config import ConfigError
 from .. import batching as B
 from .. import data as D
 from ..parallel import Dist, gathered
@@ -61,7 +63,7 @@ def advantages(rewards: torch.Tensor, groups: int, scale: str, batch_std: float 
     return centred / ((rewards.std() if batch_std is None else batch_std) + 1e-4)
 
 
-def sample(model, prompts: list[list[int]], G: int, params: SamplingParams, seed: int, logprobs=None) -> list:
+def sample(model, prompts: list[list[int]], G: int, params: SamplingParams, seed: int, logprobs=None, speculate=0):
     """G completions of each prompt from the engine (prompt k's at k*G ... k*G + G - 1): the generated ids, and the
     stop id that ended them (the model learns to stop). One seeded generator for the batch and one SamplingParams
     object: every decode step samples all rows in one call, and the same call gives the same completions (a
@@ -70,7 +72,7 @@ def sample(model, prompts: list[list[int]], G: int, params: SamplingParams, seed
     if not prompts:
         return []
     longest = max(len(p) for p in prompts) + params.max_new_tokens
-    engine = Engine(model, len(prompts) * G, capacity=longest, max_waiting=len(prompts), seed=seed)
+    engine = Engine(model, len(prompts) * G, capacity=longest, max_waiting=len(prompts), seed=seed, speculate=speculate)
     events: list[list] = [[] for _ in range(len(prompts) * G)]  # what the engine emitted for each completion
     requests = []
     for k, ids in enumerate(prompts):
@@ -115,6 +117,13 @@ class Rollouts:
         if g.sampler_correction != "none":
             keys += ("sampling/importance_sampling_ratio", "sampling/sampling_logp_difference")
         self.sampled_logps: list[list[float]] | None = None  # the last rollouts' log-probs as sampled (_generate)
+        self.constraint = None  # grpo.response_format: completions held to a JSON schema on the engine
+        if g.response_format:
+            try:
+                schema = grammar.json_schema(g.response_format)
+                self.constraint = grammar.Constraint(tok, schema, net.model.config.vocab_size)
+            except grammar.GrammarError as e:
+                raise ConfigError(f"grpo.response_format: {e}") from None
         self._metrics: dict[str, list[float]] = {k: [] for k in keys}
 
     def seed(self, *where: int) -> int:
@@ -164,11 +173,15 @@ class Rollouts:
         """G completions a row; with the sampler correction, their log-probs as sampled in self.sampled_logps."""
         g, correct = self.g, self.g.sampler_correction != "none"
         params = SamplingParams(
-            max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p, sampled_logprobs=correct
+            max_new_tokens=g.max_completion_length,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            sampled_logprobs=correct,
+            constraint=self.constraint,
         )
         prompts, seed = [r["ids"] for r in rows], self.seed(step, micro, self.d.rank)
         self.sampled_logps = [] if correct else None
-        return sample(self.net.model, prompts, g.num_generations, params, seed, self.sampled_logps)
+        return sample(self.net.model, prompts, g.num_generations, params, seed, self.sampled_logps, g.speculate)
 
     def _training_batch(self, rows, completion_ids, rewards, batch_std, sampled=None) -> dict:
         """prompt + completion per sequence, learned on the completion, packed; advantages per sequence; and the

@@ -1,0 +1,104 @@
+"""Speculative decoding by prompt lookup: batch-1 greedy decode with and without (`--speculate K` drafts a step),
+the same weights and prompts; the outputs must be identical, and the tokens/s are compared.
+
+    python bench/speculative.py [--shape qwen3-0.6b | --model runs/demo/model] [--tokens 128] [--speculate 4]
+
+The prompts are edit-style (a piece of code, then "give it back with one change"): where the model's answer copies
+the prompt, lookup finds the drafts and most are accepted. A random-weight model copies nothing: its numbers say what
+a step costs and how much of its own (looping) greedy output is found again, not what an edit gains; `--model` runs
+a trained model on the same prompts. Also printed: the time of one forward over 1..K+1 positions, which bounds the
+gain (K+1 tokens a step at best, for that forward's cost). fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import machine
+
+import qwen3lab
+from qwen3lab.infer.cache import DecodeLayer
+from qwen3lab.infer.engine import Engine
+from qwen3lab.infer.sampling import SamplingParams
+
+TEXT = (
+    "def total_price(items, tax_rate):\n    subtotal = 0\n    for item in items:\n        subtotal += item.price * "
+    "item.quantity\n    tax = subtotal * tax_rate\n    return subtotal + tax\n"
+)
+EDIT_PROMPTS = [
+    [{"role": "user", "content": f"Rename subtotal to net in this code and give the whole code back:\n\n{TEXT}"}],
+    [{"role": "user", "content": f"Add a docstring to this function; keep the rest as it is:\n\n{TEXT}"}],
+]
+
+
+def decode(model, ids, tokens: int, speculate: int) -> tuple[list[int], float, Engine]:
+    engine = Engine(model, max_batch=1, capacity=len(ids) + tokens + 8, speculate=speculate)
+    out = []
+    engine.submit(ids, SamplingParams(max_new_tokens=tokens), lambda kind, v: out.append(v) if kind == "token" else 0)
+    engine.step()  # the prefill, untimed
+    t = time.perf_counter()
+    engine.run_until_idle()
+    return out, time.perf_counter() - t, engine
+
+
+def forward_costs(model, k: int, context: int = 256) -> list[float]:
+    """Seconds for one forward of 1..k+1 positions after `context` cached ones, at batch 1 (a check step's cost)."""
+    cfg = model.config
+    shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, context + k + 1, cfg.head_dim)
+    keys, values = torch.zeros(shape), torch.zeros(shape)
+    costs = []
+    with torch.inference_mode():
+        for T in range(1, k + 2):
+            positions = torch.arange(context, context + T)[None]
+            end = context + T
+            layers = [DecodeLayer(a[:, :, :end], b[:, :, :end], positions) for a, b in zip(keys, values, strict=True)]
+            times = []
+            for _ in range(4):
+                t = time.perf_counter()
+                hidden = model(torch.ones(1, T, dtype=torch.long), positions, return_hidden=True, kv_cache=layers)
+                model.lm_head(hidden[0]).float()
+                times.append(time.perf_counter() - t)
+            costs.append(min(times[1:]))
+    return costs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--model", default=None, help="an HF folder (a trained model) instead of random weights")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--speculate", type=int, default=4)
+    args = ap.parse_args()
+    print(machine())
+    tok = qwen3lab.load_tokenizer(args.model) if args.model else qwen3lab.load_tokenizer()
+    if args.model:
+        model, name = qwen3lab.load_model(args.model, dtype="float32"), args.model
+    else:
+        model, name = qwen3lab.new_model(qwen3lab.preset(args.shape), seed=0).eval(), args.shape
+    costs = forward_costs(model, args.speculate)
+    print(
+        f"{name}, fp32, batch 1; one forward of 1..{args.speculate + 1} positions: "
+        + ", ".join(f"{1000 * c:.1f}" for c in costs)
+        + " ms"
+    )
+    total_plain = total_fast = 0.0
+    for messages in EDIT_PROMPTS:
+        ids = tok.encode_chat(messages, add_generation_prompt=True, assistant_mask=False).input_ids
+        plain, t_plain, _ = decode(model, ids, args.tokens, 0)
+        fast, t_fast, engine = decode(model, ids, args.tokens, args.speculate)
+        assert fast == plain, "speculative decoding changed the greedy output"
+        total_plain, total_fast = total_plain + t_plain, total_fast + t_fast
+        rate = engine.accepted_total / max(engine.drafted_total, 1)
+        print(
+            f"prompt {len(ids):4d} tokens, {len(plain)} generated: plain {len(plain) / t_plain:6.1f} tok/s, "
+            f"lookup {len(fast) / t_fast:6.1f} tok/s ({t_plain / t_fast:.2f}x); drafts accepted {rate:.0%} "
+            f"({engine.accepted_total} of {engine.drafted_total})",
+            flush=True,
+        )
+    print(f"all prompts: {total_plain / total_fast:.2f}x, outputs identical")
+
+
+if __name__ == "__main__":
+    main()

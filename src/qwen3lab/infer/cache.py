@@ -1,0 +1,59 @@
+"""The engine's KV cache as each layer of the model sees it during a forward: `layer_cache.update(k, v)` writes this
+forward's keys and values and returns every key and value the forward's queries attend to. These hold only tensor
+views made outside the (maybe compiled) blocks, never Python ints, so a compiled block sees shapes, not a constant
+per row or offset."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.attention import attend
+
+
+class PrefillLayer:
+    """One layer's cache [rows, kv_heads, end, D] for a chunk that fills its last T positions."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+
+    def update(self, k, v):  # [rows, kv_heads, T, D] -> [rows, kv_heads, end, D], this chunk's included
+        T = k.shape[2]
+        self.k[:, :, self.k.shape[2] - T :] = k
+        self.v[:, :, self.v.shape[2] - T :] = v
+        return self.k, self.v
+
+
+class DecodeLayer:
+    """One layer's slots [n, kv_heads, width, D] for a decode step: row i writes its T new keys at positions[i]
+    ([n, T]: T is 1, or 1 + the drafts a speculative step verifies)."""
+
+    def __init__(self, k, v, positions: torch.Tensor):
+        self.k, self.v, self.positions = k, v, positions
+
+    def update(self, k, v):  # [n, kv_heads, T, D] -> [n, kv_heads, width, D]
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, self.positions] = k.transpose(1, 2)  # indexed as [n, T, kv_heads, D]
+        self.v[rows, :, self.positions] = v.transpose(1, 2)
+        return self.k, self.v
+
+
+class MixedLayer:
+    """One layer of a mixed step: the running rows' next tokens (n, first) and a prefill chunk (B rows of C columns)
+    go through one forward as one row, so each linear layer reads its weights once for both; attention is apart,
+    each part over its own cache."""
+
+    def __init__(self, decode: DecodeLayer, prefill, n: int, chunk: tuple[int, int], mask):
+        self.decode, self.prefill, self.n, self.chunk, self.mask = decode, prefill, n, chunk, mask
+
+    def attend(self, q, k, v):  # q [1, H, N, D], k and v [1, Hkv, N, D] -> [1, N, H*D]
+        n, (B, C) = self.n, self.chunk
+
+        def rows(x):  # the running rows' tokens, a row each: [1, h, n, D] -> [n, h, 1, D]
+            return x[:, :, :n].transpose(0, 2)
+
+        def chunk(x):  # the prefill's: [1, h, B*C, D] -> [B, h, C, D]
+            return x[0, :, n:].unflatten(1, (B, C)).transpose(0, 1)
+
+        running = attend(rows(q), *self.decode.update(rows(k), rows(v)), self.mask)  # [n, 1, H*D]
+        prefill = attend(chunk(q), *self.prefill.update(chunk(k), chunk(v)))  # [B, C, H*D]
+        return torch.cat([running.transpose(0, 1), prefill.reshape(1, B * C, -1)], 1)
