@@ -66,6 +66,8 @@ class Request:
     history: torch.Tensor | None = None  # [1, tokens] for the repetition penalty
     matcher: Any = None  # params.constraint's llguidance matcher: where this row is in its grammar
     seen: list[int] | None = None  # prompt and output, where speculative decoding looks its drafts up
+    draft_misses: int = 0  # drafting steps in a row that kept no draft, and plain steps to wait (speculative.record)
+    draft_wait: int = 0
 
     def cancel(self) -> None:
         """Stop generating for this request (a stop string was found, or its client went away)."""
@@ -419,6 +421,7 @@ class Engine:
             if d:
                 logits = self.model.lm_head(hidden[i, : 1 + len(d)]).float()
                 takes[i] = speculative.verify(logits, d, rows[i].params, rows[i].generator or self.generator)
+                speculative.record(rows[i], len(takes[i]) - 1)
                 self.drafted_total, self.accepted_total = (
                     self.drafted_total + len(d),
                     self.accepted_total + len(takes[i]) - 1,

@@ -40,9 +40,19 @@ def drafts_for(request, k: int, max_context: int) -> list[int]:
     p = request.params
     if request.matcher is not None or p.repetition_penalty != 1.0 or p.logprobs is not None or p.sampled_logprobs:
         return []
+    if request.draft_wait > 0:  # its last drafts all failed: plain steps for a while
+        request.draft_wait -= 1
+        return []
     # the model's own token still comes after the drafts: the budget and the context leave room for it
     k = min(k, p.max_new_tokens - request.generated - 1, max_context - request.length - 2)
     return lookup(request.seen, k)
+
+
+def record(request, accepted: int) -> None:
+    """After drafts of which none was accepted, the row waits 1, 3, 7, 15, then 16 steps before it drafts again:
+    where the output does not copy, each drafting step pays a longer forward for nothing."""
+    request.draft_misses = 0 if accepted else request.draft_misses + 1
+    request.draft_wait = min(2**request.draft_misses - 1, 16)
 
 
 def verify(logits: torch.Tensor, drafts: list[int], p, generator: torch.Generator | None) -> list[int]:
