@@ -262,9 +262,10 @@ class Engine:
         n = len(self.running)
         ids, positions, chunk_layers = job.chunk(self.prefill_chunk - n)
         B, C = ids.shape
-        x, lengths, mask, layers = self._decode_inputs()
+        x, running_positions, mask, layers = self._decode_inputs()
         layers = [MixedLayer(d, p, n, (B, C), mask) for d, p in zip(layers, chunk_layers, strict=True)]
-        x, positions = torch.cat([x.view(1, n), ids.reshape(1, -1)], 1), torch.cat([lengths, positions.flatten()])
+        x = torch.cat([x.view(1, n), ids.reshape(1, -1)], 1)
+        positions = torch.cat([running_positions.flatten(), positions.flatten()])
         hidden = self.model(x, positions[None], return_hidden=True, kv_cache=layers)  # [1, n + B*C, hidden]
         job.chunk_done(self.model, hidden[0, n:].view(B, C, -1))
         self._decode_outputs(hidden[0, :n])
@@ -364,22 +365,25 @@ class Engine:
     def _decode(self) -> None:
         if self.speculate and self._decode_drafts():
             return
-        x, lengths, mask, layers = self._decode_inputs()
-        hidden = self.model(x, lengths[:, None], mask, return_hidden=True, kv_cache=layers)  # [n, 1, hidden]
+        x, positions, mask, layers = self._decode_inputs()
+        hidden = self.model(x, positions, mask, return_hidden=True, kv_cache=layers)  # [n, 1, hidden]
         self._decode_outputs(hidden[:, -1])
 
-    def _decode_inputs(self):
-        """The running rows' next tokens [n, 1], their positions [n], the mask, and the cache layers."""
-        n, host_lengths = len(self.running), [r.length for r in self.running]
-        width = max(host_lengths) + 1  # the keys a row can see this step, at most
+    def _decode_inputs(self, drafts: list[list[int]] | None = None):
+        """The running rows' next tokens, each followed by its drafts (padded): x [n, T], positions [n, T], the mask
+        and the cache layers; T = 1 without drafts."""
+        rows, n = self.running, len(self.running)
+        drafts = drafts or [[]] * n
+        T, host = 1 + max(map(len, drafts)), [r.length for r in rows]
+        width = max(host) + T  # the keys a row can see this step, at most
         self._grow(width)
-        lengths = torch.tensor(host_lengths, device=self.device)
-        x = torch.tensor([[r.next_token] for r in self.running], device=self.device)  # [n, 1]
-        mask = None  # rows of one length (one row, a group of rollouts) see every slot: no mask needed
-        if min(host_lengths) < width - 1:  # [n, 1, 1, width]: each row its own filled slots and this step's token
-            mask = (torch.arange(width, device=self.device)[None, :] <= lengths[:, None])[:, None, None, :]
-        layers = [DecodeLayer(k[:n, :, :width], v[:n, :, :width], lengths[:, None]) for k, v in self._kv()]
-        return x, lengths, mask, layers
+        x = [[r.next_token, *d] + [0] * (T - 1 - len(d)) for r, d in zip(rows, drafts, strict=True)]
+        positions = torch.tensor(host, device=self.device)[:, None] + torch.arange(T, device=self.device)
+        mask = None  # one token a row, rows of one length (one row, a group of rollouts): every slot, no mask needed
+        if T > 1 or min(host) < width - 1:  # [n, 1, T, width]: each row its own filled slots and this step's tokens
+            mask = (torch.arange(width, device=self.device) <= positions[:, :, None])[:, None]
+        layers = [DecodeLayer(k[:n, :, :width], v[:n, :, :width], positions) for k, v in self._kv()]
+        return torch.tensor(x, device=self.device), positions, mask, layers
 
     def _decode_outputs(self, hidden: torch.Tensor) -> None:
         """hidden [n, hidden] of the running rows' tokens: a token each, sampled and handed out."""
@@ -397,17 +401,9 @@ class Engine:
         False, and nothing done, when no row has any."""
         rows, n = list(self.running), len(self.running)
         drafts = [speculative.drafts_for(r, self.speculate, self.max_context) for r in rows]
-        T = 1 + max(map(len, drafts))
-        if T == 1:
+        if not any(drafts):
             return False
-        lengths = torch.tensor([r.length for r in rows], device=self.device)
-        width = int(lengths.max()) + T
-        self._grow(width)
-        x = [[r.next_token, *d] + [0] * (T - 1 - len(d)) for r, d in zip(rows, drafts, strict=True)]  # [n, T]
-        positions = lengths[:, None] + torch.arange(T, device=self.device)  # [n, T]
-        mask = (torch.arange(width, device=self.device) <= positions[:, :, None])[:, None]  # [n, 1, T, width]
-        layers = [DecodeLayer(k[:n, :, :width], v[:n, :, :width], positions) for k, v in self._kv()]
-        x = torch.tensor(x, device=self.device)
+        x, positions, mask, layers = self._decode_inputs(drafts)
         hidden = self.model(x, positions, mask, return_hidden=True, kv_cache=layers)  # [n, T, hidden]
         takes = [None] * n
         plain = [i for i, d in enumerate(drafts) if not d]  # sampled as in a plain step, from position 0
@@ -422,10 +418,8 @@ class Engine:
                 logits = self.model.lm_head(hidden[i, : 1 + len(d)]).float()
                 takes[i] = speculative.verify(logits, d, rows[i].params, rows[i].generator or self.generator)
                 speculative.record(rows[i], len(takes[i]) - 1)
-                self.drafted_total, self.accepted_total = (
-                    self.drafted_total + len(d),
-                    self.accepted_total + len(takes[i]) - 1,
-                )
+                self.drafted_total += len(d)
+                self.accepted_total += len(takes[i]) - 1
         for request, tokens in zip(rows, takes, strict=True):  # all lengths first: a row that leaves moves another
             request.length += len(tokens)  # its next token and the drafts kept are in the cache now
         for request, tokens in zip(rows, takes, strict=True):
