@@ -1,7 +1,13 @@
-"""Speculative decoding by prompt lookup: batch-1 greedy decode with and without (`--speculate K` drafts a step),
-the same weights and prompts; the outputs must be identical, and the tokens/s are compared.
+"""Speculative decoding: batch-1 greedy decode with and without (`--speculate K` drafts a step), by prompt lookup
+and, with `--draft-layers N` (or `--draft-model DIR`), by a draft model; the same weights and prompts; the outputs
+must be identical, and the tokens/s are compared.
 
     python bench/speculative.py [--shape qwen3-0.6b | --model runs/demo/model] [--tokens 128] [--speculate 4]
+                                [--draft-layers 4 | --draft-model DIR]
+
+`--draft-layers N` makes the draft from the model itself: a Qwen3 of its first N layers, its final norm and its head
+(a smaller Qwen3 with the same tokenizer, as a 0.6B drafts for a 4B; no second random model would agree with the
+first about anything).
 
 The prompts are edit-style (a piece of code, then "give it back with one change"): where the model's answer copies
 the prompt, lookup finds the drafts and most are accepted. A random-weight model copies nothing: its numbers say what
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 from common import machine
@@ -33,8 +40,8 @@ EDIT_PROMPTS = [
 ]
 
 
-def decode(model, ids, tokens: int, speculate: int) -> tuple[list[int], float, Engine]:
-    engine = Engine(model, max_batch=1, capacity=len(ids) + tokens + 8, speculate=speculate)
+def decode(model, ids, tokens: int, speculate: int, draft=None) -> tuple[list[int], float, Engine]:
+    engine = Engine(model, max_batch=1, capacity=len(ids) + tokens + 8, speculate=speculate, draft_model=draft)
     out = []
     engine.submit(ids, SamplingParams(max_new_tokens=tokens), lambda kind, v: out.append(v) if kind == "token" else 0)
     engine.step()  # the prefill, untimed
@@ -70,6 +77,8 @@ def main():
     ap.add_argument("--model", default=None, help="an HF folder (a trained model) instead of random weights")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--speculate", type=int, default=4)
+    ap.add_argument("--draft-layers", type=int, default=0, help="a draft model of the model's first N layers")
+    ap.add_argument("--draft-model", default=None, help="an HF folder: the draft model")
     args = ap.parse_args()
     print(machine())
     tok = qwen3lab.load_tokenizer(args.model) if args.model else qwen3lab.load_tokenizer()
@@ -77,13 +86,23 @@ def main():
         model, name = qwen3lab.load_model(args.model, dtype="float32"), args.model
     else:
         model, name = qwen3lab.new_model(qwen3lab.preset(args.shape), seed=0).eval(), args.shape
+    draft = None
+    if args.draft_model:
+        draft = qwen3lab.load_model(args.draft_model, dtype="float32")
+    elif args.draft_layers:
+        draft = qwen3lab.new_model(replace(model.config, num_hidden_layers=args.draft_layers)).eval()
+        own = draft.state_dict()
+        draft.load_state_dict({k: v for k, v in model.state_dict().items() if k in own})
     costs = forward_costs(model, args.speculate)
     print(
         f"{name}, fp32, batch 1; one forward of 1..{args.speculate + 1} positions: "
         + ", ".join(f"{1000 * c:.1f}" for c in costs)
         + " ms"
     )
-    total_plain = total_fast = 0.0
+    if draft is not None:
+        draft_cost = forward_costs(draft, 0)[0]
+        print(f"draft: {draft.config.num_hidden_layers} layers, one forward of 1 position {1000 * draft_cost:.1f} ms")
+    total_plain = total_fast = total_draft = 0.0
     for messages in EDIT_PROMPTS:
         ids = tok.encode_chat(messages, add_generation_prompt=True, assistant_mask=False).input_ids
         plain, t_plain, _ = decode(model, ids, args.tokens, 0)
@@ -91,13 +110,21 @@ def main():
         assert fast == plain, "speculative decoding changed the greedy output"
         total_plain, total_fast = total_plain + t_plain, total_fast + t_fast
         rate = engine.accepted_total / max(engine.drafted_total, 1)
-        print(
+        line = (
             f"prompt {len(ids):4d} tokens, {len(plain)} generated: plain {len(plain) / t_plain:6.1f} tok/s, "
             f"lookup {len(fast) / t_fast:6.1f} tok/s ({t_plain / t_fast:.2f}x); drafts accepted {rate:.0%} "
-            f"({engine.accepted_total} of {engine.drafted_total})",
-            flush=True,
+            f"({engine.accepted_total} of {engine.drafted_total})"
         )
-    print(f"all prompts: {total_plain / total_fast:.2f}x, outputs identical")
+        if draft is not None:
+            drafted, t_draft, engine = decode(model, ids, args.tokens, args.speculate, draft)
+            assert drafted == plain, "the draft model changed the greedy output"
+            total_draft += t_draft
+            rate = engine.accepted_total / max(engine.drafted_total, 1)
+            line += f"; draft model {len(drafted) / t_draft:6.1f} tok/s ({t_plain / t_draft:.2f}x, {rate:.0%} kept)"
+        print(line, flush=True)
+    print(f"all prompts: lookup {total_plain / total_fast:.2f}x, outputs identical")
+    if draft is not None:
+        print(f"all prompts: draft model {total_plain / total_draft:.2f}x, outputs identical")
 
 
 if __name__ == "__main__":

@@ -155,3 +155,35 @@ def test_distill_demo_runs_end_to_end(tmp_path, trained_sort):
     on = [json.loads(line) for line in (out / "student-2" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in on] == [1, 2, 3] and all("on_policy" in m for m in on)
     assert (out / "distill.png").is_file() and (out / "distill_results.json").is_file()
+
+
+@pytest.mark.slow
+def test_scaling_demo_runs_end_to_end(tmp_path, monkeypatch):
+    """`qwen3lab demo --scaling` shrunk to 5 one- and two-layer shapes, 2 rates, 2 budgets of a few steps (its
+    prediction is measured in docs/benchmarks.md): the sweep, the fit, the held-out shape at the fit's rate and the
+    grid's, the line, the plot."""
+    from qwen3lab.demo_scaling import run_scaling_demo
+
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    shapes = [(32, 1), (32, 2), (64, 1), (64, 2), (96, 1)]
+    results = run_scaling_demo(
+        "out",
+        shapes=shapes,
+        held_out=(96, 2),
+        lrs=(3e-3, 1e-2),
+        steps=(3, 6),
+        n_train=200,
+        n_eval=2,
+        bootstrap=10,
+        parallel=2,
+        log=lines.append,
+    )
+    text = "\n".join(lines)
+    assert "20 trials, 2 at a time" in text and "10 points (5 sizes x 2 token budgets)" in text
+    assert f"measured {results['measured']:.4f}" in text and "held-out shape: predicted eval loss" in text
+    trials = json.loads(Path("out/held-out/report.json").read_text())
+    assert sorted(t["optim.lr"] for t in trials) == sorted({results["lr"], 3e-3, 1e-2})
+    assert all(t["status"] == "done" for t in trials)
+    assert results["tokens"]["measured"] == results["tokens"]["predicted_at"]  # the same budget as the fit's largest
+    assert Path("out/scaling.png").stat().st_size > 10_000 and Path("out/report.png").is_file()

@@ -17,6 +17,7 @@ ALLOWED = {
     "serve": {"model", "text", "infer"},
     "train": {"model", "text", "infer"},
     "eval": {"model", "text", "infer", "train", "generate"},
+    "sweep": {"model", "train"},
     "generate": {"model", "text", "infer"},
 }
 MAX_MODULE_LINES = 500

@@ -1,5 +1,5 @@
-"""Speculative decoding by prompt lookup: greedy output is plain decoding's, sampled output is distributed as the
-model's."""
+"""Speculative decoding, by prompt lookup and by a draft model: greedy output is plain decoding's, sampled output is
+distributed as the model's."""
 
 import collections
 
@@ -27,8 +27,17 @@ def model(tmp_path_factory):
     return qwen3lab.load_model(folder, dtype="float32", device="cpu")
 
 
-def _run(model, prompts, params, speculate, max_batch=64, prefill_chunk=2048):
-    engine = Engine(model, max_batch, prefill_chunk, max_waiting=len(prompts), speculate=speculate, seed=0)
+def _run(model, prompts, params, speculate, max_batch=64, prefill_chunk=2048, draft_model=None, capacity=256):
+    engine = Engine(
+        model,
+        max_batch,
+        prefill_chunk,
+        capacity,
+        max_waiting=len(prompts),
+        speculate=speculate,
+        seed=0,
+        draft_model=draft_model,
+    )
     out = [[] for _ in prompts]
     for o, ids, p in zip(out, prompts, params, strict=True):
         engine.submit(ids, p, lambda kind, value, o=o: o.append(value) if kind == "token" else None)
@@ -96,3 +105,85 @@ def test_on_by_flag_for_generate_rollouts_and_the_server(model, tok):
     with TestClient(create_app(model, tok, "tiny", speculate=4)) as client:
         body = {"prompt": prompt, "max_tokens": 30, "temperature": 0}
         assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == plain.text
+
+
+# ---- a draft model ----
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory):
+    """A smaller model of the same vocabulary with weights of its own: many of its drafts are wrong."""
+    folder = tmp_path_factory.mktemp("draft")
+    hf_tiny(
+        vocab=151936, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, initializer_range=0.3, seed=1
+    ).save_pretrained(folder)
+    return folder, qwen3lab.load_model(folder, dtype="float32", device="cpu")
+
+
+def test_greedy_output_with_a_draft_model_is_plain_decodings(model, draft, tok):
+    """Five prompts through two rows, so rows leave and join while others decode (a joining prompt is read into the
+    draft's cache, a leaving row's slot taken by another): the tokens are plain decoding's. With the model as its own
+    draft nearly every draft is kept, which holds only while the draft's cache follows every row exactly (through
+    joins, slot moves and growth)."""
+    texts = ["one two three four one two", "def f(x):\n    return x", "Hi", "a b a b a b a", "The cat sat on the"]
+    prompts = [tok.encode(t) for t in texts]
+    params = [SamplingParams(max_new_tokens=n, stop_ids=[]) for n in (30, 9, 21, 14, 25)]
+    plain, _ = _run(model, prompts, params, 0, max_batch=2)
+    fast, engine = _run(model, prompts, params, 3, max_batch=2, draft_model=draft[1])
+    assert fast == plain and engine.drafted_total > 0 and engine.accepted_total < engine.drafted_total
+    # caches that start small and grow as the rows do (the draft's ahead of the engine's)
+    itself, engine = _run(model, prompts, params, 3, max_batch=2, draft_model=model, capacity=8)
+    assert itself == plain and engine.accepted_total >= 0.95 * engine.drafted_total > 0
+
+
+def test_sampled_tokens_with_a_draft_model_are_distributed_as_the_models(small, tmp_path):
+    """As the prompt-lookup test, the draft now a model of its own (q != p): 4,000 rows' 2nd and 3rd tokens against
+    the target's exact distribution. Drafts are accepted with min(1, p/q) and rejections resample from max(0, p - q)."""
+    hf_tiny(
+        vocab=8, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, initializer_range=0.5, seed=3
+    ).save_pretrained(tmp_path)
+    draft = qwen3lab.load_model(tmp_path, dtype="float32", device="cpu")
+    prompt = [0, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 1, 2]
+    with torch.no_grad():
+        p1 = small(torch.tensor([prompt]))[0, -1].softmax(-1)
+        p2 = small(torch.tensor([prompt + [a] for a in range(8)]))[:, -1].softmax(-1)
+        rows = torch.tensor([prompt + [a, b] for a in range(8) for b in range(8)])
+        p3 = small(rows)[:, -1].softmax(-1).view(8, 8, 8)
+    exact = (p1[:, None, None] * p2[:, :, None] * p3).sum(0)  # p(b, c)
+    N = 4000
+    params = [SamplingParams(max_new_tokens=3, temperature=1.0, seed=s, stop_ids=[]) for s in range(N)]
+    out, engine = _run(small, [prompt] * N, params, 2, N, N * len(prompt), draft_model=draft)
+    assert engine.drafted_total == N and 0 < engine.accepted_total < N  # one draft a row; some rejected
+    counts = collections.Counter(tuple(o[1:]) for o in out)
+    tv = sum(abs(counts[(b, c)] / N - float(exact[b, c])) for b in range(8) for c in range(8)) / 2
+    assert tv < 0.08, tv
+
+
+def test_a_draft_model_by_flag_and_its_mistakes(model, draft, tok, tmp_path, capsys):
+    from qwen3lab.cli import main
+    from qwen3lab.generate import generate
+
+    prompt = "one two three four one two"
+    plain = generate(model, tok, prompt, max_new_tokens=20, stop_ids=[])
+    assert generate(model, tok, prompt, max_new_tokens=20, stop_ids=[], draft_model=draft[1]).ids == plain.ids
+    target = tmp_path / "target"
+    qwen3lab.save_model(model, target)
+    main(
+        [
+            "generate",
+            "--model",
+            str(target),
+            "--draft-model",
+            str(draft[0]),
+            "--prompt",
+            prompt,
+            "--raw",
+            "--max-new-tokens",
+            "20",
+        ]
+    )
+    assert capsys.readouterr().out.strip() == generate(model, tok, prompt, max_new_tokens=20).text.strip()
+    hf_tiny(vocab=512).save_pretrained(tmp_path / "other")
+    other = qwen3lab.load_model(tmp_path / "other", dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="its vocabulary has 512 tokens, the model's 151936"):
+        Engine(model, 2, draft_model=other)

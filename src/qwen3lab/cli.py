@@ -89,7 +89,8 @@ def _load_for_inference(args):
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     prepare_for_inference(model, args.compile)
     tok = load_tokenizer(args.model) if (Path(args.model) / "tokenizer.json").is_file() else load_tokenizer()
-    return model, tok
+    draft = args.draft_model and load_model(args.draft_model, dtype=args.dtype, device=args.device)
+    return model, tok, {"speculate": args.speculate, "draft_model": draft or None}  # how to decode: Engine's keys
 
 
 def _sampling(args, **extra):
@@ -111,7 +112,7 @@ def cmd_generate(args) -> None:
     """Generate from a prompt (as a user message through the chat template, or --raw text), streamed."""
     from .generate import stream
 
-    model, tok = _load_for_inference(args)
+    model, tok, spec = _load_for_inference(args)
     if args.raw:
         prompt = args.prompt
     else:
@@ -130,7 +131,7 @@ def cmd_generate(args) -> None:
         except ValueError as e:  # not JSON, or not a schema llguidance takes
             raise ValueError(f"--json-schema: {e}") from None
         params.constraint = held
-    for piece in stream(model, tok, prompt, params, speculate=args.speculate):
+    for piece in stream(model, tok, prompt, params, **spec):
         print(piece, end="", flush=True)
     print()
 
@@ -143,7 +144,7 @@ def cmd_chat(args) -> None:
     from .generate import stream
     from .text.chat import parse_assistant
 
-    model, tok = _load_for_inference(args)
+    model, tok, spec = _load_for_inference(args)
     system, history, thinking = None, [], not args.no_think
     print("qwen3lab chat — /think, /no_think, /reset, /system TEXT, /save FILE, /exit")
     while True:
@@ -180,7 +181,7 @@ def cmd_chat(args) -> None:
         ids = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=thinking, assistant_mask=False)
         print("assistant> ", end="", flush=True)
         text, in_think = "", False
-        for piece in stream(model, tok, ids.input_ids, _sampling(args), speculate=args.speculate):
+        for piece in stream(model, tok, ids.input_ids, _sampling(args), **spec):
             text += piece
             if "<think>" in piece:
                 in_think = True
@@ -209,6 +210,7 @@ def cmd_serve(args) -> None:
         api_key=args.api_key,
         prefill_chunk=args.prefill_chunk,
         speculate=args.speculate,
+        draft_model_dir=args.draft_model,
     )
 
 
@@ -230,6 +232,11 @@ def cmd_demo(args) -> None:
 
         out = args.out if args.out != "runs/demo" else "runs/demo-moe"
         run_moe_demo(out=out, steps=args.steps or 200, seed=args.seed)
+        return
+    if args.scaling:
+        from .demo_scaling import run_scaling_demo
+
+        run_scaling_demo(out=args.out if args.out != "runs/demo" else "runs/demo-scaling", seed=args.seed)
         return
     if args.distill:
         from .demo_distill import run_distill_demo
@@ -269,34 +276,42 @@ def cmd_prepare(args) -> None:
     print(f"{args.out}: {describe(manifest)} ({time.perf_counter() - t0:.1f}s)")
 
 
+def cmd_sweep(args) -> None:
+    """Run a sweep file's trials, each a run folder (`qwen3lab sweep report DIR`: every trial's table and plots)."""
+    from .sweep import runner
+    from .sweep.report import report
+
+    if args.args[0] == "report":
+        if len(args.args) != 2:
+            raise SystemExit("qwen3lab sweep report: give the sweep's folder, e.g. qwen3lab sweep report runs/sweep")
+        print(report(args.args[1]))
+        print(f"written: {Path(args.args[1]) / 'report.csv'}, report.json, report.png")
+        return
+    if len(args.args) != 1:
+        raise SystemExit("qwen3lab sweep: give one sweep file (or: qwen3lab sweep report DIR)")
+    sweep = runner.load_sweep(args.args[0])
+    if args.slurm:
+        script = runner.write_slurm(sweep, args.parallel)
+        print(f"{script}: submit with sbatch {script}; then qwen3lab sweep report {sweep.out}")
+    elif args.trial is not None:
+        runner.run_one(sweep, args.trial)
+    else:
+        runner.run_sweep(sweep, args.parallel, args.retry_failed)
+        print(report(sweep.out))
+
+
+def cmd_scaling(args) -> None:
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta to a sweep over model sizes and token budgets; predict a target."""
+    from .sweep.scaling import run_scaling
+
+    run_scaling(args.dir, args.target, args.tokens, args.params, args.bootstrap)
+
+
 def cmd_compare(args) -> None:
     """A table of runs' final metrics and one PNG overlaying their loss curves."""
-    import matplotlib
+    from .sweep.report import compare_runs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    print(f"{'run':32} {'steps':>6} {'loss':>8} {'eval_loss':>10} {'tokens/s':>9} {'time s':>8}")
-    for run in args.runs:
-        path = Path(run) / "metrics.jsonl"
-        if not path.is_file():
-            raise SystemExit(f"qwen3lab compare: {path} not found; pass run folders written by qwen3lab train")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        last = rows[-1]
-        ev = [r["eval_loss"] for r in rows if "eval_loss" in r]
-        print(
-            f"{run:32} {last['step']:>6} {last['loss']:>8.4f} {ev[-1] if ev else float('nan'):>10.4f} "
-            f"{last.get('tokens_per_s', float('nan')):>9.0f} {last.get('elapsed', float('nan')):>8.1f}"
-        )
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=run)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.png, dpi=110)
-    print(f"loss curves: {args.png}")
+    compare_runs(args.runs, args.png)
 
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
@@ -313,12 +328,14 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-think", action="store_true", help="enable_thinking=False: an empty think block")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--speculate", type=int, default=0, help=SPECULATE_HELP)
+    p.add_argument("--draft-model", default=None, help=DRAFT_HELP)
 
 
 COMPILE_HELP = "torch.compile the decoder blocks: compiles once (seconds), then decodes faster"
 SPECULATE_HELP = (
     "speculative decoding: up to this many draft tokens a step, looked up in the prompt and output (0: off)"
 )
+DRAFT_HELP = "speculative decoding with this draft model (a smaller Qwen3, same tokenizer): --speculate drafts (4)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="distil the demo's model (or --model) into a student of half its width: SFT vs off- vs on-policy",
     )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="a scaling law from 30 small runs (a sweep), checked on a larger shape held out of the fit",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help=cmd_eval.__doc__)
@@ -401,6 +423,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default="compare.png")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("sweep", help=cmd_sweep.__doc__)
+    p.add_argument("args", nargs="+", metavar="FILE | report DIR", help="a sweep file (docs/sweeps.md)")
+    p.add_argument("--parallel", type=int, default=0, help="trials at once (default: one per GPU, else one)")
+    p.add_argument("--slurm", action="store_true", help="write DIR/sweep.sbatch, a SLURM array of the trials")
+    p.add_argument("--trial", type=int, default=None, help="run this one trial (what a SLURM array task runs)")
+    p.add_argument("--retry-failed", action="store_true", help="run failed trials again (else a rerun skips them)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("scaling", help=cmd_scaling.__doc__)
+    p.add_argument("dir", help="a sweep's folder: trials over model sizes (model_config) and token budgets (steps)")
+    p.add_argument("--target", default=None, help="predict for a preset (qwen3-0.6b), a model folder or a model_config")
+    p.add_argument("--tokens", type=float, default=None, help="its training tokens (default: the sweep's most)")
+    p.add_argument("--params", choices=("non_embedding", "total"), default="non_embedding", help="what N counts")
+    p.add_argument("--bootstrap", type=int, default=200, help="refits on resampled points, for the intervals")
+    p.set_defaults(func=cmd_scaling)
+
     p = sub.add_parser("serve", help=cmd_serve.__doc__)
     p.add_argument("--model", required=True, help="HF model folder")
     p.add_argument("--host", default="127.0.0.1")
@@ -421,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt tokens prefilled per engine step at most, in one forward with the running rows' next tokens",
     )
     p.add_argument("--speculate", type=int, default=0, help=SPECULATE_HELP)
+    p.add_argument("--draft-model", default=None, help=DRAFT_HELP)
     p.add_argument(
         "--api-key",
         default=os.environ.get("QWEN3LAB_API_KEY"),

@@ -68,10 +68,11 @@ class _Collect:
             self.error = value
 
 
-def _submit(model, tok: Tokenizer, prompts: list, params: SamplingParams, max_rows: int = MAX_ROWS, speculate=0):
+def _submit(model, tok: Tokenizer, prompts: list, params: SamplingParams, max_rows: int = MAX_ROWS, **spec):
+    """spec: speculate=K and / or draft_model=a smaller Qwen3 (Engine's)."""
     ids = [_as_ids(tok, p) for p in prompts]
     longest = max((len(x) for x in ids), default=0) + params.max_new_tokens
-    engine = Engine(model, min(len(ids), max_rows), capacity=longest, max_waiting=len(ids), speculate=speculate)
+    engine = Engine(model, min(len(ids), max_rows), capacity=longest, max_waiting=len(ids), **spec)
     outs = [_Collect(tok, params.stop) for _ in ids]
     for x, out in zip(ids, outs, strict=True):
         out.request = engine.submit(x, params, out)
@@ -100,11 +101,11 @@ def generate(
     """Generate for one prompt or a batch. A prompt is text, token ids, or a list of chat messages (rendered with
     the generation prompt). Returns one Generation per prompt (a list for a batch). max_rows: rows decoded together
     at most (more rows: fewer decode steps, each larger)."""
-    speculate = kw.pop("speculate", 0)
+    spec = {k: kw.pop(k) for k in ("speculate", "draft_model") if k in kw}
     params = _params(model, tok, params, kw)
     # one prompt: text, ids [int, ...] or messages [{...}, ...]; a batch: a list of those
     single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], (int, dict)))
-    engine, outs = _submit(model, tok, [prompts] if single else list(prompts), params, max_rows, speculate)
+    engine, outs = _submit(model, tok, [prompts] if single else list(prompts), params, max_rows, **spec)
     engine.run_until_idle()
     results = []
     for out in outs:
@@ -115,9 +116,9 @@ def generate(
 
 def stream(model, tok: Tokenizer, prompt, params: SamplingParams | None = None, **kw) -> Iterator[str]:
     """Text pieces of one generation as they come (see TextStream)."""
-    speculate = kw.pop("speculate", 0)
+    spec = {k: kw.pop(k) for k in ("speculate", "draft_model") if k in kw}
     params = _params(model, tok, params, kw)
-    engine, (out,) = _submit(model, tok, [prompt], params, speculate=speculate)
+    engine, (out,) = _submit(model, tok, [prompt], params, **spec)
     while out.finish_reason is None and out.error is None:
         engine.step()
         _check(out)

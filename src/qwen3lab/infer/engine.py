@@ -41,6 +41,7 @@ import torch
 
 from . import speculative
 from .cache import DecodeLayer, MixedLayer
+from .draft import Drafter
 from .prefill import Prefill
 from .rows import emit_logprobs, sample_rows
 from .sampling import SamplingParams, default_stop_ids
@@ -68,6 +69,7 @@ class Request:
     seen: list[int] | None = None  # prompt and output, where speculative decoding looks its drafts up
     draft_misses: int = 0  # drafting steps in a row that kept no draft, and plain steps to wait (speculative.record)
     draft_wait: int = 0
+    drafted: int = 0  # tokens in the draft model's cache (draft.py)
 
     def cancel(self) -> None:
         """Stop generating for this request (a stop string was found, or its client went away)."""
@@ -100,14 +102,14 @@ class Engine:
         prefill_batch_tokens: int | None = None,
         seed: int | None = None,
         speculate: int = 0,
+        draft_model=None,
     ):
         self.model, self.max_batch, self.max_waiting = model, max_batch, max_waiting
         # tokens per step at most (padding counted): a prefill chunk and the running rows' next tokens, one forward
         self.prefill_chunk = prefill_chunk
-        # Prompts are prefilled together up to this many padded tokens (default: prefill_chunk): fuller matmuls and
-        # one forward's fixed cost shared, but every row of a batch gets its first token when the batch ends.
-        # Measured on the 0.6B shape, 16 clients (bench/serve_load.py, mixed steps): 2048 gave TTFT p50 7.4 s, p99
-        # 8.6 s; 512 gave p50 4.6 s, p99 8.9 s; 256 p50 5.4 s, p99 9.5 s; the same 21.5 tok/s each.
+        # Prompts are prefilled together up to this many padded tokens: fuller matmuls, but every row of a batch gets
+        # its first token when the batch ends (0.6B shape, 16 clients, TTFT p50 / p99: 2048 tokens 7.4 / 8.6 s, 512
+        # 4.6 / 8.9 s, 256 5.4 / 9.5 s; the same 21.5 tok/s each; bench/serve_load.py)
         self.prefill_batch_tokens = prefill_batch_tokens or prefill_chunk
         cfg = model.config
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
@@ -131,7 +133,9 @@ class Engine:
             collections.OrderedDict()
         )
         self.prefix_cache_tokens, self.min_prefix = prefix_cache_tokens, min_prefix
-        self.speculate = speculate  # draft tokens a row proposes per decode step by prompt lookup (0: off)
+        # draft tokens a row proposes per decode step (0: off), by a draft model's forwards or else by prompt lookup
+        self.speculate = speculate or (4 if draft_model is not None else 0)
+        self.drafter = None if draft_model is None else Drafter(draft_model, model, max_batch, self.capacity)
         self.drafted_total = self.accepted_total = 0
         self.generated_total = 0  # tokens handed out since start
         self.prefilled_total = self.prefix_hit_total = 0  # prompt tokens computed / copied from the prefix cache
@@ -182,8 +186,7 @@ class Engine:
             self.step(block=False)
 
     def metrics(self, window: float = 10.0) -> dict:
-        """Rows running, requests waiting, tokens generated in all and per second over the last `window` seconds,
-        prompt tokens computed and taken from the prefix cache."""
+        """Rows running and waiting, tokens generated (all, per second over `window` s), prompt tokens (all, cached)."""
         with self._lock:
             since = time.monotonic() - window
             recent = sum(1 for t in self._recent if t > since)
@@ -400,7 +403,10 @@ class Engine:
         """A decode step that checks the rows' drafts (speculative.py) in one forward of 1 + k positions a row;
         False, and nothing done, when no row has any."""
         rows, n = list(self.running), len(self.running)
-        drafts = [speculative.drafts_for(r, self.speculate, self.max_context) for r in rows]
+        if self.drafter is None:
+            drafts, qs = [speculative.drafts_for(r, self.speculate, self.max_context) for r in rows], [None] * n
+        else:
+            drafts, qs = self.drafter.drafts(rows, self.speculate, self.max_context, self.generator)
         if not any(drafts):
             return False
         x, positions, mask, layers = self._decode_inputs(drafts)
@@ -416,8 +422,9 @@ class Engine:
         for i, d in enumerate(drafts):
             if d:
                 logits = self.model.lm_head(hidden[i, : 1 + len(d)]).float()
-                takes[i] = speculative.verify(logits, d, rows[i].params, rows[i].generator or self.generator)
+                takes[i] = speculative.verify(logits, d, rows[i].params, rows[i].generator or self.generator, qs[i])
                 speculative.record(rows[i], len(takes[i]) - 1)
+                rows[i].drafted += min(len(takes[i]) - 1, len(d) - 1)  # the drafts the draft read and the model kept
                 self.drafted_total += len(d)
                 self.accepted_total += len(takes[i]) - 1
         for request, tokens in zip(rows, takes, strict=True):  # all lengths first: a row that leaves moves another
@@ -471,6 +478,8 @@ class Engine:
             moved = self.running[last]
             self.k[:, i, :, : moved.length] = self.k[:, last, :, : moved.length]
             self.v[:, i, :, : moved.length] = self.v[:, last, :, : moved.length]
+            if self.drafter is not None:
+                self.drafter.move(i, last, moved.drafted)
             self.running[i] = moved
         self.running.pop()
 
@@ -487,3 +496,5 @@ class Engine:
             new[:, :, :, : self.capacity] = old
             setattr(self, name, new)
         self.capacity = capacity
+        if self.drafter is not None:
+            self.drafter.grow(capacity)

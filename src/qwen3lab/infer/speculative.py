@@ -1,8 +1,8 @@
-"""Speculative decoding by prompt lookup: each decode step, a row proposes up to k draft tokens — those that followed
-an earlier occurrence of its last n tokens (n = 3, 2, 1) in its own prompt and output — and the model checks
-them all in one forward of 1 + k positions. A row keeps the drafts the model agrees with and one token of the model's
-own after them, so a step gives 1 to k + 1 tokens for about the cost of one where decoding is bandwidth-bound: the
-win of edits, code changes and quotes, whose output copies the prompt.
+"""Speculative decoding by prompt lookup (a draft model's drafts: draft.py): each decode step, a row proposes up to k
+draft tokens — those that followed an earlier occurrence of its last n tokens (n = 3, 2, 1) in its own prompt and
+output — and the model checks them all in one forward of 1 + k positions. A row keeps the drafts the model agrees with
+and one token of the model's own after them, so a step gives 1 to k + 1 tokens for about the cost of one where
+decoding is bandwidth-bound: the win of edits, code changes and quotes, whose output copies the prompt.
 
 Greedy rows keep a draft while it is the argmax: the output is plain decoding's. Sampling rows accept draft d with
 probability p(d) and otherwise sample from p with d taken out (speculative sampling, Leviathan et al. 2023 / Chen et
@@ -34,18 +34,22 @@ def lookup(seen: list[int], k: int, max_ngram: int = MAX_NGRAM) -> list[int]:
     return []
 
 
-def drafts_for(request, k: int, max_context: int) -> list[int]:
-    """The drafts a running row proposes this step; none for rows whose sampling the check does not cover (a grammar,
-    a repetition penalty, log-probs to report)."""
+def budget(request, k: int, max_context: int) -> int:
+    """How many drafts a running row may propose this step: none for rows whose sampling the check does not cover (a
+    grammar, a repetition penalty, log-probs to report) or that wait after drafts that failed."""
     p = request.params
     if request.matcher is not None or p.repetition_penalty != 1.0 or p.logprobs is not None or p.sampled_logprobs:
-        return []
+        return 0
     if request.draft_wait > 0:  # its last drafts all failed: plain steps for a while
         request.draft_wait -= 1
-        return []
+        return 0
     # the model's own token still comes after the drafts: the budget and the context leave room for it
-    k = min(k, p.max_new_tokens - request.generated - 1, max_context - request.length - 2)
-    return lookup(request.seen, k)
+    return max(0, min(k, p.max_new_tokens - request.generated - 1, max_context - request.length - 2))
+
+
+def drafts_for(request, k: int, max_context: int) -> list[int]:
+    """The drafts a running row proposes this step by prompt lookup."""
+    return lookup(request.seen, budget(request, k, max_context))
 
 
 def record(request, accepted: int) -> None:
@@ -55,9 +59,10 @@ def record(request, accepted: int) -> None:
     request.draft_wait = min(2**request.draft_misses - 1, 16)
 
 
-def verify(logits: torch.Tensor, drafts: list[int], p, generator: torch.Generator | None) -> list[int]:
+def verify(logits: torch.Tensor, drafts: list[int], p, generator: torch.Generator | None, q=None) -> list[int]:
     """logits [1 + len(drafts), V] fp32 at the row's next token and at each draft -> the tokens the row takes: the
-    drafts the model accepts, then one of its own."""
+    drafts the model accepts, then one of its own. q [len(drafts), V]: a draft model's probabilities the drafts were
+    drawn from (draft.py); None: all of a draft's mass on it (prompt lookup)."""
     scores = process_logits(logits, None, p)  # temperature, top-k, top-p, min-p at each position
     if p.temperature <= 0:
         best = scores.argmax(-1).tolist()
@@ -68,8 +73,9 @@ def verify(logits: torch.Tensor, drafts: list[int], p, generator: torch.Generato
     probs = scores.softmax(-1)
     accept = torch.rand(len(drafts), generator=generator, device=logits.device)
     for t, d in enumerate(drafts):
-        if accept[t] >= probs[t, d]:  # rejected: the model's distribution without d, renormalised
-            rest = probs[t].clone()
-            rest[d] = 0
+        if accept[t] >= (probs[t, d] if q is None else probs[t, d] / q[t, d]):  # rejected: from max(0, p - q)
+            rest = probs[t].clone() if q is None else (probs[t] - q[t]).clamp(min=0)
+            if q is None:
+                rest[d] = 0
             return drafts[:t] + [int(torch.multinomial(rest, 1, generator=generator))]
     return drafts + [int(sample(scores[-1:], p, generator)[0])]

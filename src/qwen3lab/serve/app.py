@@ -36,9 +36,11 @@ def create_app(
     api_key: str | None = None,
     prefill_chunk: int = 512,
     speculate: int = 0,
+    draft_model=None,
 ) -> FastAPI:
     """api_key: every route but / and /health needs `Authorization: Bearer <api_key>`. prefill_chunk: prompt tokens
-    prefilled per engine step at most. speculate: draft tokens a row proposes per step by prompt lookup (0: off)."""
+    prefilled per engine step at most. speculate: draft tokens a row proposes per step (0: off), by draft_model (a
+    smaller Qwen3 with the model's tokenizer; 4 drafts when speculate is 0) or else by prompt lookup."""
     app = FastAPI(title="qwen3lab")
     engine = Engine(
         model,
@@ -47,6 +49,7 @@ def create_app(
         max_waiting=max_queue,
         prefix_cache_tokens=prefix_cache_tokens,
         speculate=speculate,
+        draft_model=draft_model,
     ).start()
     per_token = 2 * engine.k[:, 0, :, 0].numel() * engine.k.element_size()  # keys and values, every layer
     log.info(
@@ -172,6 +175,7 @@ def serve(
     api_key: str | None = None,
     prefill_chunk: int = 512,
     speculate: int = 0,
+    draft_model_dir: str | None = None,
 ):
     import ipaddress
 
@@ -183,6 +187,7 @@ def serve(
 
     model = load_model(model_dir, dtype=dtype)
     prepare_for_inference(model, compile)
+    draft = None if draft_model_dir is None else load_model(draft_model_dir, dtype=dtype)
     tok = load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else load_tokenizer()
     app = create_app(
         model,
@@ -195,6 +200,7 @@ def serve(
         api_key,
         prefill_chunk,
         speculate,
+        draft,
     )
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback

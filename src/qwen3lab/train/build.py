@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..model.config import PRESETS, ModelConfig, preset
+from ..model.config import PRESETS, ModelConfig
 from ..model.hf import load_model, new_model, resolve_folder, stored_dtype
 from ..model.model import Qwen3
 from ..model.runtime import apply_compile, cpu_bf16_is_fast
@@ -26,7 +26,7 @@ from ..text.tokenizer import Tokenizer, load_tokenizer
 from .balance import Balance
 from .batching import Cursor, eval_batches, rank_batch, to_device
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from .config import LORA_TARGETS, TrainConfig, stage_configs, train_config_dict
+from .config import LORA_TARGETS, TrainConfig, model_shape, train_config_dict
 from .lora import apply_lora, train_routers
 from .net import TrainableTokens, WithLoss, shard
 from .objectives.distill import OnPolicy
@@ -36,7 +36,7 @@ from .optim import build_optimizer, lr_lambda, staged_lr_lambda
 from .parallel import Dist, apply_activation_checkpointing, reshard
 from .quant import load_model_4bit, quantize_linears
 from .sources import Mixture, load_data, log_data, make_cursor
-from .stages import micro_batches, stage_ends, staged_batches
+from .stages import micro_batches, stage_configs, stage_ends, staged_batches
 
 log = logging.getLogger("qwen3lab")
 
@@ -244,7 +244,7 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int = 1):
     model from a folder is built on the meta device, each rank filling its own shards later (`load_sharded`).
     lora.base_bits 4: every decoder linear in 4 bits (quant.py), loaded straight into them."""
     if cfg.model in PRESETS:
-        model = new_model(preset(cfg.model), device=device, dtype=torch.float32, seed=cfg.seed)
+        model = new_model(model_shape(cfg), device=device, dtype=torch.float32, seed=cfg.seed)
         if cfg.lora.base_bits == 4:
             quantize_linears(model, LORA_TARGETS)
         return model, None

@@ -125,6 +125,9 @@ class MoEConfig:
 @dataclass
 class TrainConfig:
     model: str = ""  # HF model folder, or a preset name (random init) such as tiny
+    # a preset's fields replaced, e.g. {hidden_size: 256, num_hidden_layers: 4}: a new shape trained from scratch
+    # (a sweep over model sizes); {}: the preset as it is
+    model_config: dict = field(default_factory=dict)
     out: str = "runs/sft"
     # sft | dpo (preference pairs: prompt + chosen / rejected) | grpo (prompts + rewards) | distill (a teacher's
     # distributions on chats or prompts)
@@ -354,6 +357,8 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> TrainConfig:
             raise ConfigError(f"{key}: {unknown} not among {', '.join(allowed)}")
     if not cfg.model:
         raise ConfigError("model: give an HF model folder or a preset name (e.g. --model tiny)")
+    if cfg.model_config:
+        model_shape(cfg)
     rope = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) if cfg.rope_scaling else None
     if cfg.rope_scaling and (rope not in ROPE_TYPES or (rope != "default" and not cfg.rope_scaling.get("factor"))):
         raise ConfigError(f"rope_scaling: {cfg.rope_scaling}; give rope_type ({', '.join(ROPE_TYPES)}) and factor")
@@ -401,47 +406,13 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     return cfg
 
 
-# what a stage may change; the rest (model, adapters, optimizer, batch) is the run's
-STAGE_KEYS = ("steps", "data.", "optim.lr", "optim.muon_lr", "optim.schedule", "optim.warmup_steps")
-STAGE_KEYS += ("optim.decay_fraction", "optim.min_lr_ratio", "rope_theta", "rope_scaling")
-STAGE_KEYS += ("distill.lmbda", "distill.beta", "distill.temperature", "distill.max_new_tokens", "distill.top_p")
-
-
-def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
-    """The run's stages as (name, config): the run's keys with each stage's changes (not those of the stages
-    before it). A run without stages is its one stage."""
-    if not cfg.stages:
-        return [("", cfg)]
-    out = []
-    for i, stage in enumerate(cfg.stages):
-        where = f"stages[{i}]"
-        if not isinstance(stage, dict) or not isinstance(stage.get("steps"), int) or stage["steps"] < 1:
-            raise ConfigError(f"{where}: {stage!r}; a stage is a mapping with steps (>= 1) and the keys it changes")
-        c = dataclasses.replace(cfg, stages=[], data=dataclasses.replace(cfg.data))
-        c.optim, c.distill = dataclasses.replace(cfg.optim), dataclasses.replace(cfg.distill)
-        changes = flatten_keys({k: v for k, v in stage.items() if k != "name"})
-        if "data.mix" in changes:
-            c.data.train = ""
-        elif "data.train" in changes:
-            c.data.mix = []
-        for key, value in changes.items():
-            if not key.startswith(STAGE_KEYS):
-                raise ConfigError(f"{where}.{key}: a stage may change {', '.join(STAGE_KEYS)}; this is the run's")
-            try:
-                set_key(c, key, value)
-            except ConfigError as e:
-                raise ConfigError(f"{where}.{e}") from None
-        if c.data.mix:
-            c.data.mix = _check_mix(c)
-        out.append((str(stage.get("name") or f"stage{i}"), c))
-    return out
-
-
 def _check_stages(cfg: TrainConfig, world: int) -> None:
     if cfg.objective not in ("sft", "distill"):
         raise ConfigError(
             f"stages: phases of SFT, pretraining or distillation runs; objective {cfg.objective} has none"
         )
+    from .stages import stage_configs
+
     for i, (name, stage) in enumerate(stage_configs(cfg)):
         try:
             check_train_config(stage, world)
@@ -485,6 +456,18 @@ def _check_lora_router(cfg: TrainConfig) -> None:
         )
     if cfg.objective == "grpo" and cfg.grpo.beta != 0:
         raise ConfigError("moe.lora_router: GRPO's KL reference (adapters off) would keep the trained routers; beta 0")
+
+
+def model_shape(cfg: TrainConfig):
+    """The ModelConfig of a run from a preset, with model_config's fields replaced."""
+    from ..model.config import PRESETS, ModelConfig, preset
+
+    if cfg.model not in PRESETS:
+        raise ConfigError(f"model_config: reshapes a preset trained from scratch; {cfg.model!r} is not a preset")
+    unknown = sorted(set(cfg.model_config) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ConfigError(f"model_config: {', '.join(unknown)} not among ModelConfig's fields (config.json names)")
+    return preset(cfg.model, **cfg.model_config)
 
 
 def train_config_dict(cfg: TrainConfig) -> dict:

@@ -8,16 +8,53 @@ anywhere — inside a stage or at a boundary — resumes to the steps it would h
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 
 import numpy as np
 
+from ..model.config import ConfigError
 from .batching import eval_batches, rank_batch
-from .config import TrainConfig
+from .config import TrainConfig, _check_mix, flatten_keys, set_key
 from .sources import Mixture, load_data, log_data, make_cursor
 
 log = logging.getLogger("qwen3lab")
+
+# what a stage may change; the rest (model, adapters, optimizer, batch) is the run's
+STAGE_KEYS = ("steps", "data.", "optim.lr", "optim.muon_lr", "optim.schedule", "optim.warmup_steps")
+STAGE_KEYS += ("optim.decay_fraction", "optim.min_lr_ratio", "rope_theta", "rope_scaling")
+STAGE_KEYS += ("distill.lmbda", "distill.beta", "distill.temperature", "distill.max_new_tokens", "distill.top_p")
+
+
+def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """The run's stages as (name, config): the run's keys with each stage's changes (not those of the stages
+    before it). A run without stages is its one stage."""
+    if not cfg.stages:
+        return [("", cfg)]
+    out = []
+    for i, stage in enumerate(cfg.stages):
+        where = f"stages[{i}]"
+        if not isinstance(stage, dict) or not isinstance(stage.get("steps"), int) or stage["steps"] < 1:
+            raise ConfigError(f"{where}: {stage!r}; a stage is a mapping with steps (>= 1) and the keys it changes")
+        c = dataclasses.replace(cfg, stages=[], data=dataclasses.replace(cfg.data))
+        c.optim, c.distill = dataclasses.replace(cfg.optim), dataclasses.replace(cfg.distill)
+        changes = flatten_keys({k: v for k, v in stage.items() if k != "name"})
+        if "data.mix" in changes:
+            c.data.train = ""
+        elif "data.train" in changes:
+            c.data.mix = []
+        for key, value in changes.items():
+            if not key.startswith(STAGE_KEYS):
+                raise ConfigError(f"{where}.{key}: a stage may change {', '.join(STAGE_KEYS)}; this is the run's")
+            try:
+                set_key(c, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{where}.{e}") from None
+        if c.data.mix:
+            c.data.mix = _check_mix(c)
+        out.append((str(stage.get("name") or f"stage{i}"), c))
+    return out
 
 
 def stage_ends(stages: list[tuple[str, TrainConfig]]) -> np.ndarray:
