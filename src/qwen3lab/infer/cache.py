@@ -10,6 +10,13 @@ import torch
 from ..model.attention import attend
 
 
+def grown(cache: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A slot cache [layers, rows, kv_heads, positions, D] with room for `capacity` positions, what it held kept."""
+    new = cache.new_zeros(*cache.shape[:3], capacity, cache.shape[4])
+    new[:, :, :, : cache.shape[3]] = cache
+    return new
+
+
 class PrefillLayer:
     """One layer's cache [rows, kv_heads, end, D] for a chunk that fills its last T positions."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import DecodeLayer
+from .cache import DecodeLayer, grown
 from .sampling import process_logits, sample
 from .speculative import budget
 
@@ -42,12 +42,7 @@ class Drafter:
     def grow(self, capacity: int) -> None:
         if capacity <= self.capacity:
             return
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:3], capacity, old.shape[4])
-            new[:, :, :, : self.capacity] = old
-            setattr(self, name, new)
-        self.capacity = capacity
+        self.k, self.v, self.capacity = grown(self.k, capacity), grown(self.v, capacity), capacity
 
     def move(self, i: int, last: int, length: int) -> None:
         """Row `last` takes slot i (the engine's _remove)."""

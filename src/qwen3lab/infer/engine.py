@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from . import speculative
-from .cache import DecodeLayer, MixedLayer
+from .cache import DecodeLayer, MixedLayer, grown
 from .draft import Drafter
 from .prefill import Prefill
 from .rows import emit_logprobs, sample_rows
@@ -490,11 +490,6 @@ class Engine:
         while capacity < needed:
             capacity *= 2
         capacity = min(capacity, self.max_context)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = torch.zeros(*old.shape[:3], capacity, old.shape[4], device=self.device, dtype=self.dtype)
-            new[:, :, :, : self.capacity] = old
-            setattr(self, name, new)
-        self.capacity = capacity
+        self.k, self.v, self.capacity = grown(self.k, capacity), grown(self.v, capacity), capacity
         if self.drafter is not None:
             self.drafter.grow(capacity)
