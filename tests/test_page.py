@@ -129,7 +129,7 @@ def test_stop_cancels_a_long_answer(page, url):
     page.click("#stop")
     page.wait_for_selector(".msg.assistant[data-state=stopped]")
     assert answer.locator(".body").inner_text()  # what came stays on the page
-    deadline = time.time() + 10
+    deadline = time.time() + 60  # generous: a shared machine can be slow
     while metric(url, "qwen3lab_requests_running") and time.time() < deadline:
         time.sleep(0.05)
     assert metric(url, "qwen3lab_requests_running") == 0  # the row left the engine

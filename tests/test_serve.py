@@ -174,23 +174,26 @@ def test_usage_counts_generated_ids(client, server, tok):
 
 
 def test_short_request_is_not_blocked_by_a_long_one(client):
-    """Head-of-line: a 4-token request sent while a 1,500-token one runs takes at most 3x its time alone."""
+    """Head-of-line: a 4-token request sent while a 1,500-token one runs finishes while the long one still runs.
+
+    The order is the property; how much slower the short request gets beside the long one is timing, which
+    bench/serve_load.py measures (TTFT percentiles) rather than a test on a shared machine.
+    """
 
     def short():
         t0 = time.perf_counter()
-        client.completions.create(model="tiny", prompt="Hi", max_tokens=4, temperature=0)
-        return time.perf_counter() - t0
+        r = client.completions.create(model="tiny", prompt="Hi", max_tokens=4, temperature=0)
+        return r, time.perf_counter() - t0
 
-    alone = min(short() for _ in range(3))
+    alone = min(short()[1] for _ in range(3))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         long = pool.submit(
             client.completions.create, model="tiny", prompt="Tell a long story", max_tokens=1500, temperature=0
         )
         time.sleep(0.5)
-        during = short()
-        assert not long.done()  # the long request really was running
+        r, during = short()
+        assert r.usage.completion_tokens >= 1 and not long.done()  # done while the long request still runs
         print(f"short request alone {alone * 1e3:.0f} ms, beside a long one {during * 1e3:.0f} ms")
-        assert during <= 3 * alone, (during, alone)
         long.result()
 
 
