@@ -6,16 +6,14 @@ Both run full fine-tuning of the same random small Qwen3 (real vocabulary, hidde
 transformers with qwen3lab's tokenizer), on the same chat prompts, G completions each of --completion tokens at most
 (temperature 1, no eos within reach of random weights: both sample the full length), loss dapo, beta 0, AdamW.
 Each system runs in its own subprocess (peak RSS is per process); steps/s is taken after the first step (which
-carries one-off setup for both). qwen3lab runs twice: as `qwen3lab train` runs by default (loss chunks of 256
-positions; on the CPU, freed memory kept in the heap for speed), and lean (`loss_chunk: 64`,
-QWEN3LAB_KEEP_FREED_MEMORY=0, GLIBC_TUNABLES=glibc.malloc.hugetlb=1). Prints each and the ratios.
+carries one-off setup for both). qwen3lab runs as `qwen3lab train` runs by default (--chunk sets `loss_chunk`).
+Prints each and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -90,10 +88,7 @@ def run_trl(folder: Path, prompts: Path, args) -> dict:
     return {"steps_per_s": stamp.times.steps_per_s()}
 
 
-def run_ours(folder: Path, prompts: Path, args, lean: bool = False) -> dict:
-    """lean: memory before speed — loss chunks of 64 positions, freed memory given back to the system."""
-    if lean:
-        os.environ["QWEN3LAB_KEEP_FREED_MEMORY"] = "0"
+def run_ours(folder: Path, prompts: Path, args) -> dict:
     import qwen3lab
     from qwen3lab.train.report import Reporter
 
@@ -121,9 +116,8 @@ def run_ours(folder: Path, prompts: Path, args, lean: bool = False) -> dict:
         "progress": False,
         "resume": False,
         "optim": {"lr": 1e-5},
-        "loss_chunk": args.lean_chunk if lean else args.chunk,
         "grpo": grpo,
-    }
+    } | ({"loss_chunk": args.chunk} if args.chunk else {})
     qwen3lab.train(cfg)
     return {"steps_per_s": times.steps_per_s()}
 
@@ -134,9 +128,8 @@ def main():
     ap.add_argument("--generations", dest="G", type=int, default=8)
     ap.add_argument("--prompts-per-step", dest="prompts", type=int, default=4)
     ap.add_argument("--completion", type=int, default=32)
-    ap.add_argument("--chunk", type=int, default=256, help="loss_chunk of the default run")
-    ap.add_argument("--lean-chunk", type=int, default=64, help="loss_chunk of the lean run")
-    ap.add_argument("--systems", default="trl,qwen3lab,qwen3lab-lean")
+    ap.add_argument("--chunk", type=int, default=0, help="qwen3lab's loss_chunk (default: the config's)")
+    ap.add_argument("--systems", default="trl,qwen3lab")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", default="/tmp/qwen3lab-bench-grpo")
     args = ap.parse_args()
@@ -147,7 +140,7 @@ def main():
         if args.one == "trl":
             result = run_trl(folder, prompts, args)
         else:
-            result = run_ours(folder, prompts, args, lean=args.one == "qwen3lab-lean")
+            result = run_ours(folder, prompts, args)
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(json.dumps(result))
         return
@@ -177,13 +170,8 @@ def main():
             str(args.completion),
             "--chunk",
             str(args.chunk),
-            "--lean-chunk",
-            str(args.lean_chunk),
         ]
-        # lean: glibc's malloc asked to back its big blocks with transparent huge pages (fewer page faults for the
-        # blocks freed memory is given back for): 0.188 -> 0.215 steps/s here, the same RSS
-        env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} if name == "qwen3lab-lean" else None
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parent, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[name]
         print(f"{name:9s} {r['steps_per_s']:.3f} steps/s  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)

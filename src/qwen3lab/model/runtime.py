@@ -107,20 +107,23 @@ def _mallopt(**settings: int) -> bool:
 
 
 def keep_freed_cpu_memory() -> None:
-    """On glibc, serve large CPU tensors from the heap and keep freed memory for reuse instead of unmapping it.
+    """On glibc, serve CPU tensors under 256 MiB from one heap and keep freed memory for reuse instead of unmapping
+    it; larger ones are mapped on their own and unmapped when freed.
 
     PyTorch's CPU allocator is plain malloc, and glibc maps every block over 32 MiB afresh and unmaps it on free,
-    so each [tokens x vocab] logits block of a training step is page-faulted and zeroed by the kernel again. Measured
-    on the demo (2 cores, 80 steps): 19 s of system time and 2250 tokens/s before, 1 s and 3340 tokens/s after; on
-    bench/sft.py's qwen3lab side 1074 -> 1372 tokens/s, peak RSS 2.18 -> 2.97 GiB (3.82 GiB with a heap per thread).
-    Process-wide, so it is called where qwen3lab owns the process's CPU work; QWEN3LAB_KEEP_FREED_MEMORY=0 turns it
-    off (e.g. when sharing the process with other memory-hungry work).
+    so each such block of a training step is page-faulted and zeroed by the kernel again. Measured on the demo (2
+    cores, 80 steps): 19 s of system time and 2250 tokens/s before keeping freed memory, 1 s and 3340 tokens/s
+    after. Blocks of 256 MiB and more stay mapped on their own, and the loss's [chunk, vocab] blocks are made once
+    per pass over lm_head (model/head.py reused_blocks): allocated and freed chunk by chunk in a kept heap they
+    fragmented it (bench/grpo.py: peak RSS 2.9 GiB against 1.5 GiB alive; bench/sft.py 3.24 -> 1.77 GiB and 930 ->
+    1021 tokens/s with `loss_chunk` 128). Process-wide, so it is called where qwen3lab owns the process's CPU
+    work; QWEN3LAB_KEEP_FREED_MEMORY=0 turns it off (e.g. when sharing the process with other memory-hungry work).
     """
     if os.environ.get("QWEN3LAB_KEEP_FREED_MEMORY", "1") == "0":
         return
-    # no mmap'd blocks: everything from the heap; freed heap is not given back to the kernel; one heap for all
-    # threads, so a block freed by one is reused by the others
-    _mallopt(mmap_max=0, trim_threshold=2**31 - 1, arena_max=1)
+    # a fixed mmap threshold (glibc's own rises to 32 MiB as blocks are freed); freed heap is not given back to the
+    # kernel; one heap for all threads, so a block freed by one is reused by the others
+    _mallopt(mmap_threshold=256 << 20, trim_threshold=2**31 - 1, arena_max=1)
 
 
 def return_freed_cpu_memory() -> None:

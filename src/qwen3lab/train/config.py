@@ -160,7 +160,7 @@ class TrainConfig:
     rope_theta: float = 0.0
     rope_scaling: dict = field(default_factory=dict)
     compile: bool = False
-    loss_chunk: int = 256  # positions per lm_head chunk in the loss: chunk x vocab fp32 logits at a time
+    loss_chunk: int = 128  # positions per lm_head chunk in the loss: chunk x vocab fp32 logits at a time
     # one process on the CPU: keep (freed memory kept in the heap for speed) | lean (large blocks returned when
     # freed: peak RSS = the tensors alive, steps slower) | auto (lean for a 4-bit base, else keep); model/runtime.py
     cpu_memory: str = "auto"

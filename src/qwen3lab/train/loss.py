@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.head import chunked_logps, head_logits
+from ..model.head import block, chunked_logps, fp32_logits, reused_blocks
 
 IGNORE = -100
 
@@ -78,20 +78,21 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, per_chunk, chunk_size: int,
     """(summed loss, loss per position [N] without gradient) of per_chunk over lm_head(h) for h [N, H], chunk by
     chunk (see _ChunkedHeadLoss); the gradient is kept only when grad is enabled."""
     extra_ids, extra_delta = extra_rows if extra_rows is not None else (None, None)
-    if torch.is_grad_enabled():
-        return _ChunkedHeadLoss.apply(h, weight, extra_ids, extra_delta, per_chunk, chunk_size)
-    loss, each = torch.zeros((), dtype=torch.float32, device=h.device), []
-    for start in range(0, h.shape[0], chunk_size):
-        rows = slice(start, min(start + chunk_size, h.shape[0]))
-        chunk_loss, chunk_each, _ = per_chunk(_logits_of(h[rows], weight, extra_ids, extra_delta), rows, False)
-        loss += chunk_loss
-        each.append(chunk_each)
+    with reused_blocks():
+        if torch.is_grad_enabled():
+            return _ChunkedHeadLoss.apply(h, weight, extra_ids, extra_delta, per_chunk, chunk_size)
+        loss, each = torch.zeros((), dtype=torch.float32, device=h.device), []
+        for start in range(0, h.shape[0], chunk_size):
+            rows = slice(start, min(start + chunk_size, h.shape[0]))
+            chunk_loss, chunk_each, _ = per_chunk(_logits_of(h[rows], weight, extra_ids, extra_delta), rows, False)
+            loss += chunk_loss
+            each.append(chunk_each)
     return loss, torch.cat(each) if each else h.new_zeros(0, dtype=torch.float32)
 
 
 def _logits_of(h, weight, extra_ids, extra_delta):
     """The logits of a chunk, made when called: in the compute dtype, then fp32 as transformers does."""
-    return lambda: head_logits(h, weight, extra_ids, extra_delta).float()
+    return lambda: fp32_logits(h, weight, extra_ids, extra_delta)
 
 
 def _cross_entropy(targets: torch.Tensor, token_weights: torch.Tensor | None):
@@ -100,7 +101,8 @@ def _cross_entropy(targets: torch.Tensor, token_weights: torch.Tensor | None):
     def per_chunk(logits, rows, need_grad):
         # log_softmax is one fused row-wise kernel, where logsumexp + sub + exp would stream the [n, vocab] block
         # through memory several times
-        logp = torch.log_softmax(logits(), dim=-1)  # [n, V]; the logits freed at once
+        x = logits()
+        logp = torch.log_softmax(x, dim=-1, out=block("logp", *x.shape, x.device))  # [n, V]
         t = targets[rows]
         ce = -logp.gather(1, t[:, None])[:, 0]  # [n]
         w = None if token_weights is None else token_weights[rows].float()
@@ -156,10 +158,12 @@ def token_logprobs(hidden, weight, labels, chunk_size: int = 1024, extra_rows=No
     h, targets, weight = supervised(hidden, weight, labels)
     extra_ids, extra_delta = extra_rows if extra_rows is not None else (None, None)
     logps, entropies = [], []
-    for start, logp in chunked_logps(h, weight, chunk_size, extra_ids, extra_delta):
-        logps.append(logp.gather(1, targets[start : start + chunk_size, None])[:, 0])
-        if entropy:
-            entropies.append(-(logp.exp() * logp).sum(-1))
+    with reused_blocks():
+        for start, logp in chunked_logps(h, weight, chunk_size, extra_ids, extra_delta):
+            logps.append(logp.gather(1, targets[start : start + chunk_size, None])[:, 0])
+            if entropy:  # -sum p log p, p in the logits' block (read by the log-softmax already)
+                p = torch.exp(logp, out=block("logits", *logp.shape, logp.device))
+                entropies.append(-p.mul_(logp).sum(-1))
     empty = h.new_zeros(0, dtype=torch.float32)
     logps = torch.cat(logps) if logps else empty
     return (logps, torch.cat(entropies) if entropies else empty) if entropy else logps

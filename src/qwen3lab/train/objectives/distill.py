@@ -19,6 +19,7 @@ import torch
 
 from ...infer.sampling import SamplingParams
 from ...model.config import PRESETS, ConfigError, ModelConfig, preset
+from ...model.head import block, fp32_logits
 from ...model.hf import resolve_folder
 from .. import batching as B
 from .. import data as D
@@ -54,18 +55,19 @@ def check_config(cfg, world: int) -> None:
 def divergence(student_logits, teacher_logits, beta: float, temperature: float = 1.0, top_k: int = 0, grad=True):
     """student_logits(), teacher_logits() make [n, V] logits (blocks this function owns) -> the divergence at each
     position [n] and its gradient with respect to the student's logits [n, V] (None without grad), as trl's
-    generalized_jsd_loss computes the divergence. Written in place where it can: at most five [n, V] blocks at once."""
-    s = _log_softmax(student_logits(), temperature)  # [n, V]
+    generalized_jsd_loss computes the divergence. Written in place where it can, in seven reused [n, V] blocks
+    (model/head.py block)."""
+    s = _log_softmax(student_logits(), temperature, "student_logp")  # [n, V]
     if top_k:  # forward KL to the teacher's top k, renormalised over them (config: beta 0 only)
         top, ids = teacher_logits().topk(top_k, -1)  # [n, k]
         t = torch.log_softmax(top.float() / temperature, -1)
         p_t = t.exp()
         value = (p_t * (t - s.gather(1, ids))).sum(-1)
         return value, s.exp_().scatter_add_(1, ids, -p_t).div_(temperature) if grad else None
-    t = _log_softmax(teacher_logits(), temperature)
-    p_s = s.exp()
+    t = _log_softmax(teacher_logits(), temperature, "teacher_logp")
+    p_s = torch.exp(s, out=block("p_s", *s.shape, s.device))
     if beta == 0:  # KL(teacher || student): d/dz = (p_s - p_t) / T
-        p_t = t.exp()
+        p_t = torch.exp(t, out=block("p_t", *t.shape, t.device))
         value = t.sub_(s).mul_(p_t).sum(-1)
         return value, p_s.sub_(p_t).div_(temperature) if grad else None
     if beta == 1:  # KL(student || teacher): d/dz_j = p_s_j (u_j - KL) / T, u = log p_s - log p_t
@@ -74,8 +76,9 @@ def divergence(student_logits, teacher_logits, beta: float, temperature: float =
         return value, p_s.mul_(u.sub_(value[:, None])).div_(temperature) if grad else None
     # JSD_beta = beta KL(teacher || m) + (1 - beta) KL(student || m), m = beta p_t + (1 - beta) p_s; its derivative
     # in p_s is (1 - beta) log(p_s / m), through the softmax: p_s_j (g_j - sum_k p_s_k g_k) / T
-    m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
-    p_t = t.exp()
+    m = torch.add(s, math.log1p(-beta), out=block("m", *s.shape, s.device))
+    m = torch.logaddexp(m, torch.add(t, math.log(beta), out=block("p_t", *t.shape, t.device)), out=m)
+    p_t = torch.exp(t, out=block("p_t", *t.shape, t.device))
     value = beta * t.sub_(m).mul_(p_t).sum(-1)
     del t, p_t
     g = s.sub_(m).mul_(1 - beta)  # (1 - beta) (log p_s - log m)
@@ -86,8 +89,10 @@ def divergence(student_logits, teacher_logits, beta: float, temperature: float =
     return value, p_s.mul_(g.sub_((p_s * g).sum(-1, keepdim=True))).div_(temperature)
 
 
-def _log_softmax(logits, temperature: float):
-    return torch.log_softmax(logits if temperature == 1 else logits.div_(temperature), -1)
+def _log_softmax(logits, temperature: float, role: str):
+    """log_softmax(logits / temperature) [n, V] in role's block (model/head.py block)."""
+    x = logits if temperature == 1 else logits.div_(temperature)
+    return torch.log_softmax(x, -1, out=block(role, *x.shape, x.device))
 
 
 def distill_loss(hidden, weight, teacher_hidden, teacher_weight, labels, cfg, chunk: int, extra_rows=None):
@@ -100,11 +105,11 @@ def distill_loss(hidden, weight, teacher_hidden, teacher_weight, labels, cfg, ch
         return hidden.sum() * 0.0, {}
 
     def per_chunk(logits, rows, need_grad):
-        teacher_logits = lambda: (h_t[rows] @ w_t.T).float()  # noqa: E731
+        teacher_logits = lambda: fp32_logits(h_t[rows], w_t, role="teacher_logits")  # noqa: E731
         value, grad = divergence(logits, teacher_logits, cfg.beta, cfg.temperature, cfg.top_k, need_grad)
         return value.sum(), value, grad
 
-    # chunks of half the cross-entropy's: divergence() holds up to five [n, vocab] blocks where it holds two
+    # chunks of half the cross-entropy's: divergence() holds seven [n, vocab] blocks where it holds two
     return head_loss(h, weight, per_chunk, max(1, chunk // 2), extra_rows)[0], {}
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ...model.head import reused_blocks
 from ..loss import IGNORE, lm_loss_sum, token_logprobs
 
 
@@ -13,15 +14,16 @@ def logprob_loss(hidden, weight, labels, objective: Callable, chunk: int, extra_
     """objective(logps [N]) -> (loss, aux), N the supervised positions of labels in order. Returns the loss's value
     carrying its gradient through hidden (and weight / extra rows), aux, and with entropy=True each position's
     entropy [N] (taken in the same pass as the log-probs), else None."""
-    logps = token_logprobs(hidden.detach(), weight, labels, chunk, extra_rows, entropy)
-    logps, entropies = logps if entropy else (logps, None)
-    with torch.enable_grad():
-        leaf = logps.requires_grad_()
-        loss, aux = objective(leaf)
-        if not hidden.requires_grad:  # evaluation
-            return loss.detach(), aux, entropies
-        (grad,) = torch.autograd.grad(loss, leaf)
-    surrogate, _ = lm_loss_sum(hidden, weight, labels, chunk, extra_rows, token_weights=-grad)
+    with reused_blocks():  # the two passes over lm_head share their [chunk, vocab] blocks
+        logps = token_logprobs(hidden.detach(), weight, labels, chunk, extra_rows, entropy)
+        logps, entropies = logps if entropy else (logps, None)
+        with torch.enable_grad():
+            leaf = logps.requires_grad_()
+            loss, aux = objective(leaf)
+            if not hidden.requires_grad:  # evaluation
+                return loss.detach(), aux, entropies
+            (grad,) = torch.autograd.grad(loss, leaf)
+        surrogate, _ = lm_loss_sum(hidden, weight, labels, chunk, extra_rows, token_weights=-grad)
     return loss.detach() + (surrogate - surrogate.detach()), aux, entropies  # valued as the loss, its gradient too
 
 
