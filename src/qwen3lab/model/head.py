@@ -60,13 +60,15 @@ def chunked_logps(h, weight, chunk_size: int, extra_ids=None, extra_delta=None):
 
 def fp32_logits(h, weight, extra_ids=None, extra_delta=None, role: str = "logits"):
     """lm_head(h) [n, V] in the compute dtype, then fp32 as transformers does (role's block)."""
-    logits = head_logits(h, weight, extra_ids, extra_delta, out=block(role, len(h), len(weight), h.device, h.dtype))
+    if torch.is_autocast_enabled(h.device.type) or h.dtype != weight.dtype:
+        logits = head_logits(h, weight, extra_ids, extra_delta)  # autocast picks the product's dtype
+    else:
+        logits = head_logits(h, weight, extra_ids, extra_delta, out=block(role, len(h), len(weight), h.device, h.dtype))
     if logits.dtype == torch.float32:
         return logits
     return block(role, len(h), len(weight), h.device).copy_(logits)
 
 
-@torch.no_grad()
 def logprobs_topk(hidden, weight, targets, k: int, chunk_size: int = 256):
     """hidden [N, H] -> the log-prob [N] (fp32) of each target under lm_head(hidden), and the k most likely tokens
     at each position: ids [N, k] and log-probs [N, k] — chunk by chunk, never a [N, vocab] tensor in all."""
