@@ -69,6 +69,7 @@ def fp32_logits(h, weight, extra_ids=None, extra_delta=None, role: str = "logits
     return block(role, len(h), len(weight), h.device).copy_(logits)
 
 
+@torch.no_grad()
 def logprobs_topk(hidden, weight, targets, k: int, chunk_size: int = 256):
     """hidden [N, H] -> the log-prob [N] (fp32) of each target under lm_head(hidden), and the k most likely tokens
     at each position: ids [N, k] and log-probs [N, k] — chunk by chunk, never a [N, vocab] tensor in all."""
