@@ -64,3 +64,19 @@ class MixedLayer:
         running = attend(rows(q), *self.decode.update(rows(k), rows(v)), self.mask)  # [n, 1, H*D]
         prefill = attend(chunk(q), *self.prefill.update(chunk(k), chunk(v)))  # [B, C, H*D]
         return torch.cat([running.transpose(0, 1), prefill.reshape(1, B * C, -1)], 1)
+
+
+def decode_inputs(tokens: list[list[int]], starts: list[int], k: torch.Tensor, v: torch.Tensor, rows: slice):
+    """Rows' tokens (padded to one length T) at positions start.. over slot caches k, v [layers, slots, heads,
+    capacity, dim] (rows: the rows' slots) -> x [n, T], positions [n, T], the mask and the cache layers. The mask is
+    [n, 1, T, width], or None where no row can see a slot it must not (one token each, rows of one length). Padding
+    writes past a row's last real token, where its next real token goes before anything reads it."""
+    T, device = max(map(len, tokens)), k.device
+    x = torch.tensor([t + [0] * (T - len(t)) for t in tokens], device=device)
+    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
+    width = max(starts) + T  # the keys a row can see this step, at most
+    mask = None
+    if T > 1 or min(starts) < width - 1:  # each row its own filled slots and this step's tokens
+        mask = (torch.arange(width, device=device) <= positions[:, :, None])[:, None]
+    layers = [DecodeLayer(kl[rows, :, :width], vl[rows, :, :width], positions) for kl, vl in zip(k, v, strict=True)]
+    return x, positions, mask, layers

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import DecodeLayer, grown
+from .cache import decode_inputs, grown
 from .sampling import process_logits, sample
 from .speculative import budget
 
@@ -50,19 +50,11 @@ class Drafter:
         self.v[:, i, :, :length] = self.v[:, last, :, :length]
 
     def _forward(self, tokens: list[list[int]], starts: list[int], rows: slice) -> torch.Tensor:
-        """Feed rows' tokens (padded to one length T) at positions start.. -> hidden [n, T, hidden]. Padding writes
-        past a row's last real token, where its next real token goes before anything reads it."""
-        T = max(map(len, tokens))
-        device = self.k.device
-        x = torch.tensor([t + [0] * (T - len(t)) for t in tokens], device=device)
-        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
-        width = int(positions.max()) + 1
+        """Feed rows' tokens at positions start.. -> hidden [n, T, hidden]."""
+        width = max(starts) + max(map(len, tokens))
         if width > self.capacity:  # drafts run ahead of the engine's cache, which grows in the check after them
             self.grow(max(width, 2 * self.capacity))
-        mask = (torch.arange(width, device=device) <= positions[:, :, None])[:, None]  # [n, 1, T, width]
-        layers = [
-            DecodeLayer(k[rows, :, :width], v[rows, :, :width], positions) for k, v in zip(self.k, self.v, strict=True)
-        ]
+        x, positions, mask, layers = decode_inputs(tokens, starts, self.k, self.v, rows)
         return self.model(x, positions, mask, return_hidden=True, kv_cache=layers)
 
     def drafts(self, rows: list, k: int, max_context: int, generator) -> tuple[list[list[int]], list]:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from . import speculative
-from .cache import DecodeLayer, MixedLayer, grown
+from .cache import MixedLayer, decode_inputs, grown
 from .draft import Drafter
 from .prefill import Prefill
 from .rows import emit_logprobs, sample_rows
@@ -362,9 +362,6 @@ class Engine:
         while sum(len(k) for k in self.prefixes) > self.prefix_cache_tokens:
             self.prefixes.popitem(last=False)
 
-    def _kv(self):
-        return zip(self.k, self.v, strict=True)
-
     def _decode(self) -> None:
         if self.speculate and self._decode_drafts():
             return
@@ -373,20 +370,14 @@ class Engine:
         self._decode_outputs(hidden[:, -1])
 
     def _decode_inputs(self, drafts: list[list[int]] | None = None):
-        """The running rows' next tokens, each followed by its drafts (padded): x [n, T], positions [n, T], the mask
-        and the cache layers; T = 1 without drafts."""
+        """The running rows' next tokens, each followed by its drafts: x [n, T], positions [n, T], the mask and the
+        cache layers (cache.decode_inputs); T = 1 without drafts."""
         rows, n = self.running, len(self.running)
         drafts = drafts or [[]] * n
-        T, host = 1 + max(map(len, drafts)), [r.length for r in rows]
-        width = max(host) + T  # the keys a row can see this step, at most
-        self._grow(width)
-        x = [[r.next_token, *d] + [0] * (T - 1 - len(d)) for r, d in zip(rows, drafts, strict=True)]
-        positions = torch.tensor(host, device=self.device)[:, None] + torch.arange(T, device=self.device)
-        mask = None  # one token a row, rows of one length (one row, a group of rollouts): every slot, no mask needed
-        if T > 1 or min(host) < width - 1:  # [n, 1, T, width]: each row its own filled slots and this step's tokens
-            mask = (torch.arange(width, device=self.device) <= positions[:, :, None])[:, None]
-        layers = [DecodeLayer(k[:n, :, :width], v[:n, :, :width], positions) for k, v in self._kv()]
-        return torch.tensor(x, device=self.device), positions, mask, layers
+        starts = [r.length for r in rows]
+        self._grow(max(starts) + 1 + max(map(len, drafts)))
+        tokens = [[r.next_token, *d] for r, d in zip(rows, drafts, strict=True)]
+        return decode_inputs(tokens, starts, self.k, self.v, slice(0, n))
 
     def _decode_outputs(self, hidden: torch.Tensor) -> None:
         """hidden [n, hidden] of the running rows' tokens: a token each, sampled and handed out."""
