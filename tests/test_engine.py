@@ -77,6 +77,27 @@ def test_chunked_prefill_gives_the_same_outputs(model, tok, chunk):
     assert run(chunk) == run(4096)
 
 
+def test_prompts_prefilled_together_compute_no_padding(model, tok, monkeypatch):
+    """Prompts of different lengths prefilled in one job beside a running row: one forward over the running row's
+    token and the prompts' real tokens only (the padding after the shorter prompts' ends is never computed), and
+    each prompt's greedy output is what it gives alone."""
+    engine = Engine(model, max_batch=4, prefill_chunk=512)
+    running = Collect()
+    engine.submit(tok.encode(PROMPTS[0]), SamplingParams(max_new_tokens=6, stop_ids=[]), running)
+    engine.step()
+    prompts = [tok.encode(p) for p in (PROMPTS[3], PROMPTS[1], PROMPTS[0])]
+    results = [Collect() for _ in prompts]
+    for ids, got in zip(prompts, results, strict=True):
+        engine.submit(ids, SamplingParams(max_new_tokens=5, stop_ids=[]), got)
+    forwards, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, *a, **kw: forwards.append(ids.shape) or forward(ids, *a, **kw))
+    engine.step()
+    assert forwards == [(1, 1 + sum(map(len, prompts)))] and all(len(got.ids) == 1 for got in results)
+    engine.run_until_idle()
+    for ids, got in zip(prompts, results, strict=True):
+        assert got.ids == generate(model, tok, ids, max_new_tokens=5, stop_ids=[]).ids
+
+
 def test_running_rows_decode_while_a_long_prompt_prefills(model, tok, monkeypatch):
     """Each step, one forward: the running row's next token and the next chunk of the long prompt (16 tokens in
     all), so the row takes a token on every step of the prefill."""

@@ -45,25 +45,32 @@ class DecodeLayer:
 
 
 class MixedLayer:
-    """One layer of a mixed step: the running rows' next tokens (n, first) and a prefill chunk (B rows of C columns)
-    go through one forward as one row, so each linear layer reads its weights once for both; attention is apart,
-    each part over its own cache."""
+    """One layer of a step over the running rows' next tokens (n, first; maybe none) and a prefill chunk (B rows of
+    C columns, only the real tokens: `real` holds their flat indices, None when none is padding). They go through one
+    forward as one row, so each linear layer reads its weights once for all and no padding is computed; attention
+    is apart, each part over its own cache."""
 
-    def __init__(self, decode: DecodeLayer, prefill, n: int, chunk: tuple[int, int], mask):
-        self.decode, self.prefill, self.n, self.chunk, self.mask = decode, prefill, n, chunk, mask
+    def __init__(self, decode: DecodeLayer | None, prefill, n: int, chunk: tuple[int, int], mask, real=None):
+        self.decode, self.prefill, self.n, self.chunk, self.mask, self.real = decode, prefill, n, chunk, mask, real
 
     def attend(self, q, k, v):  # q [1, H, N, D], k and v [1, Hkv, N, D] -> [1, N, H*D]
-        n, (B, C) = self.n, self.chunk
+        n, (B, C), real = self.n, self.chunk, self.real
 
         def rows(x):  # the running rows' tokens, a row each: [1, h, n, D] -> [n, h, 1, D]
             return x[:, :, :n].transpose(0, 2)
 
-        def chunk(x):  # the prefill's: [1, h, B*C, D] -> [B, h, C, D]
-            return x[0, :, n:].unflatten(1, (B, C)).transpose(0, 1)
+        def chunk(x):  # the chunk's tokens [1, h, R, D] -> [B, h, C, D], zeros in the padding after a prompt's end
+            x = x[0, :, n:].transpose(0, 1)  # [R, h, D]
+            if real is not None:
+                x = x.new_zeros(B * C, *x.shape[1:]).index_copy_(0, real, x)
+            return x.unflatten(0, (B, C)).transpose(1, 2)
 
+        prefill = attend(chunk(q), *self.prefill.update(chunk(k), chunk(v))).reshape(B * C, -1)  # [B*C, H*D]
+        prefill = (prefill if real is None else prefill[real])[None]  # [1, R, H*D]
+        if n == 0:
+            return prefill
         running = attend(rows(q), *self.decode.update(rows(k), rows(v)), self.mask)  # [n, 1, H*D]
-        prefill = attend(chunk(q), *self.prefill.update(chunk(k), chunk(v)))  # [B, C, H*D]
-        return torch.cat([running.transpose(0, 1), prefill.reshape(1, B * C, -1)], 1)
+        return torch.cat([running.transpose(0, 1), prefill], 1)
 
 
 def decode_inputs(tokens: list[list[int]], starts: list[int], k: torch.Tensor, v: torch.Tensor, rows: slice):

@@ -8,8 +8,9 @@ indices). The capacity grows (doubling, up to the model's context) as rows get l
 
 Chunked prefill: each step is one forward over the running rows' next tokens and at most `prefill_chunk` less that
 many prompt tokens (prefill.py: several short prompts together, a long one a chunk per step, first come first
-served), flattened into one row so each weight is read once for both (cache.py's MixedLayer keeps their attention
-apart). A 32k-token prompt costs the running rows a larger forward per step, not a stall for its whole prefill.
+served, no padding computed), flattened into one row so each weight is read once for both (cache.py's MixedLayer
+keeps their attention apart). A 32k-token prompt costs the running rows a larger forward per step, not a stall for
+its whole prefill.
 
 Prefix caching: the cache of each prompt prefilled is kept (least recently used first out, `prefix_cache_tokens` in
 all), and a new prompt that begins with a kept one — a shared system prompt, a conversation's earlier turns — copies
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 
 from . import speculative
-from .cache import MixedLayer, decode_inputs, grown
+from .cache import decode_inputs, grown
 from .draft import Drafter
 from .prefill import Prefill
 from .rows import emit_logprobs, sample_rows
@@ -263,23 +264,21 @@ class Engine:
     def _mixed_step(self, job: Prefill) -> None:
         """One forward for the running rows' next tokens and the prefill's next chunk (the budget less the rows)."""
         n = len(self.running)
-        ids, positions, chunk_layers = job.chunk(self.prefill_chunk - n)
-        B, C = ids.shape
-        x, running_positions, mask, layers = self._decode_inputs()
-        layers = [MixedLayer(d, p, n, (B, C), mask) for d, p in zip(layers, chunk_layers, strict=True)]
-        x = torch.cat([x.view(1, n), ids.reshape(1, -1)], 1)
-        positions = torch.cat([running_positions.flatten(), positions.flatten()])
-        hidden = self.model(x, positions[None], return_hidden=True, kv_cache=layers)  # [1, n + B*C, hidden]
-        job.chunk_done(self.model, hidden[0, n:].view(B, C, -1))
+        x, running_positions, mask, decode = self._decode_inputs()
+        ids, positions, layers = job.chunk(self.prefill_chunk - n, decode, n, mask)
+        x = torch.cat([x.view(n), ids])[None]
+        positions = torch.cat([running_positions.flatten(), positions])[None]
+        hidden = self.model(x, positions, return_hidden=True, kv_cache=layers)  # [1, n + R, hidden]
+        job.chunk_done(self.model, hidden[0, n:])
         self._decode_outputs(hidden[0, :n])
         if job.finished:
             self.prefill = None
             self._join(job)
 
     def _next_prefill(self) -> Prefill | None:
-        """The oldest pending group, alone when the prefix cache holds its start; else with the fresh groups closest
-        to it in length, up to prefill_batch_tokens padded tokens. A prompt whose log-probs are asked for is
-        computed whole."""
+        """The oldest pending group, alone when the prefix cache holds its start; else with the next fresh groups
+        that fit in prefill_batch_tokens prompt tokens (padding is not computed, prefill.py, but its attention is:
+        at most 4x that padded). A prompt whose log-probs are asked for is computed whole."""
         self.pending = [g for g in ([r for r in g if not r.cancelled] for g in self.pending) if g]
         if not self.pending:
             return None
@@ -288,15 +287,15 @@ class Engine:
         if start:
             self.prefix_hit_total += start
             return Prefill(self.model, [first], start, kv)
-        batch, width = [first], len(first[0].ids)
-        for group in sorted(self.pending, key=lambda g: abs(len(g[0].ids) - len(first[0].ids))):
-            wider = max(width, len(group[0].ids))
-            if (len(batch) + 1) * wider > self.prefill_batch_tokens:
+        batch, tokens, width = [first], len(first[0].ids), len(first[0].ids)
+        for group in self.pending:  # first come, first served
+            n, wider = len(group[0].ids), max(width, len(group[0].ids))
+            if tokens + n > self.prefill_batch_tokens or (len(batch) + 1) * wider > 4 * self.prefill_batch_tokens:
                 continue
             if group[0].params.prompt_logprobs is None and self._prefix_hit(group[0].ids, touch=False)[0]:
                 continue  # its own prefill, from the cache
             batch.append(group)
-            width = wider
+            tokens, width = tokens + n, wider
         self.pending = [g for g in self.pending if all(g is not b for b in batch)]
         return Prefill(self.model, batch)
 

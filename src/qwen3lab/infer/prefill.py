@@ -2,15 +2,17 @@
 own, so a long prompt never stalls the rows that are decoding (they take a step between its chunks).
 
 Several short prompts are prefilled together, right-padded: a real token never sees the padding after it, so plain
-causal attention needs no mask. When the last column is in, the engine copies each prompt's cache into the slots of
-its rows and samples their first tokens from the hidden state of its last prompt token."""
+causal attention needs no mask. Only the real tokens go through the model's linear layers (flattened into one row,
+cache.py's MixedLayer), so a step's budget counts prompt tokens, not padding: batching prompts of unlike lengths
+costs nothing but their attention's padded columns. When the last column is in, the engine copies each prompt's
+cache into the slots of its rows and samples their first tokens from the hidden state of its last prompt token."""
 
 from __future__ import annotations
 
 import torch
 
 from ..model.head import logprobs_topk
-from .cache import PrefillLayer
+from .cache import MixedLayer, PrefillLayer
 from .rows import entries
 
 
@@ -34,6 +36,7 @@ class Prefill:
         self.last = torch.tensor(self.lengths, device=weight.device) - 1
         self.hidden = torch.empty(B, cfg.hidden_size, device=weight.device, dtype=weight.dtype)  # of last tokens
         self.scored = [[] for _ in groups]  # prompt log-probs asked for: (logp, top ids, top logps) per chunk
+        self.real, self.width = None, 0  # the chunk in flight (chunk)
 
     @property
     def requests(self) -> list:
@@ -46,20 +49,41 @@ class Prefill:
     def step(self, model, budget: int) -> int:
         """Prefill the next columns, as many as `budget` tokens allow (at least one); returns the tokens computed."""
         ids, positions, layers = self.chunk(budget)
-        self.chunk_done(model, model(ids, positions, return_hidden=True, kv_cache=layers))  # [B, C, hidden]
+        self.chunk_done(model, model(ids[None], positions[None], return_hidden=True, kv_cache=layers)[0])
         return ids.numel()
 
-    def chunk(self, budget: int) -> tuple[torch.Tensor, torch.Tensor, list[PrefillLayer]]:
-        """The next chunk's ids [B, C], positions [B, C] and cache layers: C columns, C * B <= budget (C >= 1)."""
+    def chunk(self, budget: int, decode=None, n: int = 0, mask=None) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """The next chunk of columns, as many as keep its real tokens (not the padding after a prompt's end) within
+        `budget` (at least one column): their ids [R] and positions [R], and the layers of a forward over them
+        (after n running rows' tokens with the decode layers and mask of cache.decode_inputs, if any)."""
         B, s = self.ids.shape[0], self.done
-        e = min(self.ids.shape[1], s + max(1, budget // B))
-        positions = torch.arange(s, e, device=self.ids.device).expand(B, -1)
-        layers = [PrefillLayer(k[:, :, :e], v[:, :, :e]) for k, v in zip(self.k, self.v, strict=True)]
-        return self.ids[:, s:e], positions, layers
+        left = [max(0, length - s) for length in self.lengths]
+        lo, hi = 1, self.ids.shape[1] - s  # the widest chunk whose real tokens fit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if sum(min(x, mid) for x in left) <= budget else (lo, mid - 1)
+        e = s + lo
+        real = (torch.arange(s, e, device=self.ids.device) < self.last[:, None] + 1).flatten()  # [B*C]
+        real = None if bool(real.all()) else real.nonzero()[:, 0]
+        positions = torch.arange(s, e, device=self.ids.device).expand(B, -1).flatten()
+        ids = self.ids[:, s:e].flatten()
+        if real is not None:
+            ids, positions = ids[real], positions[real]
+        self.real, self.width = real, e - s  # for chunk_done
+        layers = [
+            MixedLayer(d, PrefillLayer(k[:, :, :e], v[:, :, :e]), n, (B, e - s), mask, real)
+            for d, k, v in zip(decode or [None] * len(self.k), self.k, self.v, strict=True)
+        ]
+        return ids, positions, layers
 
     def chunk_done(self, model, out: torch.Tensor) -> None:
-        """The chunk's final hidden states [B, C, hidden]: keep those of last prompt tokens, score the prompt."""
-        s, e = self.done, self.done + out.shape[1]
+        """The chunk's final hidden states [R, hidden] (chunk's order): keep those of last prompt tokens, score the
+        prompt."""
+        B, s = self.ids.shape[0], self.done
+        if self.real is not None:  # back to [B*C, hidden], zeros in the padding
+            out = out.new_zeros(B * self.width, out.shape[-1]).index_copy_(0, self.real, out)
+        out = out.view(B, -1, out.shape[-1])  # [B, C, hidden]
+        e = s + out.shape[1]
         ends = ((self.last >= s) & (self.last < e)).nonzero()[:, 0]  # rows whose last prompt token is in this chunk
         self.hidden[ends] = out[ends, self.last[ends] - s].to(self.hidden.dtype)
         for r, group in enumerate(self.groups):
