@@ -9,7 +9,9 @@ completion lengths (--new-tokens, 8-128 by default; greedy, no stop id). The sam
   no-prefix-cache  the engine without its prefix cache (with --shared-prefix: what reusing a system prompt saves)
   hf-cb      transformers' continuous batching (ContinuousBatchingManager, streaming), on the same weights
 Measured at the engine level (HTTP adds the same ~1-2 ms per request to every system): time to first token and
-latency (p50 / p99 over requests), and generated tokens per second over the whole run. fp32 on the CPU.
+latency (p50 / p99 over requests), and generated tokens per second over the whole run. fp32 on the CPU, or
+`--dtype bfloat16` (weights and compute, both systems: what a CPU with AMX serves fastest). Freed memory is kept in
+the process's heap as `qwen3lab serve` does (model/runtime.py; process-wide, so transformers' run has it too).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import random
 import threading
 import time
+from functools import partial
 
 import torch
 from common import hf_from_qwen3lab, machine
@@ -25,6 +28,7 @@ from common import hf_from_qwen3lab, machine
 import qwen3lab
 from qwen3lab.infer.engine import Engine
 from qwen3lab.infer.sampling import SamplingParams
+from qwen3lab.model.runtime import prepare_for_inference
 
 
 def workload(n: int, gap: float, vocab: int, shared: int = 0, seed: int = 0, new=(8, 128)) -> list[dict]:
@@ -99,9 +103,10 @@ def drive(load: list[dict], submit) -> dict:
     return times.summary(t0, max(times.last))
 
 
-def run_engine(model, load, max_batch, cls=Engine, prefix_cache_tokens=8192) -> dict:
+def run_engine(model, load, max_batch, cls=Engine, prefix_cache_tokens=8192, prefill_chunk=512) -> dict:
     # as `qwen3lab serve` runs it: 512 prompt tokens a step, in one forward with the running rows' next tokens
-    engine = cls(model, max_batch=max_batch, prefix_cache_tokens=prefix_cache_tokens, prefill_chunk=512).start()
+    engine = cls(model, max_batch=max_batch, prefix_cache_tokens=prefix_cache_tokens, prefill_chunk=prefill_chunk)
+    engine.start()
 
     def submit(i, r, times):
         def emit(kind, value):
@@ -127,12 +132,12 @@ class StaticEngine(Engine):
 
 RUNNERS = {
     "qwen3lab": run_engine,  # as `qwen3lab serve` runs it (prefix cache of 8192 tokens)
-    "no-prefix-cache": lambda model, load, max_batch: run_engine(model, load, max_batch, prefix_cache_tokens=0),
-    "static": lambda model, load, max_batch: run_engine(model, load, max_batch, StaticEngine, prefix_cache_tokens=0),
+    "no-prefix-cache": partial(run_engine, prefix_cache_tokens=0),
+    "static": partial(run_engine, cls=StaticEngine, prefix_cache_tokens=0),
 }
 
 
-def run_transformers(model, load, max_batch) -> dict:
+def run_transformers(model, load, max_batch, prefill_chunk=None) -> dict:
     from transformers import GenerationConfig
 
     hf = hf_from_qwen3lab(model)
@@ -169,12 +174,15 @@ def main():
     ap.add_argument("--systems", default="qwen3lab,static,hf-cb", help=f"of {', '.join(RUNNERS)}, hf-cb")
     ap.add_argument("--shared-prefix", type=int, default=0, help="tokens of system prompt every request begins with")
     ap.add_argument("--new-tokens", default="8-128", help="completion lengths, uniform in this range")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="the engine's (serve's --prefill-chunk)")
     args = ap.parse_args()
     print(machine())
     torch.manual_seed(0)
-    model = qwen3lab.new_model(qwen3lab.preset(args.shape), seed=0).eval()
+    model = qwen3lab.new_model(qwen3lab.preset(args.shape), seed=0).eval().to(getattr(torch, args.dtype))
+    prepare_for_inference(model, compile=False)
     print(
-        f"{args.shape}, fp32, max batch {args.max_batch}, one arrival every {args.gap} s, "
+        f"{args.shape}, {args.dtype}, max batch {args.max_batch}, one arrival every {args.gap} s, "
         f"shared prompt prefix {args.shared_prefix} tokens, completions of {args.new_tokens} tokens"
     )
     runners = RUNNERS | {"hf-cb": run_transformers}
@@ -183,7 +191,7 @@ def main():
         load = workload(n, args.gap, model.config.vocab_size, args.shared_prefix, new=new)
         results = {}
         for name in args.systems.split(","):
-            r = results[name] = runners[name](model, load, args.max_batch)
+            r = results[name] = runners[name](model, load, args.max_batch, prefill_chunk=args.prefill_chunk)
             print(
                 f"{n:3d} clients  {name:8s}  TTFT p50 {r['ttft_p50']:6.2f} s  p99 {r['ttft_p99']:6.2f} s   "
                 f"latency p50 {r['lat_p50']:6.2f} s  p99 {r['lat_p99']:6.2f} s   {r['tok_s']:6.1f} tok/s "

@@ -3,11 +3,15 @@ and, with `--draft-layers N` (or `--draft-model DIR`), by a draft model; the sam
 must be identical, and the tokens/s are compared.
 
     python bench/speculative.py [--shape qwen3-0.6b | --model runs/demo/model] [--tokens 128] [--speculate 4]
-                                [--draft-layers 4 | --draft-model DIR]
+                                [--draft-layers 4 | --draft-model DIR | --train-pair DIR]
 
 `--draft-layers N` makes the draft from the model itself: a Qwen3 of its first N layers, its final norm and its head
 (a smaller Qwen3 with the same tokenizer, as a 0.6B drafts for a 4B; no second random model would agree with the
-first about anything).
+first about anything). `--train-pair DIR` trains a pair that has learned something, with `qwen3lab.train`, from
+scratch on the bench's two edits (prompt and edited code), once (kept in DIR): a target of the --shape (0.6B: ~6 min
+in bf16 autocast with AMX) and a 2-layer draft of hidden 256 (~20 s). Both learned the same text, so the draft agrees
+with nearly every token: its numbers are the engine's gain where drafts are right, the ceiling a real pair (Qwen3-0.6B
+for Qwen3-4B) reaches on its most predictable text.
 
 The prompts are edit-style (a piece of code, then "give it back with one change"): where the model's answer copies
 the prompt, lookup finds the drafts and most are accepted. A random-weight model copies nothing: its numbers say what
@@ -19,8 +23,10 @@ gain (K+1 tokens a step at best, for that forward's cost). fp32 on the CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from common import machine
@@ -31,13 +37,61 @@ from qwen3lab.infer.engine import Engine
 from qwen3lab.infer.sampling import SamplingParams
 
 TEXT = (
-    "def total_price(items, tax_rate):\n    subtotal = 0\n    for item in items:\n        subtotal += item.price * "
-    "item.quantity\n    tax = subtotal * tax_rate\n    return subtotal + tax\n"
+    "def total_price(items, tax_rate, discount=None):\n"
+    "    subtotal = 0\n"
+    "    for item in items:\n"
+    "        if item.quantity <= 0:\n"
+    '            raise ValueError(f"{item.name}: quantity must be positive")\n'
+    "        subtotal += item.price * item.quantity\n"
+    "    if discount is not None:\n"
+    "        subtotal -= subtotal * discount.rate\n"
+    "    tax = subtotal * tax_rate\n"
+    "    return round(subtotal + tax, 2)\n"
+    "\n"
+    "\n"
+    "def receipt(items, tax_rate):\n"
+    '    lines = [f"{item.name:<20}{item.quantity:>4} x {item.price:>8.2f}" for item in items]\n'
+    "    lines.append(f\"{'total':<20}{total_price(items, tax_rate):>17.2f}\")\n"
+    '    return "\\n".join(lines)\n'
 )
 EDIT_PROMPTS = [
     [{"role": "user", "content": f"Rename subtotal to net in this code and give the whole code back:\n\n{TEXT}"}],
-    [{"role": "user", "content": f"Add a docstring to this function; keep the rest as it is:\n\n{TEXT}"}],
+    [{"role": "user", "content": f"Add a docstring to total_price; keep the rest as it is:\n\n{TEXT}"}],
 ]
+
+EDITS = [  # the answers --train-pair's models learn
+    TEXT.replace("subtotal", "net"),
+    TEXT.replace(
+        "discount=None):\n",
+        'discount=None):\n    """The price of the items with tax: the sum of price times quantity, plus its tax."""\n',
+    ),
+]
+DRAFT_SHAPE = {"hidden_size": 256, "num_hidden_layers": 2, "intermediate_size": 768, "num_attention_heads": 4,
+               "num_key_value_heads": 2}  # fmt: skip
+
+
+def train_pair(folder: Path, shape: str) -> tuple[Path, Path]:
+    """A target of `shape` and a small draft, trained from scratch on the same edits (once; kept in `folder`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "edits.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": m + [{"role": "assistant", "content": a}]}) + "\n"
+            for m, a in zip(EDIT_PROMPTS, EDITS, strict=True)
+        )
+    )
+    for name, reshape, steps, lr in (("target", {}, 40, 3e-4), ("draft", DRAFT_SHAPE, 60, 1e-3)):
+        if (folder / name / "model" / "config.json").exists():
+            continue
+        qwen3lab.train(
+            {
+                "model": shape, "model_config": reshape, "out": str(folder / name), "steps": steps, "batch_size": 2,
+                "precision": "bf16", "resume": False, "progress": False, "log_every": 10,
+                "data": {"train": str(data), "packing": False, "max_length": 512, "eval_fraction": 0.0},
+                "optim": {"name": "adamw", "lr": lr, "warmup_steps": 3, "weight_decay": 0.0},
+            }
+        )  # fmt: skip
+    return folder / "target" / "model", folder / "draft" / "model"
 
 
 def decode(model, ids, tokens: int, speculate: int, draft=None) -> tuple[list[int], float, Engine]:
@@ -79,8 +133,11 @@ def main():
     ap.add_argument("--speculate", type=int, default=4)
     ap.add_argument("--draft-layers", type=int, default=0, help="a draft model of the model's first N layers")
     ap.add_argument("--draft-model", default=None, help="an HF folder: the draft model")
+    ap.add_argument("--train-pair", default=None, help="a folder: a target and a draft trained on the edits, once")
     args = ap.parse_args()
     print(machine())
+    if args.train_pair:
+        args.model, args.draft_model = map(str, train_pair(Path(args.train_pair), args.shape))
     tok = qwen3lab.load_tokenizer(args.model) if args.model else qwen3lab.load_tokenizer()
     if args.model:
         model, name = qwen3lab.load_model(args.model, dtype="float32"), args.model
