@@ -137,7 +137,7 @@ RUNNERS = {
 }
 
 
-def run_transformers(model, load, max_batch, prefill_chunk=None) -> dict:
+def run_transformers(model, load, max_batch, prefill_chunk=None) -> dict:  # prefill_chunk: the engine's only
     from transformers import GenerationConfig
 
     hf = hf_from_qwen3lab(model)

@@ -9,8 +9,8 @@ must be identical, and the tokens/s are compared.
 (a smaller Qwen3 with the same tokenizer, as a 0.6B drafts for a 4B; no second random model would agree with the
 first about anything). `--train-pair DIR` trains a pair that has learned something, with `qwen3lab.train`, from
 scratch on the bench's two edits (prompt and edited code), once (kept in DIR): a target of the --shape (0.6B: ~6 min
-in bf16 autocast with AMX) and a 2-layer draft of hidden 256 (~20 s). Both learned the same text, so the draft agrees
-with nearly every token: its numbers are the engine's gain where drafts are right, the ceiling a real pair (Qwen3-0.6B
+in bf16 autocast with AMX) and a 2-layer draft of hidden 256 (~30 s). Both learned the same text, so the draft agrees
+with most tokens (83-95%): its numbers are the engine's gain where drafts are right, the ceiling a real pair (Qwen3-0.6B
 for Qwen3-4B) reaches on its most predictable text.
 
 The prompts are edit-style (a piece of code, then "give it back with one change"): where the model's answer copies
