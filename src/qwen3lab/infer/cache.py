@@ -60,10 +60,7 @@ class MixedLayer:
             return x[:, :, :n].transpose(0, 2)
 
         def chunk(x):  # the chunk's tokens [1, h, R, D] -> [B, h, C, D], zeros in the padding after a prompt's end
-            x = x[0, :, n:].transpose(0, 1)  # [R, h, D]
-            if real is not None:
-                x = x.new_zeros(B * C, *x.shape[1:]).index_copy_(0, real, x)
-            return x.unflatten(0, (B, C)).transpose(1, 2)
+            return unpacked(x[0, :, n:].transpose(0, 1), real, B * C).unflatten(0, (B, C)).transpose(1, 2)
 
         prefill = attend(chunk(q), *self.prefill.update(chunk(k), chunk(v))).reshape(B * C, -1)  # [B*C, H*D]
         prefill = (prefill if real is None else prefill[real])[None]  # [1, R, H*D]
@@ -71,6 +68,11 @@ class MixedLayer:
             return prefill
         running = attend(rows(q), *self.decode.update(rows(k), rows(v)), self.mask)  # [n, 1, H*D]
         return torch.cat([running.transpose(0, 1), prefill], 1)
+
+
+def unpacked(x: torch.Tensor, real: torch.Tensor | None, size: int) -> torch.Tensor:
+    """A chunk's real tokens x [R, ...] back in their [B*C] places (real: their flat indices), zeros in the padding."""
+    return x if real is None else x.new_zeros(size, *x.shape[1:]).index_copy_(0, real, x)
 
 
 def decode_inputs(tokens: list[list[int]], starts: list[int], k: torch.Tensor, v: torch.Tensor, rows: slice):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..model.head import logprobs_topk
-from .cache import MixedLayer, PrefillLayer
+from .cache import MixedLayer, PrefillLayer, unpacked
 from .rows import entries
 
 
@@ -63,8 +63,9 @@ class Prefill:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if sum(min(x, mid) for x in left) <= budget else (lo, mid - 1)
         e = s + lo
-        real = (torch.arange(s, e, device=self.ids.device) < self.last[:, None] + 1).flatten()  # [B*C]
-        real = None if bool(real.all()) else real.nonzero()[:, 0]
+        real = None  # every column real: no prompt ends inside the chunk (decided on the host, no device sync)
+        if min(self.lengths) < e:
+            real = (torch.arange(s, e, device=self.ids.device) < self.last[:, None] + 1).flatten().nonzero()[:, 0]
         positions = torch.arange(s, e, device=self.ids.device).expand(B, -1).flatten()
         ids = self.ids[:, s:e].flatten()
         if real is not None:
@@ -80,9 +81,7 @@ class Prefill:
         """The chunk's final hidden states [R, hidden] (chunk's order): keep those of last prompt tokens, score the
         prompt."""
         B, s = self.ids.shape[0], self.done
-        if self.real is not None:  # back to [B*C, hidden], zeros in the padding
-            out = out.new_zeros(B * self.width, out.shape[-1]).index_copy_(0, self.real, out)
-        out = out.view(B, -1, out.shape[-1])  # [B, C, hidden]
+        out = unpacked(out, self.real, B * self.width).view(B, self.width, -1)  # [B, C, hidden]
         e = s + out.shape[1]
         ends = ((self.last >= s) & (self.last < e)).nonzero()[:, 0]  # rows whose last prompt token is in this chunk
         self.hidden[ends] = out[ends, self.last[ends] - s].to(self.hidden.dtype)
